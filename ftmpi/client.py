@@ -1,0 +1,201 @@
+"""Worker side of the server protocol: flat buffers, INIT, push/pull, hyper-parameters, stats.
+
+A :class:`ServerClient` holds the model-wide flat gradient and weight buffers (shard ``s``
+occupies ``[shard.start, shard.start + shard.numel)``) and talks to the servers that own the
+shards. Pushes to several servers are in flight at once; each reply's weights are received
+straight into the weight buffer. Every call completes, or raises ``CommTimeout``,
+``PeerFailure`` or ``RemoteError`` (a server refused the request and said why).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from ftmpi import wire
+from ftmpi.optim_state import dtype_name
+from ftmpi.runtime import Runtime
+from ftmpi.sharding import Shard
+from ftmpi.wire import Header, Kind
+
+
+class ServerClient:
+    """This worker's connection to the parameter servers for one model."""
+
+    def __init__(self, rt: Runtime, shards: Sequence[Shard], dtype: torch.dtype) -> None:
+        self.rt = rt
+        self.shards = list(shards)
+        total = sum(s.numel for s in shards)
+        self.dtype = dtype
+        self.grads = torch.zeros(total, dtype=dtype)
+        self.weights = torch.zeros(total, dtype=dtype)
+        self.versions = [0] * len(shards)
+        """Version of the weights this worker holds, per shard."""
+        self.staleness = [0] * len(shards)
+        """Staleness the server reported for this worker's last push, per shard."""
+        self._seq = 0
+        self._sent_hparams: list[str | None] = [None] * len(shards)
+
+    def view(self, buf: torch.Tensor, shard: Shard) -> torch.Tensor:
+        return buf[shard.start : shard.start + shard.numel]
+
+    def _server(self, shard: Shard) -> int:
+        return self.rt.server_world_rank(shard.index)
+
+    def _header(self, kind: Kind, shard: Shard, nbytes: int, version: int = 0) -> Header:
+        self._seq += 1
+        return Header(kind, self.rt.run, version, shard.index, self._seq, self.rt.view, nbytes)
+
+    def _isend(self, shard: Shard, header: Header, payload: np.ndarray | None) -> list[MPI.Request]:
+        return wire.isend(
+            self.rt.world,
+            self._server(shard),
+            header,
+            payload,
+            tag=wire.TAG_HEADER,
+            data_tag=wire.TAG_DATA,
+            chunk_bytes=self.rt.config.chunk_bytes,
+            what=f"sending to server {shard.index}",
+        )
+
+    def _wait(self, reqs: list[MPI.Request], what: str) -> None:
+        wire.wait_all(reqs, self.rt.config.timeout, what)
+
+    def _recv_reply(self, shard: Shard, expect: Kind, out: np.ndarray | None) -> tuple[Header, Any]:
+        """Receive one reply from ``shard``'s server; weights go into ``out``."""
+        cfg = self.rt.config
+        what = f"reply from server {shard.index}"
+        header, _ = wire.recv_header(
+            self.rt.world, self._server(shard), tag=wire.TAG_REPLY, timeout=cfg.timeout, what=what
+        )
+        doc = None
+        if header.kind in (Kind.JSON, Kind.ERROR):
+            buf = np.empty(header.nbytes, dtype=np.uint8)
+            wire.recv_payload(
+                self.rt.world,
+                self._server(shard),
+                buf,
+                data_tag=wire.TAG_REPLY_DATA,
+                chunk_bytes=cfg.chunk_bytes,
+                timeout=cfg.timeout,
+                what=what,
+            )
+            doc = wire.decode_json(buf)
+        if header.kind == Kind.ERROR:
+            raise wire.RemoteError(doc["error"])
+        if header.kind != expect:
+            raise wire.RemoteError(
+                f"server {shard.index} answered {header.kind} to a {expect.name}"
+            )
+        if expect == Kind.WEIGHTS:
+            assert out is not None
+            if header.nbytes != out.nbytes:
+                raise wire.RemoteError(
+                    f"server {shard.index} sent {header.nbytes} bytes of "
+                    f"weights, expected {out.nbytes}"
+                )
+            wire.recv_payload(
+                self.rt.world,
+                self._server(shard),
+                out,
+                data_tag=wire.TAG_REPLY_DATA,
+                chunk_bytes=cfg.chunk_bytes,
+                timeout=cfg.timeout,
+                what=what,
+            )
+        return header, doc
+
+    # ------------------------------------------------------------- requests
+
+    def init_servers(
+        self,
+        optimizer: str,
+        groups: list[dict[str, Any]],
+        state: dict[int, tuple[list[dict[str, Any]], np.ndarray, dict[str, Any]]],
+    ) -> None:
+        """Send every shard's layout, optimizer and initial weights (from :attr:`weights`) and
+        optimizer state to its server; return when every server has acknowledged."""
+        reqs: list[MPI.Request] = []
+        keep: list[np.ndarray] = []
+        for shard in self.shards:
+            table, state_buf, scalars = state.get(shard.index, ([], np.empty(0, np.uint8), {}))
+            weights = self.view(self.weights, shard).numpy().view(np.uint8)
+            binary = np.concatenate([weights, state_buf])
+            spec = {
+                "shard": shard.to_json(),
+                "optimizer": optimizer,
+                "groups": groups,
+                "dtype": dtype_name(self.dtype),
+                "state_table": table,
+                "state_scalars": scalars,
+                "binary_nbytes": int(binary.nbytes),
+            }
+            doc = wire.encode_json(spec)
+            keep += [doc, binary]
+            reqs += self._isend(shard, self._header(Kind.INIT, shard, doc.nbytes), doc)
+            reqs += wire.isend_data(
+                self.rt.world,
+                self._server(shard),
+                binary,
+                data_tag=wire.TAG_DATA,
+                chunk_bytes=self.rt.config.chunk_bytes,
+                what=f"sending initial weights to server {shard.index}",
+            )
+            self._sent_hparams[shard.index] = json.dumps(groups, sort_keys=True)
+        for shard in self.shards:
+            self._recv_reply(shard, Kind.OK, None)
+        self._wait(reqs, "sending INIT")
+
+    def send_hparams(self, shards: Sequence[Shard], groups: list[dict[str, Any]]) -> None:
+        """Send param-group hyper-parameters to ``shards``' servers where they changed."""
+        text = json.dumps(groups, sort_keys=True)
+        reqs: list[MPI.Request] = []
+        doc = None
+        for shard in shards:
+            if self._sent_hparams[shard.index] == text:
+                continue
+            doc = wire.encode_json(groups) if doc is None else doc
+            reqs += self._isend(shard, self._header(Kind.HPARAMS, shard, doc.nbytes), doc)
+            self._sent_hparams[shard.index] = text
+        self._wait(reqs, "sending hyper-parameters")
+
+    def push_pull(self, shards: Sequence[Shard]) -> None:
+        """Push each shard's gradient (from :attr:`grads`), then receive the weights the server
+        produced by applying it into :attr:`weights`."""
+        reqs: list[MPI.Request] = []
+        for shard in shards:
+            g = self.view(self.grads, shard).numpy()
+            header = self._header(Kind.PUSH, shard, g.nbytes, self.versions[shard.index])
+            reqs += self._isend(shard, header, g)
+        for shard in shards:
+            out = self.view(self.weights, shard).numpy()
+            header, _ = self._recv_reply(shard, Kind.WEIGHTS, out)
+            self.versions[shard.index] = header.version
+            self.staleness[shard.index] = header.aux
+        self._wait(reqs, "pushing gradients")
+
+    def pull(self, shards: Sequence[Shard]) -> None:
+        """Fetch the servers' current weights into :attr:`weights`."""
+        reqs: list[MPI.Request] = []
+        for shard in shards:
+            reqs += self._isend(shard, self._header(Kind.PULL, shard, 0), None)
+        for shard in shards:
+            header, _ = self._recv_reply(
+                shard, Kind.WEIGHTS, self.view(self.weights, shard).numpy()
+            )
+            self.versions[shard.index] = header.version
+        self._wait(reqs, "pulling weights")
+
+    def stats(self) -> list[dict[str, Any]]:
+        """Every server's counters (see ``ParameterServer.stats``)."""
+        reqs: list[MPI.Request] = []
+        for shard in self.shards:
+            reqs += self._isend(shard, self._header(Kind.STATS, shard, 0), None)
+        out = [self._recv_reply(shard, Kind.JSON, None)[1] for shard in self.shards]
+        self._wait(reqs, "asking for stats")
+        return out

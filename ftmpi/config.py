@@ -1,0 +1,149 @@
+"""Run configuration: one frozen dataclass, read from keyword arguments and ``FTMPI_*`` variables.
+
+Precedence, highest first: keyword arguments to :func:`ftmpi.init`, ``FTMPI_<FIELD>`` environment
+variables (what ``ftmpi-run`` sets, so a plain ``mpirun`` with the same variables behaves the same),
+then the defaults below. Every value is checked here, before any MPI traffic; a bad value raises
+:class:`ConfigError` naming the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "FTMPI_"
+
+MODES = ("sync", "async")
+STRATEGIES = ("none",)
+BACKENDS = ("auto", "mpi", "horovod")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names the value and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that shapes a run. Field ``x`` is also read from ``FTMPI_X``."""
+
+    servers: int = 1
+    """Number of parameter-server ranks; they are the last ``servers`` ranks of COMM_WORLD.
+    0 runs plain data-parallel training (collective backend only, no servers)."""
+    mode: str = "sync"
+    """``sync``: workers average gradients, then one push per shard per step.
+    ``async``: each worker pushes and pulls on its own; servers apply as gradients arrive."""
+    strategy: str = "none"
+    """Recovery strategy for server failures."""
+    backend: str = "auto"
+    """Collective backend among workers: ``horovod`` if importable and ``auto``, else ``mpi``."""
+    timeout: float = 300.0
+    """Seconds any single blocking wait may take before :class:`ftmpi.CommTimeout` is raised."""
+    server_idle_timeout: float = 3600.0
+    """Seconds a server waits for the next message before it gives up and exits non-zero."""
+    server_threads: int = 1
+    """Intra-op threads (``torch.set_num_threads``) a server rank uses for the optimizer."""
+    chunk_bytes: int = 4 << 20
+    """Tensors larger than this travel as several MPI messages of at most this size."""
+    run_id: str = ""
+    """Identifies the run on the wire and on disk; generated on worker 0 when empty."""
+    run_dir: str = ""
+    """Directory for metrics, manifest and events; empty disables run-directory output."""
+    seed: int = 0
+    """Base seed recorded in the manifest and used by ftmpi's samplers."""
+    extra: Mapping[str, str] = field(default_factory=dict, compare=False)
+    """Unrecognised ``FTMPI_*`` variables, kept for the manifest."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+        """Build a config from ``environ`` (default ``os.environ``) and keyword ``overrides``.
+
+        Overrides that are ``None`` are ignored, so ``init(servers=None)`` defers to the
+        environment. Raises :class:`ConfigError` for unknown keywords and unparsable values.
+        """
+        environ = os.environ if environ is None else environ
+        names = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"unknown ftmpi option(s) {unknown}; valid options are {sorted(names)}"
+            )
+        values: dict[str, Any] = {}
+        extra: dict[str, str] = {}
+        for key, raw in environ.items():
+            if not key.startswith(ENV_PREFIX):
+                continue
+            name = key[len(ENV_PREFIX) :].lower()
+            if name in names:
+                values[name] = _parse(names[name], raw, source=key)
+            else:
+                extra[key] = raw
+        for name, value in overrides.items():
+            if value is not None:
+                values[name] = _parse(names[name], value, source=f"{name}=")
+        return cls(**values, extra=extra).checked()
+
+    def checked(self) -> Config:
+        """Return ``self`` after checking values that do not depend on the world size."""
+        if self.servers < 0:
+            raise ConfigError(
+                f"servers={self.servers} is negative; use 0 (no servers) or a positive count"
+            )
+        if self.mode not in MODES:
+            raise ConfigError(f"mode={self.mode!r} is not one of {list(MODES)}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy={self.strategy!r} is not one of {list(STRATEGIES)}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend={self.backend!r} is not one of {list(BACKENDS)}")
+        for name in ("timeout", "server_idle_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(
+                    f"{name}={getattr(self, name)} must be a positive number of seconds"
+                )
+        if self.server_threads < 1:
+            raise ConfigError(f"server_threads={self.server_threads} must be >= 1")
+        if self.chunk_bytes < 1024:
+            raise ConfigError(f"chunk_bytes={self.chunk_bytes} is too small; use at least 1024")
+        if self.mode == "async" and self.servers == 0:
+            raise ConfigError("mode='async' needs parameter servers; set servers >= 1")
+        return self
+
+    def check_world(self, world_size: int) -> int:
+        """Check the rank layout for a world of ``world_size`` ranks; return the worker count."""
+        workers = world_size - self.servers
+        if self.servers >= world_size:
+            raise ConfigError(
+                f"servers={self.servers} leaves {max(workers, 0)} worker rank(s) in a world of "
+                f"{world_size}; launch at least {self.servers + 1} ranks "
+                f"(e.g. ftmpi-run -np 1 --servers {self.servers}) or lower servers"
+            )
+        return workers
+
+    def env(self) -> dict[str, str]:
+        """The ``FTMPI_*`` variables that reproduce this config in another process."""
+        out = {
+            ENV_PREFIX + f.name.upper(): str(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name != "extra"
+        }
+        out.update(self.extra)
+        return out
+
+
+def _parse(f: dataclasses.Field[Any], raw: Any, *, source: str) -> Any:
+    """Convert ``raw`` (a string from the environment, or a Python value) to the field's type."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "int":
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        return str(raw).strip()
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{source}{raw!r} is not a valid {kind} for option {f.name!r} (default {f.default!r})"
+        ) from None

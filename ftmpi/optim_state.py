@@ -1,0 +1,214 @@
+"""Optimizer description and state as data: what a server needs to run the worker's optimizer.
+
+An optimizer is described by its class (``module:qualname``, which must be a
+``torch.optim.Optimizer`` subclass) and each param group's hyper-parameters as JSON. Tensor
+state (momentum buffers, Adam moments, step counts) travels as raw bytes plus a JSON table of
+names, dtypes and shapes: never pickled, so loading state cannot execute code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+_DTYPES = {
+    str(dt).removeprefix("torch."): dt
+    for dt in (
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    name = str(dt).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise TypeError(f"tensor dtype {dt} cannot be transferred; supported: {sorted(_DTYPES)}")
+    return name
+
+
+def dtype_of(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown dtype {name!r} in state table; expected one of {sorted(_DTYPES)}"
+        ) from None
+
+
+def class_path(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def import_optimizer_class(path: str) -> type[torch.optim.Optimizer]:
+    """Import ``module:qualname`` and check it is an optimizer class."""
+    module, _, qualname = path.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer)):
+        raise TypeError(f"{path} is not a torch.optim.Optimizer subclass")
+    return obj
+
+
+def group_hparams(group: Mapping[str, Any]) -> dict[str, Any]:
+    """A param group's hyper-parameters as JSON-able values (tensors become floats)."""
+    out: dict[str, Any] = {}
+    for key, value in group.items():
+        if key == "params":
+            continue
+        if isinstance(value, torch.Tensor):
+            value = value.item()
+        if isinstance(value, tuple):
+            value = list(value)
+        if not _jsonable(value):
+            raise TypeError(
+                f"param-group option {key}={value!r} cannot be sent to a server; "
+                "use numbers, strings, booleans, None or lists of them"
+            )
+        out[key] = value
+    return out
+
+
+def _jsonable(v: Any) -> bool:
+    if v is None or isinstance(v, bool | int | float | str):
+        return True
+    if isinstance(v, list):
+        return all(_jsonable(x) for x in v)
+    return False
+
+
+def _restore(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def build_optimizer(
+    path: str, groups: Sequence[Mapping[str, Any]], params_by_group: Sequence[list[torch.Tensor]]
+) -> torch.optim.Optimizer:
+    """Construct the optimizer class at ``path`` over ``params_by_group`` with each group's
+    hyper-parameters. Groups with no parameters on this shard keep an empty list, so group
+    indices match the worker's optimizer."""
+    cls = import_optimizer_class(path)
+    param_groups = [
+        {"params": list(ps), **{k: _restore(v) for k, v in g.items()}}
+        for g, ps in zip(groups, params_by_group, strict=True)
+    ]
+    nonempty = [g for g in param_groups if g["params"]]
+    opt = cls(nonempty)
+    # Keep group indices aligned with the worker's optimizer.
+    by_index: list[dict[str, Any] | None] = []
+    it = iter(opt.param_groups)
+    for g in param_groups:
+        by_index.append(next(it) if g["params"] else None)
+    opt._ftmpi_groups = by_index  # type: ignore[attr-defined]
+    return opt
+
+
+def apply_hparams(opt: torch.optim.Optimizer, groups: Sequence[Mapping[str, Any]]) -> None:
+    """Set each group's hyper-parameters (e.g. a new learning rate) in place."""
+    for target, g in zip(opt._ftmpi_groups, groups, strict=True):  # type: ignore[attr-defined]
+        if target is None:
+            continue
+        for k, v in g.items():
+            cur = target.get(k)
+            if isinstance(cur, torch.Tensor):
+                cur.fill_(v)
+            else:
+                target[k] = _restore(v)
+
+
+def pack_tensors(
+    entries: Iterable[tuple[str, torch.Tensor]],
+) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Pack named tensors into a JSON table and one contiguous byte buffer (CPU copies)."""
+    table: list[dict[str, Any]] = []
+    parts: list[np.ndarray] = []
+    offset = 0
+    for name, t in entries:
+        t = t.detach().to("cpu").contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.empty(0, np.uint8)
+        table.append(
+            {
+                "name": name,
+                "dtype": dtype_name(t.dtype),
+                "shape": list(t.shape),
+                "offset": offset,
+                "nbytes": int(raw.nbytes),
+            }
+        )
+        parts.append(raw)
+        offset += raw.nbytes
+    buf = np.concatenate(parts) if parts else np.empty(0, np.uint8)
+    return table, buf
+
+
+def unpack_tensors(table: Sequence[Mapping[str, Any]], buf: np.ndarray) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`pack_tensors`; checks every entry's size against the buffer."""
+    out: dict[str, torch.Tensor] = {}
+    raw = buf.reshape(-1).view(np.uint8)
+    for e in table:
+        dt = dtype_of(e["dtype"])
+        shape = tuple(int(x) for x in e["shape"])
+        nbytes = math.prod(shape) * torch.empty((), dtype=dt).element_size()
+        off = int(e["offset"])
+        if nbytes != int(e["nbytes"]) or off < 0 or off + nbytes > raw.size:
+            raise ValueError(f"state entry {e['name']!r} does not fit the buffer (corrupt table)")
+        t = (
+            torch.frombuffer(bytearray(raw[off : off + nbytes].tobytes()), dtype=dt)
+            if nbytes
+            else torch.empty(0, dtype=dt)
+        )
+        out[e["name"]] = t.reshape(shape)
+    return out
+
+
+def state_entries(
+    opt: torch.optim.Optimizer, names: Mapping[torch.Tensor, str]
+) -> tuple[list[tuple[str, torch.Tensor]], dict[str, Any]]:
+    """Split an optimizer's per-parameter state into tensors (``param/key``) and JSON scalars."""
+    tensors: list[tuple[str, torch.Tensor]] = []
+    scalars: dict[str, Any] = {}
+    for p, st in opt.state.items():
+        name = names[p]
+        for key in sorted(st):
+            v = st[key]
+            if isinstance(v, torch.Tensor):
+                tensors.append((f"{name}/{key}", v))
+            elif _jsonable(v):
+                scalars[f"{name}/{key}"] = v
+            else:
+                raise TypeError(
+                    f"optimizer state {name}/{key} of type {type(v).__name__} cannot be transferred"
+                )
+    return tensors, scalars
+
+
+def load_state_entries(
+    opt: torch.optim.Optimizer,
+    params: Mapping[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor],
+    scalars: Mapping[str, Any],
+) -> None:
+    """Install state produced by :func:`state_entries` into ``opt`` (keys for unknown parameters
+    raise ``KeyError`` naming them)."""
+    for full, value in [*tensors.items(), *scalars.items()]:
+        name, _, key = full.rpartition("/")
+        if name not in params:
+            raise KeyError(f"optimizer state for unknown parameter {name!r}")
+        p = params[name]
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            value = value.to(device=p.device)
+        opt.state[p][key] = value

@@ -1,0 +1,226 @@
+"""The parameter server: owns one shard's weights and optimizer state, applies pushed gradients.
+
+A server rank sits in :meth:`ParameterServer.serve` from ``ftmpi.init()`` until every worker has
+sent STOP. It answers requests one at a time, in arrival order:
+
+- INIT   (worker 0, once): shard layout, optimizer class, hyper-parameters, initial weights and
+  optimizer state. Replies OK.
+- PUSH   a gradient for the shard, computed on weights of version ``header.version``. The server
+  runs ``optimizer.step()`` once (version += 1) and replies with the new weights. Staleness
+  (server version minus the gradient's base version) is recorded; it is 0 in sync mode.
+- PULL   replies with the current weights.
+- HPARAMS new param-group hyper-parameters (LR scheduler changes); no reply.
+- STATS  replies with counters as JSON.
+- STOP   the sender is done.
+
+Messages from another run (header run id) are drained and counted as dropped, never applied.
+The server's weights are a flat buffer; its ``torch`` parameters are views into it, so a reply
+sends the buffer with no copy, and the optimizer is the worker's optimizer class run on the
+same tensors a single process would hold: identical inputs give bit-identical results.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ftmpi import wire
+from ftmpi.optim_state import (
+    apply_hparams,
+    build_optimizer,
+    dtype_of,
+    load_state_entries,
+    unpack_tensors,
+)
+from ftmpi.runtime import Runtime
+from ftmpi.sharding import Shard
+from ftmpi.wire import Header, Kind
+
+
+class ParameterServer:
+    """One server rank's state and request loop."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.index = rt.role_rank
+        self.shard: Shard | None = None
+        self.weights: torch.Tensor | None = None
+        self.grads: torch.Tensor | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.version = 0
+        self.stopped: set[int] = set()
+        self.applied = 0
+        self.staleness_sum = 0
+        self.staleness_max = 0
+        self.dropped = 0
+        self.apply_seconds = 0.0
+        torch.set_num_threads(rt.config.server_threads)
+
+    # ----------------------------------------------------------------- loop
+
+    def serve(self) -> None:
+        """Answer requests until every worker has sent STOP.
+
+        Raises :class:`~ftmpi.wire.CommTimeout` if no request arrives for
+        ``config.server_idle_timeout`` seconds, and :class:`~ftmpi.wire.PeerFailure` if a peer dies.
+        """
+        cfg = self.rt.config
+        handlers = {
+            Kind.INIT: self._on_init,
+            Kind.PUSH: self._on_push,
+            Kind.PULL: self._on_pull,
+            Kind.HPARAMS: self._on_hparams,
+            Kind.STATS: self._on_stats,
+            Kind.STOP: self._on_stop,
+        }
+        while len(self.stopped) < self.rt.num_workers:
+            header, src = wire.recv_header(
+                self.rt.world,
+                wire.ANY_SOURCE,
+                tag=wire.TAG_HEADER,
+                timeout=cfg.server_idle_timeout,
+                what=f"server {self.index} waiting for requests",
+            )
+            handler = (
+                handlers.get(Kind(header.kind)) if header.kind in Kind._value2member_map_ else None
+            )
+            if header.run != self.rt.run or handler is None:
+                self._drop(header, src)
+                continue
+            handler(header, src)
+
+    def _drop(self, header: Header, src: int) -> None:
+        """Drain and discard a message that must not be applied (wrong run, unknown kind)."""
+        if header.nbytes > 0:
+            self._recv(src, np.empty(header.nbytes, dtype=np.uint8), "a dropped message")
+        self.dropped += 1
+
+    # ------------------------------------------------------------ transport
+
+    def _recv(self, src: int, out: np.ndarray, what: str) -> None:
+        wire.recv_payload(
+            self.rt.world,
+            src,
+            out,
+            data_tag=wire.TAG_DATA,
+            chunk_bytes=self.rt.config.chunk_bytes,
+            timeout=self.rt.config.timeout,
+            what=f"server {self.index} receiving {what} from rank {src}",
+        )
+
+    def _reply(self, dest: int, kind: Kind, payload: np.ndarray | None, aux: int = 0) -> None:
+        nbytes = 0 if payload is None else payload.nbytes
+        header = Header(kind, self.rt.run, self.version, self.index, 0, self.rt.view, nbytes, aux)
+        wire.send(
+            self.rt.world,
+            dest,
+            header,
+            payload,
+            tag=wire.TAG_REPLY,
+            data_tag=wire.TAG_REPLY_DATA,
+            chunk_bytes=self.rt.config.chunk_bytes,
+            timeout=self.rt.config.timeout,
+            what=f"server {self.index} replying to rank {dest}",
+        )
+
+    def _reply_error(self, dest: int, message: str) -> None:
+        self._reply(dest, Kind.ERROR, wire.encode_json({"error": message}))
+
+    def _weights_bytes(self) -> np.ndarray:
+        assert self.weights is not None
+        return self.weights.numpy()
+
+    # ------------------------------------------------------------- handlers
+
+    def _on_init(self, header: Header, src: int) -> None:
+        spec: dict[str, Any] = wire.decode_json(self._recv_json(header, src))
+        binary = np.empty(int(spec["binary_nbytes"]), dtype=np.uint8)
+        self._recv(src, binary, "initial weights")
+        shard = Shard.from_json(spec["shard"])
+        if shard.index != self.index:
+            self._reply_error(src, f"server {self.index} was sent shard {shard.index}")
+            return
+        dtype = dtype_of(spec["dtype"])
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        wbytes = shard.numel * itemsize
+        self.weights = torch.from_numpy(binary[:wbytes].copy()).view(dtype)
+        self.grads = torch.zeros_like(self.weights)
+        params: dict[str, torch.Tensor] = {}
+        by_group: list[list[torch.Tensor]] = [[] for _ in spec["groups"]]
+        for slot in shard.slots:
+            p = torch.nn.Parameter(
+                self.weights[slot.offset : slot.offset + slot.numel].view(slot.shape)
+            )
+            p.grad = self.grads[slot.offset : slot.offset + slot.numel].view(slot.shape)
+            params[slot.name] = p
+            by_group[slot.group].append(p)
+        self.optimizer = build_optimizer(spec["optimizer"], spec["groups"], by_group)
+        state = unpack_tensors(spec["state_table"], binary[wbytes:])
+        load_state_entries(self.optimizer, params, state, spec["state_scalars"])
+        self.shard = shard
+        self.version = int(header.version)
+        self._reply(src, Kind.OK, None)
+
+    def _recv_json(self, header: Header, src: int) -> np.ndarray:
+        buf = np.empty(header.nbytes, dtype=np.uint8)
+        self._recv(src, buf, "a JSON document")
+        return buf
+
+    def _on_push(self, header: Header, src: int) -> None:
+        if self.grads is None or self.optimizer is None:
+            self._drop(header, src)
+            self._reply_error(src, f"server {self.index} got a gradient before INIT")
+            return
+        grad_bytes = self.grads.numpy()
+        if header.nbytes != grad_bytes.nbytes or header.shard != self.index:
+            self._drop(header, src)
+            self._reply_error(
+                src,
+                f"server {self.index}: gradient for shard {header.shard} "
+                f"with {header.nbytes} bytes does not match this shard "
+                f"({grad_bytes.nbytes} bytes)",
+            )
+            return
+        self._recv(src, grad_bytes, "a gradient")
+        staleness = max(self.version - header.version, 0)
+        t0 = time.perf_counter()
+        self.optimizer.step()
+        self.apply_seconds += time.perf_counter() - t0
+        self.version += 1
+        self.applied += 1
+        self.staleness_sum += staleness
+        self.staleness_max = max(self.staleness_max, staleness)
+        self._reply(src, Kind.WEIGHTS, self._weights_bytes(), aux=staleness)
+
+    def _on_pull(self, header: Header, src: int) -> None:
+        if self.weights is None:
+            self._reply_error(src, f"server {self.index} has no weights yet (no INIT)")
+            return
+        self._reply(src, Kind.WEIGHTS, self._weights_bytes())
+
+    def _on_hparams(self, header: Header, src: int) -> None:
+        groups = wire.decode_json(self._recv_json(header, src))
+        if self.optimizer is not None:
+            apply_hparams(self.optimizer, groups)
+
+    def _on_stats(self, header: Header, src: int) -> None:
+        self._reply(src, Kind.JSON, wire.encode_json(self.stats()))
+
+    def _on_stop(self, header: Header, src: int) -> None:
+        self.stopped.add(src)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since start: updates applied, staleness, dropped messages, apply time."""
+        return {
+            "server": self.index,
+            "version": self.version,
+            "applied": self.applied,
+            "staleness_mean": self.staleness_sum / self.applied if self.applied else 0.0,
+            "staleness_max": self.staleness_max,
+            "dropped": self.dropped,
+            "apply_seconds": self.apply_seconds,
+            "numel": 0 if self.shard is None else self.shard.numel,
+        }

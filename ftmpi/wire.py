@@ -1,0 +1,264 @@
+"""Point-to-point messages between workers and servers: header + raw chunked payload.
+
+Every message is a fixed 8 x int64 header followed by an optional payload sent as raw bytes (no
+pickle) in chunks of at most ``chunk_bytes``. MPI's non-overtaking rule (same source, tag and
+communicator) keeps a message's header and chunks in order, so a receiver that matched a header
+from rank ``r`` then receives exactly that message's chunks from ``r``.
+
+Every wait here has a deadline: :func:`wait_all` polls the requests and raises
+:class:`CommTimeout` when the deadline passes, and turns an MPI error (``ERR_PROC_FAILED``,
+``ERR_REVOKED`` under ULFM) into :class:`PeerFailure`, cancelling what it can.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+
+ANY_SOURCE = MPI.ANY_SOURCE
+
+TAG_HEADER = 7001
+TAG_DATA = 7002
+TAG_REPLY = 7003
+TAG_REPLY_DATA = 7004
+
+HEADER_LEN = 8
+
+# Polling schedule for waits: spin this many tests, then sleep with capped exponential backoff.
+_SPIN_TESTS = 200
+_SLEEP_MIN = 20e-6
+_SLEEP_MAX = 200e-6
+
+
+class Kind(IntEnum):
+    """Message kinds. Requests travel on TAG_HEADER; replies on TAG_REPLY."""
+
+    INIT = 1  # worker -> server: JSON shard spec + optimizer, then initial weights / state
+    PUSH = 2  # worker -> server: gradient of one shard; reply carries the new weights
+    PULL = 3  # worker -> server: reply carries the current weights
+    HPARAMS = 4  # worker -> server: JSON param-group hyper-parameters (LR schedules)
+    STATS = 5  # worker -> server: reply carries JSON counters
+    STOP = 6  # worker -> server: this worker is done
+    OK = 7  # server -> worker: reply without payload
+    WEIGHTS = 8  # server -> worker: reply carrying weights
+    JSON = 9  # server -> worker: reply carrying a JSON document
+    ERROR = 10  # server -> worker: JSON {"error": ...}
+
+
+class CommTimeout(TimeoutError):
+    """A blocking wait passed its deadline. The message says what was awaited and for how long."""
+
+
+class PeerFailure(RuntimeError):
+    """An MPI call failed because a peer died or the communicator was revoked (ULFM)."""
+
+    def __init__(self, what: str, error_class: int) -> None:
+        super().__init__(f"{what}: MPI error class {error_class} ({_error_name(error_class)})")
+        self.error_class = error_class
+
+
+class RemoteError(RuntimeError):
+    """A server refused a request; the message is the server's explanation."""
+
+
+def _error_name(error_class: int) -> str:
+    names = {
+        getattr(MPI, n, None): n
+        for n in ("ERR_PROC_FAILED", "ERR_PROC_FAILED_PENDING", "ERR_REVOKED")
+    }
+    return names.get(error_class, "other")
+
+
+def run_hash(run_id: str) -> int:
+    """A 62-bit digest of ``run_id``, carried in every header."""
+    return int.from_bytes(hashlib.blake2b(run_id.encode(), digest_size=8).digest(), "big") >> 2
+
+
+@contextlib.contextmanager
+def mpi_errors(what: str) -> Iterator[None]:
+    """Turn an ``MPI.Exception`` raised inside the block into :class:`PeerFailure`."""
+    try:
+        yield
+    except MPI.Exception as exc:
+        raise PeerFailure(what, exc.Get_error_class()) from exc
+
+
+@dataclass(frozen=True)
+class Header:
+    """The fixed header of every message.
+
+    ``version`` is the server's update count (weights) or the base version a gradient was
+    computed on (push). ``aux`` is kind-specific (e.g. the staleness of an applied push).
+    """
+
+    kind: int
+    run: int
+    version: int
+    shard: int
+    seq: int
+    view: int
+    nbytes: int
+    aux: int = 0
+
+    def array(self) -> np.ndarray:
+        return np.array(
+            [
+                self.kind,
+                self.run,
+                self.version,
+                self.shard,
+                self.seq,
+                self.view,
+                self.nbytes,
+                self.aux,
+            ],
+            dtype=np.int64,
+        )
+
+    @classmethod
+    def from_array(cls, a: np.ndarray) -> Header:
+        return cls(*(int(x) for x in a))
+
+
+def wait_all(reqs: Sequence[MPI.Request], timeout: float, what: str) -> list[MPI.Status]:
+    """Wait for every request, polling, until ``timeout`` seconds have passed.
+
+    Raises :class:`CommTimeout` (requests are cancelled) or :class:`PeerFailure` on an MPI error.
+    Returns the statuses in request order.
+    """
+    reqs = list(reqs)
+    statuses = [MPI.Status() for _ in reqs]
+    if not reqs:
+        return statuses
+    deadline = time.monotonic() + timeout
+    tests = 0
+    sleep = _SLEEP_MIN
+    try:
+        while not MPI.Request.Testall(reqs, statuses):
+            tests += 1
+            if tests < _SPIN_TESTS:
+                continue
+            if time.monotonic() > deadline:
+                _cancel(reqs)
+                raise CommTimeout(f"{what}: no completion within {timeout:g} s")
+            time.sleep(sleep)
+            sleep = min(sleep * 2, _SLEEP_MAX)
+    except MPI.Exception as exc:
+        _cancel(reqs)
+        raise PeerFailure(what, exc.Get_error_class()) from exc
+    return statuses
+
+
+def _cancel(reqs: Sequence[MPI.Request]) -> None:
+    for r in reqs:
+        if r != MPI.REQUEST_NULL:
+            try:
+                r.Cancel()
+                r.Free()
+            except MPI.Exception:
+                pass
+
+
+def _chunks(buf: np.ndarray, chunk_bytes: int) -> list[np.ndarray]:
+    flat = buf.reshape(-1).view(np.uint8)
+    return [flat[i : i + chunk_bytes] for i in range(0, flat.size, chunk_bytes)]
+
+
+def isend(
+    comm: MPI.Comm,
+    dest: int,
+    header: Header,
+    payload: np.ndarray | None,
+    *,
+    tag: int,
+    data_tag: int,
+    chunk_bytes: int,
+    what: str,
+) -> list[MPI.Request]:
+    """Start sending ``header`` then ``payload`` (any contiguous array, as bytes) to ``dest``.
+
+    The caller keeps ``payload`` alive and unchanged until the returned requests complete.
+    """
+    with mpi_errors(what):
+        reqs = [comm.Isend(header.array(), dest=dest, tag=tag)]
+    if payload is not None:
+        reqs += isend_data(
+            comm, dest, payload, data_tag=data_tag, chunk_bytes=chunk_bytes, what=what
+        )
+    return reqs
+
+
+def isend_data(
+    comm: MPI.Comm, dest: int, payload: np.ndarray, *, data_tag: int, chunk_bytes: int, what: str
+) -> list[MPI.Request]:
+    """Start sending ``payload`` as raw chunks (no header)."""
+    with mpi_errors(what):
+        return [comm.Isend(c, dest=dest, tag=data_tag) for c in _chunks(payload, chunk_bytes)]
+
+
+def send(
+    comm: MPI.Comm,
+    dest: int,
+    header: Header,
+    payload: np.ndarray | None,
+    *,
+    tag: int,
+    data_tag: int,
+    chunk_bytes: int,
+    timeout: float,
+    what: str,
+) -> None:
+    """Send ``header`` and ``payload`` to ``dest`` and wait until the send completes."""
+    reqs = isend(
+        comm, dest, header, payload, tag=tag, data_tag=data_tag, chunk_bytes=chunk_bytes, what=what
+    )
+    wait_all(reqs, timeout, what)
+
+
+def post_header(comm: MPI.Comm, source: int, tag: int) -> tuple[MPI.Request, np.ndarray]:
+    """Post a receive for one header; complete it with :func:`wait_all`."""
+    buf = np.empty(HEADER_LEN, dtype=np.int64)
+    with mpi_errors("posting a header receive"):
+        return comm.Irecv(buf, source=source, tag=tag), buf
+
+
+def recv_header(
+    comm: MPI.Comm, source: int, *, tag: int, timeout: float, what: str
+) -> tuple[Header, int]:
+    """Receive one header from ``source`` (may be ``MPI.ANY_SOURCE``); return it and its sender."""
+    req, buf = post_header(comm, source, tag)
+    (status,) = wait_all([req], timeout, what)
+    return Header.from_array(buf), status.Get_source()
+
+
+def recv_payload(
+    comm: MPI.Comm,
+    source: int,
+    out: np.ndarray,
+    *,
+    data_tag: int,
+    chunk_bytes: int,
+    timeout: float,
+    what: str,
+) -> None:
+    """Receive a payload of exactly ``out.nbytes`` bytes from ``source`` into ``out``."""
+    with mpi_errors(what):
+        reqs = [comm.Irecv(c, source=source, tag=data_tag) for c in _chunks(out, chunk_bytes)]
+    wait_all(reqs, timeout, what)
+
+
+def encode_json(obj: Any) -> np.ndarray:
+    return np.frombuffer(json.dumps(obj, sort_keys=True).encode(), dtype=np.uint8)
+
+
+def decode_json(buf: np.ndarray) -> Any:
+    return json.loads(buf.tobytes().decode())
