@@ -146,7 +146,7 @@ build_failed() {  # $1: stage
     echo "[install-horovod] BUILD FAILED during: $1"
     echo "[install-horovod] log: $LOG"
     echo "[install-horovod] ---- last 30 lines of the log ----"
-    tail -n 30 "$LOG"
+    tail -n 30 "$LOG" | cut -c1-400   # compile command lines are several KB long
     echo "[install-horovod] ----------------------------------"
     echo "[install-horovod] likely cause: $(diagnose "$LOG")"
   } >&2
@@ -289,7 +289,8 @@ check_failed() {
 }
 
 log "check 1: import horovod.torch, mpi_built()"
-out=$("$PY" -c 'import horovod.torch as hvd; print(hvd.__version__, hvd.mpi_built())' 2>&1) \
+# (horovod.torch has no __version__ attribute; the version lives on the horovod package)
+out=$("$PY" -c 'import horovod, horovod.torch as hvd; print(horovod.__version__, hvd.mpi_built())' 2>&1) \
   || check_failed "'import horovod.torch' failed" "$out"
 log "  -> $out"
 HVD_VER=$(printf '%s\n' "$out" | tail -n1 | cut -d' ' -f1)

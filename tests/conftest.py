@@ -1,0 +1,70 @@
+"""Shared test helpers. MPI tests launch the venv's own ``mpirun --with-ft ulfm`` (Open MPI 5)
+under a wall-clock limit; a test that overruns kills the whole process group and fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PROGS = ROOT / "tests" / "mpi" / "progs"
+MPIRUN = Path(sys.executable).parent / "mpirun"
+
+
+@dataclass
+class MPIResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def json_lines(self) -> list[dict]:
+        """Every stdout line that parses as a JSON object."""
+        out = []
+        for line in self.stdout.splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+        return out
+
+
+def mpi_command(np_: int, args: list[str]) -> list[str]:
+    cmd = [str(MPIRUN), "--with-ft", "ulfm", "--oversubscribe", "-np", str(np_)]
+    if os.geteuid() == 0:
+        cmd.insert(1, "--allow-run-as-root")
+    return cmd + [sys.executable, *args]
+
+
+def run_mpi(np_: int, args: list[str], *, env: dict[str, str] | None = None,
+            timeout: float = 120, cwd: Path | None = None) -> MPIResult:
+    """Run ``python ARGS`` on ``np_`` ranks; kill the job and fail the test after ``timeout``."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("FTMPI_")}
+    full_env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    full_env.update(env or {})
+    proc = subprocess.Popen(mpi_command(np_, args), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=full_env,
+                            cwd=cwd or ROOT, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"mpirun exceeded {timeout} s: {args}\nstdout:\n{out[-3000:]}\n"
+                    f"stderr:\n{err[-3000:]}")
+    return MPIResult(proc.returncode, out, err)
+
+
+@pytest.fixture
+def mpi():
+    if not MPIRUN.exists():
+        pytest.fail(f"{MPIRUN} not found: install the project (make setup) to get Open MPI 5")
+    return run_mpi
