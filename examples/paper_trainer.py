@@ -37,11 +37,18 @@ OPTIMIZERS = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="digits",
-                   help="digits (default, bundled with scikit-learn), idx:DIR, synthetic[:N]")
+    p.add_argument(
+        "--data",
+        default="digits",
+        help="digits (default, bundled with scikit-learn), idx:DIR, synthetic[:N]",
+    )
     p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    p.add_argument("--duration", type=float, default=0.0,
-                   help="stop after this many seconds of training instead (0: use --steps)")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=0.0,
+        help="stop after this many seconds of training instead (0: use --steps)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="per-worker batch (paper: 32)")
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd")
     p.add_argument("--lr", type=float, default=0.01, help="learning rate (paper: 0.01)")
@@ -49,8 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=25, help="evaluate every N steps")
     p.add_argument("--seed", type=int, default=None, help="default: FTMPI_SEED or 0")
     p.add_argument("--run-dir", default=None, help="default: FTMPI_RUN_DIR or runs/<run id>")
-    p.add_argument("--warmup-steps", type=int, default=5,
-                   help="steps excluded from the throughput figure")
+    p.add_argument(
+        "--warmup-steps", type=int, default=5, help="steps excluded from the throughput figure"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     for name in ("steps", "batch_size", "eval_every"):
@@ -80,26 +88,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     torch.manual_seed(seed)  # same initial weights on every worker
     model = PaperCNN(num_classes=data.num_classes)
     torch.manual_seed(seed * 1_000_003 + me + 1)  # per-worker dropout stream
-    opt = ftmpi.DistributedOptimizer(OPTIMIZERS[args.optimizer](model.parameters(), args),
-                                     named_parameters=model.named_parameters())
-    batches = ShardedBatches(data.train_x, data.train_y, args.batch_size,
-                             worker=me, workers=workers, seed=seed)
+    opt = ftmpi.DistributedOptimizer(
+        OPTIMIZERS[args.optimizer](model.parameters(), args),
+        named_parameters=model.named_parameters(),
+    )
+    batches = ShardedBatches(
+        data.train_x, data.train_y, args.batch_size, worker=me, workers=workers, seed=seed
+    )
 
     lead = me == 0
     metrics = None
     run_dir = args.run_dir or rt.config.run_dir or os.path.join("runs", rt.run_id)
     if lead:
         metrics = MetricsWriter(run_dir)
-        write_json_atomic(os.path.join(run_dir, "manifest.json"), build_manifest(
-            rt.config, run_id=rt.run_id, num_workers=workers, num_servers=rt.num_servers,
-            backend=rt.backend.name if rt.backend else "none",
-            data={"spec": args.data, "name": data.name, "sha256": data.content_hash(),
-                  "train": len(data.train_y), "test": len(data.test_y)},
-            extra={"trainer": vars(args)}))
+        write_json_atomic(
+            os.path.join(run_dir, "manifest.json"),
+            build_manifest(
+                rt.config,
+                run_id=rt.run_id,
+                num_workers=workers,
+                num_servers=rt.num_servers,
+                backend=rt.backend.name if rt.backend else "none",
+                data={
+                    "spec": args.data,
+                    "name": data.name,
+                    "sha256": data.content_hash(),
+                    "train": len(data.train_y),
+                    "test": len(data.test_y),
+                },
+                extra={"trainer": vars(args)},
+            ),
+        )
 
-    bar = tqdm(total=None if args.duration else args.steps, disable=not lead or args.no_progress,
-               mininterval=1.0, desc=f"{rt.config.mode}/{rt.num_servers} server(s)",
-               file=sys.stderr)
+    bar = tqdm(
+        total=None if args.duration else args.steps,
+        disable=not lead or args.no_progress,
+        mininterval=1.0,
+        desc=f"{rt.config.mode}/{rt.num_servers} server(s)",
+        file=sys.stderr,
+    )
     start = time.monotonic()
     train_seconds = 0.0
     timed_steps = 0
@@ -126,8 +153,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if metrics.records and metrics.records[-1]["step"] == steps_done:
         final = metrics.records[-1]
     else:
-        final = _record(metrics, opt, model, data, steps_done, batches.epoch, loss_value,
-                        rt.config.mode)
+        final = _record(
+            metrics, opt, model, data, steps_done, batches.epoch, loss_value, rt.config.mode
+        )
     summary = {
         "run_id": rt.run_id,
         "mode": rt.config.mode,
@@ -163,16 +191,28 @@ def _done(args: argparse.Namespace, step: int, start: float, rt: ftmpi.Runtime) 
     return bool(flag.item())
 
 
-def _record(metrics: MetricsWriter | None, opt: Any, model: torch.nn.Module, data: Any,
-            step: int, epoch: int, train_loss: float, mode: str) -> dict[str, Any]:
+def _record(
+    metrics: MetricsWriter | None,
+    opt: Any,
+    model: torch.nn.Module,
+    data: Any,
+    step: int,
+    epoch: int,
+    train_loss: float,
+    mode: str,
+) -> dict[str, Any]:
     assert metrics is not None
     if mode == "async":
         opt.pull()  # evaluate the servers' current model, not this worker's possibly stale copy
     test_loss, acc = evaluate(model, data.test_x, data.test_y)
     stats = opt.server_stats()
     return metrics.record(
-        step=step, epoch=epoch, loss=round(test_loss, 5), train_loss=round(train_loss, 5),
-        test_accuracy=round(acc, 5), applied=[s["applied"] for s in stats],
+        step=step,
+        epoch=epoch,
+        loss=round(test_loss, 5),
+        train_loss=round(train_loss, 5),
+        test_accuracy=round(acc, 5),
+        applied=[s["applied"] for s in stats],
         staleness_mean=round(max((s["staleness_mean"] for s in stats), default=0.0), 3),
         staleness_max=max((s["staleness_max"] for s in stats), default=0),
     )
@@ -181,18 +221,24 @@ def _record(metrics: MetricsWriter | None, opt: Any, model: torch.nn.Module, dat
 def print_table(records: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     """The results table printed at the end of a run."""
     shown = records if len(records) <= 12 else records[:: max(1, len(records) // 10)] + records[-1:]
-    print(f"\n{'time s':>8} {'step':>6} {'test loss':>10} {'accuracy':>9} {'applied':>12} "
-          f"{'stale max':>9}")
+    print(
+        f"\n{'time s':>8} {'step':>6} {'test loss':>10} {'accuracy':>9} {'applied':>12} "
+        f"{'stale max':>9}"
+    )
     for r in shown:
         applied = "/".join(str(a) for a in r.get("applied") or []) or "-"
-        print(f"{r['wall_time']:>8.1f} {r['step']:>6} {r['loss']:>10.4f} "
-              f"{r['test_accuracy']:>9.4f} {applied:>12} {r['staleness_max']:>9}")
+        print(
+            f"{r['wall_time']:>8.1f} {r['step']:>6} {r['loss']:>10.4f} "
+            f"{r['test_accuracy']:>9.4f} {applied:>12} {r['staleness_max']:>9}"
+        )
     sps = summary["steps_per_second"]
-    print(f"\nrun {summary['run_id']}: {summary['mode']} mode, {summary['workers']} worker(s), "
-          f"{summary['servers']} server(s), backend {summary['backend']}; "
-          f"{summary['steps']} steps in {summary['wall_seconds']:.1f} s"
-          + (f" ({sps:.1f} steps/s)" if sps else "")
-          + f"; final test accuracy {summary['final_test_accuracy']:.4f}")
+    print(
+        f"\nrun {summary['run_id']}: {summary['mode']} mode, {summary['workers']} worker(s), "
+        f"{summary['servers']} server(s), backend {summary['backend']}; "
+        f"{summary['steps']} steps in {summary['wall_seconds']:.1f} s"
+        + (f" ({sps:.1f} steps/s)" if sps else "")
+        + f"; final test accuracy {summary['final_test_accuracy']:.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -62,25 +62,46 @@ def git_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Commit and dirty flag of the git work tree holding ``path`` (``{}`` outside git)."""
     where = Path(path).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        diff = subprocess.run(["git", "diff", "HEAD"], cwd=where, capture_output=True,
-                              timeout=10, check=True).stdout
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        diff = subprocess.run(
+            ["git", "diff", "HEAD"], cwd=where, capture_output=True, timeout=10, check=True
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return {}
-    return {"commit": commit, "dirty": bool(diff),
-            "diff_sha256": hashlib.sha256(diff).hexdigest() if diff else None}
+    return {
+        "commit": commit,
+        "dirty": bool(diff),
+        "diff_sha256": hashlib.sha256(diff).hexdigest() if diff else None,
+    }
 
 
-def build_manifest(config: Config, *, run_id: str, num_workers: int, num_servers: int,
-                   backend: str, script: str | None = None, data: dict[str, Any] | None = None,
-                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_manifest(
+    config: Config,
+    *,
+    run_id: str,
+    num_workers: int,
+    num_servers: int,
+    backend: str,
+    script: str | None = None,
+    data: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Collect the manifest of this run (no I/O except reading the script and git)."""
     script = script or (sys.argv[0] if sys.argv and sys.argv[0] else None)
     script_info: dict[str, Any] = {}
     if script and os.path.isfile(script):
-        script_info = {"path": os.path.abspath(script), "sha256": file_sha256(script),
-                       "git": git_state(script)}
+        script_info = {
+            "path": os.path.abspath(script),
+            "sha256": file_sha256(script),
+            "git": git_state(script),
+        }
     return {
         "format_version": FORMAT_VERSION,
         "run_id": run_id,
@@ -90,11 +111,17 @@ def build_manifest(config: Config, *, run_id: str, num_workers: int, num_servers
         "seed": config.seed,
         "argv": sys.argv,
         "versions": software_versions(),
-        "host": {"hostname": socket.gethostname(), "platform": platform.platform(),
-                 "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
-        "layout": {"workers": list(range(num_workers)),
-                   "servers": list(range(num_workers, num_workers + num_servers)),
-                   "backend": backend},
+        "host": {
+            "hostname": socket.gethostname(),
+            "platform": platform.platform(),
+            "cpu": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+        },
+        "layout": {
+            "workers": list(range(num_workers)),
+            "servers": list(range(num_workers, num_workers + num_servers)),
+            "backend": backend,
+        },
         "script": script_info,
         "data": data or {},
         **(extra or {}),

@@ -140,7 +140,7 @@ diagnose() {  # one-line likely cause, from the build log
   fi
 }
 
-build_failed() {  # $1: stage
+build_failed() {  # $1: stage; $2 (optional): known cause, else guessed from the log
   {
     echo
     echo "[install-horovod] BUILD FAILED during: $1"
@@ -148,7 +148,7 @@ build_failed() {  # $1: stage
     echo "[install-horovod] ---- last 30 lines of the log ----"
     tail -n 30 "$LOG" | cut -c1-400   # compile command lines are several KB long
     echo "[install-horovod] ----------------------------------"
-    echo "[install-horovod] likely cause: $(diagnose "$LOG")"
+    echo "[install-horovod] likely cause: ${2:-$(diagnose "$LOG")}"
   } >&2
   exit 1
 }
@@ -214,27 +214,31 @@ build_wheel() {
   fi
   run_logged "unpacking $(basename "$sdist")" tar -xzf "$sdist" -C "$tmp"
   src=$(ls -d "$tmp"/horovod-*/ 2>/dev/null | head -n1)
+  src=${src%/}
   [[ -n $src && -f $src/CMakeLists.txt && -f $src/horovod/torch/CMakeLists.txt ]] \
     || build_failed "unpacking (no CMakeLists.txt in the sdist)"
 
   # Patch: compile as C++17 (torch >= 2.1 headers require it). Only C++ settings
   # are touched; the top-level file's CUDA-only '-std=c++11' (CMAKE_CUDA_FLAGS) stays.
   log "patching CMakeLists.txt and horovod/torch/CMakeLists.txt to C++17"
-  local f
+  local f old_std='CXX_STANDARD[[:space:]]+"?(98|11|14)"?([^0-9]|$)|-std=(c|gnu)\+\+(0x|11|1y|14)([^0-9]|$)'
+  local patch_cause="torch headers need C++17: the CMakeLists patch did not apply"
   for f in "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"; do
     sed -i -E \
-      -e 's/(set\([[:space:]]*CMAKE_CXX_STANDARD[[:space:]]+)(98|11|14)([[:space:]]*\))/\117\3/' \
+      -e 's/(CXX_STANDARD[[:space:]]+"?)(98|11|14)("?)([^0-9]|$)/\117\3\4/g' \
       -e 's/-std=(c|gnu)\+\+(1y|14)([^0-9]|$)/-std=\1++17\3/g' \
       "$f"
     {
-      echo "--- after patch: $f"
-      grep -nE 'CMAKE_CXX_STANDARD|-std=' "$f" || true
+      echo "--- after patch: ${f#"$src"/}"
+      grep -nE 'CXX_STANDARD|-std=' "$f" || true
     } >>"$LOG"
-    if grep -qE 'set\([[:space:]]*CMAKE_CXX_STANDARD[[:space:]]+(98|11|14)[[:space:]]*\)|-std=(c|gnu)\+\+(1y|14)([^0-9]|$)' "$f" \
-       || ! grep -qE 'set\([[:space:]]*CMAKE_CXX_STANDARD[[:space:]]+17[[:space:]]*\)' "$f"; then
-      build_failed "patching ${f#"$src"}: torch headers need C++17, the CMakeLists patch did not apply"
+    # Anything pre-C++17 left (the CUDA-only '-std=c++11' lines are fine)?
+    if grep -vE 'CMAKE_CUDA_FLAGS|GLOO_CMAKE' "$f" | grep -qE "$old_std"; then
+      build_failed "patching ${f#"$src"/} (a pre-C++17 standard is still set)" "$patch_cause"
     fi
   done
+  grep -qE 'set\([[:space:]]*CMAKE_CXX_STANDARD[[:space:]]+"?17"?[[:space:]]*\)' "$src/CMakeLists.txt" \
+    || build_failed "patching CMakeLists.txt (no 'set(CMAKE_CXX_STANDARD 17)' after the patch)" "$patch_cause"
 
   n=${FTMPI_BUILD_JOBS:-$(nproc 2>/dev/null || echo 2)}
   log "building the wheel with $n jobs (~10-12 min on 2 cores); log: $LOG"

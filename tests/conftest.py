@@ -44,22 +44,35 @@ def mpi_command(np_: int, args: list[str]) -> list[str]:
     return cmd + [sys.executable, *args]
 
 
-def run_mpi(np_: int, args: list[str], *, env: dict[str, str] | None = None,
-            timeout: float = 120, cwd: Path | None = None) -> MPIResult:
+def run_mpi(
+    np_: int,
+    args: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    cwd: Path | None = None,
+) -> MPIResult:
     """Run ``python ARGS`` on ``np_`` ranks; kill the job and fail the test after ``timeout``."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("FTMPI_")}
     full_env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     full_env.update(env or {})
-    proc = subprocess.Popen(mpi_command(np_, args), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=full_env,
-                            cwd=cwd or ROOT, start_new_session=True)
+    proc = subprocess.Popen(
+        mpi_command(np_, args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+        cwd=cwd or ROOT,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        pytest.fail(f"mpirun exceeded {timeout} s: {args}\nstdout:\n{out[-3000:]}\n"
-                    f"stderr:\n{err[-3000:]}")
+        pytest.fail(
+            f"mpirun exceeded {timeout} s: {args}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
+        )
     return MPIResult(proc.returncode, out, err)
 
 

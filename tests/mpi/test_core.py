@@ -36,9 +36,21 @@ def test_shards_cover_every_parameter_exactly_once(mpi):
 
 
 def test_async_converges_on_digits(mpi, tmp_path):
-    res = mpi(3, [TRAINER, "--steps", "300", "--eval-every", "100", "--no-progress",
-                  "--run-dir", str(tmp_path)],
-              env={"FTMPI_SERVERS": "1", "FTMPI_MODE": "async"}, timeout=240)
+    res = mpi(
+        3,
+        [
+            TRAINER,
+            "--steps",
+            "300",
+            "--eval-every",
+            "100",
+            "--no-progress",
+            "--run-dir",
+            str(tmp_path),
+        ],
+        env={"FTMPI_SERVERS": "1", "FTMPI_MODE": "async"},
+        timeout=240,
+    )
     assert res.returncode == 0, res.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["mode"] == "async"
@@ -55,12 +67,27 @@ def test_sync_trainer_matches_plain_data_parallel(mpi, tmp_path):
     results = {}
     for servers in (0, 1):
         run_dir = tmp_path / f"s{servers}"
-        res = mpi(2 + servers, [TRAINER, "--data", "synthetic:512", "--steps", "30",
-                                "--eval-every", "10", "--no-progress", "--run-dir", str(run_dir)],
-                  env={"FTMPI_SERVERS": str(servers)}, timeout=180)
+        res = mpi(
+            2 + servers,
+            [
+                TRAINER,
+                "--data",
+                "synthetic:512",
+                "--steps",
+                "30",
+                "--eval-every",
+                "10",
+                "--no-progress",
+                "--run-dir",
+                str(run_dir),
+            ],
+            env={"FTMPI_SERVERS": str(servers)},
+            timeout=180,
+        )
         assert res.returncode == 0, res.stderr
-        results[servers] = [json.loads(x) for x in
-                            (run_dir / "metrics.jsonl").read_text().splitlines()]
+        results[servers] = [
+            json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+        ]
     strip = [{k: r[k] for k in ("step", "loss", "test_accuracy")} for r in results[0]]
     assert strip == [{k: r[k] for k in ("step", "loss", "test_accuracy")} for r in results[1]]
     assert results[1][-1]["applied"] == [30]
@@ -76,16 +103,17 @@ def test_sync_trainer_matches_plain_data_parallel(mpi, tmp_path):
     ],
 )
 def test_bad_init_arguments_fail_clearly(mpi, env, np_, message):
-    res = mpi(np_, ["-c", "import ftmpi; ftmpi.init(); print('UNREACHABLE')"], env=env,
-              timeout=60)
+    res = mpi(np_, ["-c", "import ftmpi; ftmpi.init(); print('UNREACHABLE')"], env=env, timeout=60)
     assert res.returncode != 0
     assert message in res.stderr
     assert "UNREACHABLE" not in res.stdout
 
 
 def test_servers_exit_cleanly_when_workers_finish(mpi):
-    code = ("import ftmpi, sys; rt = ftmpi.init(); "
-            "print('worker', ftmpi.rank(), ftmpi.size(), rt.world_rank, flush=True)")
+    code = (
+        "import ftmpi, sys; rt = ftmpi.init(); "
+        "print('worker', ftmpi.rank(), ftmpi.size(), rt.world_rank, flush=True)"
+    )
     res = mpi(3, ["-c", code], env={"FTMPI_SERVERS": "1"}, timeout=60)
     assert res.returncode == 0, res.stderr
     lines = sorted(x for x in res.stdout.splitlines() if x.startswith("worker"))

@@ -19,7 +19,10 @@ OPTIMIZERS = {
 def make_model() -> torch.nn.Module:
     torch.manual_seed(1234)
     return torch.nn.Sequential(
-        torch.nn.Linear(20, 64), torch.nn.Tanh(), torch.nn.Linear(64, 32), torch.nn.Tanh(),
+        torch.nn.Linear(20, 64),
+        torch.nn.Tanh(),
+        torch.nn.Linear(64, 32),
+        torch.nn.Tanh(),
         torch.nn.Linear(32, 5),
     )
 
@@ -59,16 +62,27 @@ def main() -> None:
         ref_opt.step()
         ref_sched.step()
     mismatched = [
-        n for (n, p), q in zip(model.named_parameters(), ref_model.parameters(), strict=True)
+        n
+        for (n, p), q in zip(model.named_parameters(), ref_model.parameters(), strict=True)
         if not torch.equal(p, q)
     ]
     if me == 0:
         stats = opt.server_stats()
-        print(json.dumps({"optimizer": name, "steps": steps, "mismatched": mismatched,
-                          "applied": [s["applied"] for s in stats],
-                          "shards": [[sl.name for sl in s.slots] for s in opt.shards],
-                          "max_abs_diff": max(float((p - q).abs().max().detach()) for p, q in
-                                              zip(model.parameters(), ref_model.parameters()))}))
+        print(
+            json.dumps(
+                {
+                    "optimizer": name,
+                    "steps": steps,
+                    "mismatched": mismatched,
+                    "applied": [s["applied"] for s in stats],
+                    "shards": [[sl.name for sl in s.slots] for s in opt.shards],
+                    "max_abs_diff": max(
+                        float((p - q).abs().max().detach())
+                        for p, q in zip(model.parameters(), ref_model.parameters())
+                    ),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import pytest
+
+from ftmpi.config import Config, ConfigError
+
+
+def test_defaults():
+    c = Config.from_env({})
+    assert (c.servers, c.mode, c.strategy, c.backend) == (1, "sync", "none", "auto")
+
+
+def test_env_is_read_and_keywords_win():
+    env = {"FTMPI_SERVERS": "3", "FTMPI_MODE": "async", "FTMPI_TIMEOUT": "12.5"}
+    c = Config.from_env(env)
+    assert (c.servers, c.mode, c.timeout) == (3, "async", 12.5)
+    c = Config.from_env(env, servers=2, mode=None)
+    assert (c.servers, c.mode) == (2, "async")
+
+
+def test_unknown_ftmpi_variables_are_kept_for_the_manifest():
+    c = Config.from_env({"FTMPI_SOMETHING": "x", "PATH": "/bin"})
+    assert c.extra == {"FTMPI_SOMETHING": "x"}
+
+
+def test_env_round_trip():
+    c = Config.from_env({}, servers=2, mode="async", seed=7)
+    assert Config.from_env(c.env()) == c
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "env", "message"),
+    [
+        ({}, {"FTMPI_SERVERS": "two"}, "FTMPI_SERVERS'two' is not a valid int"),
+        ({"servers": 1.5}, {}, "is not a valid int"),
+        ({"servers": -1}, {}, "servers=-1 is negative"),
+        ({"mode": "bulk"}, {}, "mode='bulk' is not one of ['sync', 'async']"),
+        ({"strategy": "magic"}, {}, "strategy='magic' is not one of"),
+        ({"backend": "nccl"}, {}, "backend='nccl' is not one of"),
+        ({"timeout": 0}, {}, "timeout=0.0 must be a positive number of seconds"),
+        ({"chunk_bytes": 10}, {}, "chunk_bytes=10 is too small"),
+        ({"server_threads": 0}, {}, "server_threads=0 must be >= 1"),
+        ({"servers": 0, "mode": "async"}, {}, "mode='async' needs parameter servers"),
+        ({"nonsense": 1}, {}, "unknown ftmpi option(s) ['nonsense']"),
+    ],
+)
+def test_bad_values_are_named(kwargs, env, message):
+    with pytest.raises(ConfigError) as err:
+        Config.from_env(env, **kwargs)
+    assert message in str(err.value)
+
+
+def test_world_check():
+    assert Config.from_env({}, servers=2).check_world(5) == 3
+    assert Config.from_env({}, servers=0).check_world(1) == 1
+    with pytest.raises(ConfigError, match=r"servers=4 leaves 0 worker rank\(s\) in a world of 4"):
+        Config.from_env({}, servers=4).check_world(4)
+    with pytest.raises(ConfigError, match="launch at least 6 ranks"):
+        Config.from_env({}, servers=5).check_world(3)

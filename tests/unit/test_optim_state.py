@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ftmpi.optim_state import (
+    apply_hparams,
+    build_optimizer,
+    class_path,
+    group_hparams,
+    import_optimizer_class,
+    load_state_entries,
+    pack_tensors,
+    state_entries,
+    unpack_tensors,
+)
+
+
+def test_pack_unpack_round_trip_all_dtypes():
+    tensors = [
+        ("a", torch.randn(3, 4)),
+        ("b", torch.arange(5, dtype=torch.int64)),
+        ("c", torch.tensor(2.5, dtype=torch.float64)),
+        ("d", torch.randn(2).to(torch.bfloat16)),
+        ("e", torch.empty(0, 3)),
+    ]
+    table, buf = pack_tensors(tensors)
+    out = unpack_tensors(table, buf)
+    for name, t in tensors:
+        assert out[name].dtype == t.dtype and out[name].shape == t.shape
+        assert torch.equal(out[name], t)
+
+
+def test_unpack_rejects_a_table_that_does_not_fit():
+    table, buf = pack_tensors([("a", torch.randn(8))])
+    with pytest.raises(ValueError, match="does not fit"):
+        unpack_tensors(table, buf[:-1])
+
+
+def test_import_optimizer_class_refuses_non_optimizers():
+    assert import_optimizer_class(class_path(torch.optim.AdamW)) is torch.optim.AdamW
+    with pytest.raises(TypeError, match="not a torch.optim.Optimizer subclass"):
+        import_optimizer_class("os:system")
+
+
+def test_build_keeps_group_indices_and_hyperparameters():
+    w = [torch.nn.Parameter(torch.randn(3)) for _ in range(3)]
+    user = torch.optim.Adam(
+        [{"params": [w[0]], "lr": 0.1}, {"params": w[1:], "lr": 0.2, "betas": (0.8, 0.9)}]
+    )
+    groups = [group_hparams(g) for g in user.param_groups]
+    # this shard holds only the second group's parameters
+    opt = build_optimizer(class_path(torch.optim.Adam), groups, [[], w[1:]])
+    assert len(opt.param_groups) == 1
+    assert opt.param_groups[0]["lr"] == 0.2 and opt.param_groups[0]["betas"] == (0.8, 0.9)
+    groups[1]["lr"] = 0.05
+    apply_hparams(opt, groups)
+    assert opt.param_groups[0]["lr"] == 0.05
+
+
+def test_state_transfer_reproduces_the_next_step_exactly():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(10))
+    opt = torch.optim.Adam([p], lr=0.01)
+    for _ in range(3):
+        p.grad = torch.randn(10)
+        opt.step()
+    tensors, scalars = state_entries(opt, {p: "w"})
+    table, buf = pack_tensors(tensors)
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = torch.optim.Adam([q], lr=0.01)
+    load_state_entries(opt2, {"w": q}, unpack_tensors(table, np.asarray(buf)), scalars)
+    g = torch.randn(10)
+    p.grad, q.grad = g.clone(), g.clone()
+    opt.step()
+    opt2.step()
+    assert torch.equal(p, q)
