@@ -46,7 +46,7 @@ Sum = ReduceOp.Sum
 
 
 class _DistributedOptimizer(torch.optim.Optimizer):
-    """Methods mixed into a subclass of the user's optimizer class by :func:`DistributedOptimizer`."""
+    """Mixed into a subclass of the user's optimizer class by :func:`DistributedOptimizer`."""
 
     def __init__(
         self,

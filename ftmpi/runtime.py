@@ -9,6 +9,7 @@ after ``init()`` only ever runs on workers. Every communicator ftmpi uses has
 from __future__ import annotations
 
 import atexit
+import contextlib
 import secrets
 import sys
 import time
@@ -157,7 +158,7 @@ def shutdown() -> None:
 
     for s in range(rt.num_servers):
         header = Header(Kind.STOP, rt.run, 0, s, 0, rt.view, 0)
-        try:
+        with contextlib.suppress(PeerFailure):  # a dead server needs no stop message
             send(
                 rt.world,
                 rt.server_world_rank(s),
@@ -169,8 +170,6 @@ def shutdown() -> None:
                 timeout=rt.config.timeout,
                 what=f"stopping server {s}",
             )
-        except PeerFailure:
-            pass  # a dead server needs no stop message
 
 
 def rank() -> int:

@@ -3,6 +3,7 @@ under a wall-clock limit; a test that overruns kills the whole process group and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -30,10 +31,8 @@ class MPIResult:
         for line in self.stdout.splitlines():
             line = line.strip()
             if line.startswith("{"):
-                try:
+                with contextlib.suppress(json.JSONDecodeError):
                     out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
         return out
 
 
@@ -41,7 +40,7 @@ def mpi_command(np_: int, args: list[str]) -> list[str]:
     cmd = [str(MPIRUN), "--with-ft", "ulfm", "--oversubscribe", "-np", str(np_)]
     if os.geteuid() == 0:
         cmd.insert(1, "--allow-run-as-root")
-    return cmd + [sys.executable, *args]
+    return [*cmd, sys.executable, *args]
 
 
 def run_mpi(

@@ -40,7 +40,7 @@ def test_unpack_rejects_a_table_that_does_not_fit():
 
 def test_import_optimizer_class_refuses_non_optimizers():
     assert import_optimizer_class(class_path(torch.optim.AdamW)) is torch.optim.AdamW
-    with pytest.raises(TypeError, match="not a torch.optim.Optimizer subclass"):
+    with pytest.raises(TypeError, match=r"not a torch\.optim\.Optimizer subclass"):
         import_optimizer_class("os:system")
 
 
