@@ -17,6 +17,10 @@ from ftmpi.config import Config, ConfigError
 from ftmpi.runtime import Runtime, init, local_rank, local_size, rank, runtime, shutdown, size
 
 _LAZY = {  # names whose modules import mpi4py.MPI (which initialises MPI)
+    "Compression": "ftmpi.compression",
+    "broadcast_parameters": "ftmpi.broadcast",
+    "broadcast_optimizer_state": "ftmpi.broadcast",
+    "broadcast_object": "ftmpi.broadcast",
     "Average": "ftmpi.optimizer",
     "DistributedOptimizer": "ftmpi.optimizer",
     "ReduceOp": "ftmpi.optimizer",
@@ -34,6 +38,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Average",
+    "Compression",
     "Config",
     "ConfigError",
     "DistributedOptimizer",
@@ -41,6 +46,9 @@ __all__ = [
     "Runtime",
     "Sum",
     "__version__",
+    "broadcast_object",
+    "broadcast_optimizer_state",
+    "broadcast_parameters",
     "init",
     "local_rank",
     "local_size",

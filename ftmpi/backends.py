@@ -7,12 +7,14 @@ raises :class:`~ftmpi.wire.PeerFailure` when a worker died (under ULFM).
 
 from __future__ import annotations
 
+import importlib.util
+import time
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 from mpi4py import MPI
 
-from ftmpi.wire import mpi_errors, wait_all
+from ftmpi.wire import CommTimeout, mpi_errors, wait_all
 
 if TYPE_CHECKING:
     from ftmpi.runtime import Runtime
@@ -29,8 +31,11 @@ class CollectiveBackend(Protocol):
 
     def rank(self) -> int: ...
 
-    def allreduce_(self, t: torch.Tensor, *, average: bool) -> None:
-        """Sum ``t`` across workers in place; divide by the worker count if ``average``."""
+    def allreduce_(self, t: torch.Tensor, *, average: bool, predivide: float = 1.0) -> None:
+        """Sum ``t`` across workers in place; divide by the worker count if ``average``.
+
+        ``predivide`` (Horovod's ``gradient_predivide_factor``, average only) divides before the
+        sum and multiplies back after it."""
         ...
 
     def broadcast_(self, t: torch.Tensor, root: int) -> None:
@@ -69,19 +74,28 @@ class MPIBackend:
                 f"MPI backend cannot reduce {t.dtype}; use float32 or float64 parameters"
             ) from None
 
-    def allreduce_(self, t: torch.Tensor, *, average: bool) -> None:
+    def _bytes(self, t: torch.Tensor) -> list[object]:
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError("MPI backend needs contiguous CPU tensors")
+        return [t.reshape(-1).view(torch.uint8).numpy(), MPI.BYTE]
+
+    def allreduce_(self, t: torch.Tensor, *, average: bool, predivide: float = 1.0) -> None:
+        if average and predivide != 1.0:
+            t.div_(predivide)
         if self.size() > 1:
             with mpi_errors("worker allreduce"):
                 req = self.comm.Iallreduce(MPI.IN_PLACE, self._buf(t), op=MPI.SUM)
             wait_all([req], self.timeout, "worker allreduce")
         if average:
+            if predivide != 1.0:
+                t.mul_(predivide)
             t.div_(self.size())
 
     def broadcast_(self, t: torch.Tensor, root: int) -> None:
         if self.size() == 1:
             return
         with mpi_errors("worker broadcast"):
-            req = self.comm.Ibcast(self._buf(t), root=root)
+            req = self.comm.Ibcast(self._bytes(t), root=root)
         wait_all([req], self.timeout, "worker broadcast")
 
     def barrier(self) -> None:
@@ -90,6 +104,81 @@ class MPIBackend:
         wait_all([req], self.timeout, "worker barrier")
 
 
+class HorovodBackend(MPIBackend):
+    """Horovod collectives, with Horovod initialised on the workers' communicator only.
+
+    Gradient averaging goes through Horovod's allreduce (its tensor fusion, its fp16 sum);
+    waits poll Horovod's handles against the same deadline as every other ftmpi wait. Barriers
+    stay on MPI (same communicator), so they too have a timeout.
+    """
+
+    name = "horovod"
+
+    def __init__(self, comm: MPI.Comm, timeout: float) -> None:
+        super().__init__(comm, timeout)
+        import horovod.torch as hvd
+
+        self.hvd = hvd
+        hvd.init(comm=comm.Dup())  # its own communicator: its collectives never interleave ours
+        if hvd.size() != comm.Get_size():  # pragma: no cover - Horovod misconfiguration
+            raise RuntimeError(
+                f"Horovod sees {hvd.size()} ranks; there are {comm.Get_size()} workers"
+            )
+
+    def _wait(self, handle: int, what: str) -> torch.Tensor:
+        deadline = time.monotonic() + self.timeout
+        sleep = 20e-6
+        while not self.hvd.poll(handle):
+            if time.monotonic() > deadline:
+                raise CommTimeout(f"{what}: no completion within {self.timeout:g} s")
+            time.sleep(sleep)
+            sleep = min(sleep * 2, 200e-6)
+        return self.hvd.synchronize(handle)
+
+    def allreduce_(self, t: torch.Tensor, *, average: bool, predivide: float = 1.0) -> None:
+        hvd = self.hvd
+        if average:
+            op, pre, post = hvd.Average, 1.0 / predivide, predivide
+        else:
+            op, pre, post = hvd.Sum, 1.0, 1.0
+        handle = hvd.allreduce_async_(
+            t, name="ftmpi.gradients", op=op, prescale_factor=pre, postscale_factor=post
+        )
+        self._wait(handle, "Horovod allreduce")
+
+    def broadcast_(self, t: torch.Tensor, root: int) -> None:
+        if t.dtype in _MPI_TYPES:
+            handle = self.hvd.broadcast_async_(t, root_rank=root, name=f"ftmpi.bcast.{t.numel()}")
+            self._wait(handle, "Horovod broadcast")
+        else:
+            super().broadcast_(t, root)
+
+
+def horovod_available() -> bool:
+    """Whether ``horovod.torch`` can be imported (built with MPI)."""
+    if importlib.util.find_spec("horovod") is None:
+        return False
+    try:
+        import horovod.torch as hvd
+    except ImportError:
+        return False
+    return bool(hvd.mpi_built())
+
+
 def select_backend(rt: Runtime) -> CollectiveBackend:
-    """The backend the config asks for on this worker's communicator."""
+    """The backend the config asks for on this worker's communicator.
+
+    ``auto`` picks Horovod when it is installed, else MPI. ``horovod`` without Horovod
+    installed raises ``RuntimeError`` saying how to install it.
+    """
+    choice = rt.config.backend
+    if choice == "auto":
+        choice = "horovod" if horovod_available() else "mpi"
+    if choice == "horovod":
+        if not horovod_available():
+            raise RuntimeError(
+                "backend='horovod' but horovod.torch (with MPI) is not importable; "
+                "install it with scripts/install-horovod.sh or use backend='mpi'"
+            )
+        return HorovodBackend(rt.group, rt.config.timeout)
     return MPIBackend(rt.group, rt.config.timeout)

@@ -18,7 +18,7 @@ import torch
 from mpi4py import MPI
 
 from ftmpi import wire
-from ftmpi.optim_state import dtype_name
+from ftmpi.optim_state import dtype_name, unpack_tensors
 from ftmpi.runtime import Runtime
 from ftmpi.sharding import Shard
 from ftmpi.wire import Header, Kind
@@ -198,4 +198,26 @@ class ServerClient:
             reqs += self._isend(shard, self._header(Kind.STATS, shard, 0), None)
         out = [self._recv_reply(shard, Kind.JSON, None)[1] for shard in self.shards]
         self._wait(reqs, "asking for stats")
+        return out
+
+    def fetch_state(self) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+        """Every server's optimizer state as (tensors by ``param/key``, JSON scalars)."""
+        reqs: list[MPI.Request] = []
+        for shard in self.shards:
+            reqs += self._isend(shard, self._header(Kind.STATE, shard, 0), None)
+        out = []
+        for shard in self.shards:
+            _, doc = self._recv_reply(shard, Kind.JSON, None)
+            buf = np.empty(int(doc["binary_nbytes"]), dtype=np.uint8)
+            wire.recv_payload(
+                self.rt.world,
+                self._server(shard),
+                buf,
+                data_tag=wire.TAG_REPLY_DATA,
+                chunk_bytes=self.rt.config.chunk_bytes,
+                timeout=self.rt.config.timeout,
+                what=f"optimizer state from server {shard.index}",
+            )
+            out.append((unpack_tensors(doc["table"], buf), doc["scalars"]))
+        self._wait(reqs, "asking for optimizer state")
         return out

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import importlib.util
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -29,7 +30,14 @@ import numpy as np
 import torch
 
 from ftmpi.client import ServerClient
-from ftmpi.optim_state import class_path, group_hparams, pack_tensors, state_entries
+from ftmpi.compression import Compression, Compressor, changes_dtype
+from ftmpi.optim_state import (
+    class_path,
+    group_hparams,
+    load_state_entries,
+    pack_tensors,
+    state_entries,
+)
 from ftmpi.runtime import Runtime, runtime
 from ftmpi.sharding import ParamInfo, Shard, plan_shards
 
@@ -52,8 +60,11 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self,
         params: Any,
         named_parameters: Iterable[tuple[str, torch.Tensor]] | None,
+        compression: Compressor,
+        backward_passes_per_step: int,
         op: ReduceOp,
         gradient_predivide_factor: float,
+        sparse_as_dense: bool,
         base_class: type[torch.optim.Optimizer],
     ) -> None:
         super(self.__class__, self).__init__(params)  # type: ignore[misc]
@@ -62,12 +73,22 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._ftmpi_base_class = base_class
         self._ftmpi_op = op
         self._ftmpi_predivide = float(gradient_predivide_factor)
+        self._ftmpi_compression = compression
+        self._ftmpi_sparse_as_dense = sparse_as_dense
+        self.backward_passes_per_step = backward_passes_per_step
         self._ftmpi_names = _parameter_names(self.param_groups, named_parameters)
         self._ftmpi_params: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
         dtypes = {p.dtype for p in self._ftmpi_params}
         if len(dtypes) != 1:
             raise TypeError(
                 f"all parameters must share one dtype; found {sorted(map(str, dtypes))}"
+            )
+        backend_name = rt.backend.name if rt.backend else "none"
+        if backend_name != "horovod" and changes_dtype(compression, next(iter(dtypes))):
+            raise ValueError(
+                f"compression={getattr(compression, '__name__', compression)} needs the Horovod "
+                f"backend; this run uses {backend_name!r} (install Horovod with "
+                "scripts/install-horovod.sh, or use Compression.none)"
             )
         infos = [
             ParamInfo(self._ftmpi_names[p], gi, tuple(p.shape))
@@ -175,6 +196,26 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._ftmpi_client.pull(self._ftmpi_shards)
             self._scatter_weights()
 
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state as ``torch.optim.Optimizer.state_dict()`` returns it.
+
+        Once training has started the servers own the state, so this fetches it from them
+        (collective-free: any worker may call it) and returns it in the usual layout, ready
+        for ``torch.save`` and a later ``load_state_dict``.
+        """
+        if self._ftmpi_started and self._ftmpi_rt.num_servers:
+            by_name = {self._ftmpi_names[p]: p for p in self._ftmpi_params}
+            self.state.clear()
+            for tensors, scalars in self._ftmpi_client.fetch_state():
+                load_state_entries(self, by_name, tensors, scalars)
+        return super(self.__class__, self).state_dict()  # type: ignore[misc]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load optimizer state; the servers receive it (with the model's current weights from
+        worker 0) at the next ``step()``. Call it on every worker, as with any optimizer."""
+        super(self.__class__, self).load_state_dict(state_dict)  # type: ignore[misc]
+        self._ftmpi_started = False
+
     @property
     def shards(self) -> list[Shard]:
         """The shard plan: which parameters each server owns."""
@@ -186,6 +227,13 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         for p, g, _ in self._ftmpi_slots:
             if p.grad is None:
                 g.zero_()
+            elif p.grad.is_sparse:
+                if not self._ftmpi_sparse_as_dense:
+                    raise ValueError(
+                        f"parameter {self._ftmpi_names[p]!r} has a sparse gradient; pass "
+                        "sparse_as_dense=True to DistributedOptimizer (servers hold dense weights)"
+                    )
+                g.copy_(p.grad.to_dense())
             else:
                 g.copy_(p.grad)
 
@@ -194,12 +242,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         assert backend is not None
         grads = self._ftmpi_client.grads
         average = self._ftmpi_op is ReduceOp.Average
-        if average and self._ftmpi_predivide != 1.0:
-            grads.div_(self._ftmpi_predivide)
-            backend.allreduce_(grads, average=False)
-            grads.mul_(self._ftmpi_predivide).div_(backend.size())
-        else:
-            backend.allreduce_(grads, average=average)
+        wire_grads, ctx = self._ftmpi_compression.compress(grads)
+        backend.allreduce_(wire_grads, average=average, predivide=self._ftmpi_predivide)
+        if wire_grads is not grads:
+            grads.copy_(self._ftmpi_compression.decompress(wire_grads, ctx))
 
     def _push_pull(self, shards: list[Shard]) -> None:
         client = self._ftmpi_client
@@ -271,25 +317,85 @@ def _parameter_names(
     return {p: names[p] for p in params}
 
 
+def _reduce_op(op: Any) -> ReduceOp:
+    """ftmpi's ReduceOp for ``op`` (ftmpi's own, or Horovod's ``hvd.Average``/``hvd.Sum``)."""
+    if isinstance(op, ReduceOp):
+        return op
+    if importlib.util.find_spec("horovod") is not None:
+        import horovod.torch as hvd
+
+        for name in ("Average", "Sum"):
+            if op == getattr(hvd, name):
+                return ReduceOp[name]
+    raise ValueError(
+        f"op={op!r} is not supported; use Average or Sum (Adasum, Min, Max and Product do not "
+        "fit a parameter server's update)"
+    )
+
+
 def DistributedOptimizer(
     optimizer: torch.optim.Optimizer,
     named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
-    op: ReduceOp = Average,
+    compression: Compressor = Compression.none,
+    backward_passes_per_step: int = 1,
+    op: Any = Average,
     gradient_predivide_factor: float = 1.0,
+    num_groups: int = 0,
+    groups: Any = None,
+    sparse_as_dense: bool = False,
+    process_set: Any = None,
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so that ``step()`` goes through ftmpi's servers (see module docstring).
 
-    Call :func:`ftmpi.init` first. The returned object is an instance of a subclass of
-    ``type(optimizer)`` over the same param groups. Raises ``ValueError``/``TypeError`` for
-    unnamed or mixed-dtype parameters before any communication.
+    Takes ``hvd.DistributedOptimizer``'s arguments with the same meanings: ``compression``
+    (``Compression.fp16`` needs the Horovod backend); ``backward_passes_per_step`` (gradients
+    accumulate in ``.grad`` over that many backward passes and ``step()`` reduces the sum, as in
+    Horovod); ``op`` (Average or Sum, ftmpi's or Horovod's constants);
+    ``gradient_predivide_factor``; ``sparse_as_dense``. ``num_groups``/``groups`` only shape
+    Horovod's fusion of per-tensor allreduces; ftmpi always reduces the whole model as one fused
+    buffer, so they are checked and have no effect. ``process_set`` must be the global set.
+
+    Call :func:`ftmpi.init` first. The result is an instance of a subclass of
+    ``type(optimizer)`` over the same param groups. Raises ``ValueError``/``TypeError`` for bad
+    arguments, unnamed or mixed-dtype parameters, before any communication.
     """
-    if not isinstance(op, ReduceOp):
-        raise ValueError(f"op={op!r} is not supported; use ftmpi.Average or ftmpi.Sum")
+    op = _reduce_op(op)
+    if not gradient_predivide_factor > 0:
+        raise ValueError(f"gradient_predivide_factor={gradient_predivide_factor} must be > 0")
     if gradient_predivide_factor != 1.0 and op is not Average:
-        raise ValueError("gradient_predivide_factor is only meaningful with op=ftmpi.Average")
+        raise ValueError("gradient_predivide_factor is only meaningful with op=Average")
+    if not isinstance(backward_passes_per_step, int) or backward_passes_per_step < 1:
+        raise ValueError(
+            f"backward_passes_per_step={backward_passes_per_step!r} must be an int >= 1"
+        )
+    if not (isinstance(num_groups, int) and num_groups >= 0):
+        raise ValueError(f"num_groups={num_groups!r} must be an int >= 0")
+    if groups is not None and not isinstance(groups, int | list):
+        raise ValueError(f"groups={groups!r} must be None, an int or a list of parameter lists")
+    if process_set is not None and getattr(process_set, "process_set_id", 0) != 0:
+        raise ValueError(
+            "process_set: ftmpi reduces over all workers; pass the global process set (default)"
+        )
+    if not (
+        callable(getattr(compression, "compress", None))
+        and callable(getattr(compression, "decompress", None))
+    ):
+        raise ValueError(
+            f"compression={compression!r} has no compress/decompress; use "
+            "ftmpi.Compression.none/fp16 or hvd.Compression.none/fp16"
+        )
     base = type(optimizer)
     cls = type(base.__name__, (base,), dict(_DistributedOptimizer.__dict__))
-    opt = cls(optimizer.param_groups, named_parameters, op, gradient_predivide_factor, base)
+    opt = cls(
+        optimizer.param_groups,
+        named_parameters,
+        compression,
+        backward_passes_per_step,
+        op,
+        gradient_predivide_factor,
+        sparse_as_dense,
+        base,
+    )
     if optimizer.state:
         opt.load_state_dict(optimizer.state_dict())
     return opt

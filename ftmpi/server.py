@@ -10,6 +10,7 @@ sent STOP. It answers requests one at a time, in arrival order:
   (server version minus the gradient's base version) is recorded; it is 0 in sync mode.
 - PULL   replies with the current weights.
 - HPARAMS new param-group hyper-parameters (LR scheduler changes); no reply.
+- STATE  replies with the optimizer state: a JSON table, then the raw tensor bytes.
 - STATS  replies with counters as JSON.
 - STOP   the sender is done.
 
@@ -21,6 +22,7 @@ same tensors a single process would hold: identical inputs give bit-identical re
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -33,6 +35,8 @@ from ftmpi.optim_state import (
     build_optimizer,
     dtype_of,
     load_state_entries,
+    pack_tensors,
+    state_entries,
     unpack_tensors,
 )
 from ftmpi.runtime import Runtime
@@ -50,6 +54,7 @@ class ParameterServer:
         self.weights: torch.Tensor | None = None
         self.grads: torch.Tensor | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+        self.params: dict[str, torch.Tensor] = {}
         self.version = 0
         self.stopped: set[int] = set()
         self.applied = 0
@@ -74,6 +79,7 @@ class ParameterServer:
             Kind.PULL: self._on_pull,
             Kind.HPARAMS: self._on_hparams,
             Kind.STATS: self._on_stats,
+            Kind.STATE: self._on_state,
             Kind.STOP: self._on_stop,
         }
         while len(self.stopped) < self.rt.num_workers:
@@ -158,6 +164,7 @@ class ParameterServer:
             params[slot.name] = p
             by_group[slot.group].append(p)
         self.optimizer = build_optimizer(spec["optimizer"], spec["groups"], by_group)
+        self.params = params
         state = unpack_tensors(spec["state_table"], binary[wbytes:])
         load_state_entries(self.optimizer, params, state, spec["state_scalars"])
         self.shard = shard
@@ -209,6 +216,27 @@ class ParameterServer:
     def _on_stats(self, header: Header, src: int) -> None:
         self._reply(src, Kind.JSON, wire.encode_json(self.stats()))
 
+    def _on_state(self, header: Header, src: int) -> None:
+        if self.optimizer is None:
+            self._reply_error(src, f"server {self.index} has no optimizer yet (no INIT)")
+            return
+        tensors, scalars = state_entries(self.optimizer, {p: n for n, p in self.params.items()})
+        table, buf = pack_tensors(tensors)
+        doc = {"table": table, "scalars": scalars, "binary_nbytes": int(buf.nbytes)}
+        self._reply(src, Kind.JSON, wire.encode_json(doc))
+        wire.wait_all(
+            wire.isend_data(
+                self.rt.world,
+                src,
+                buf,
+                data_tag=wire.TAG_REPLY_DATA,
+                chunk_bytes=self.rt.config.chunk_bytes,
+                what="sending state",
+            ),
+            self.rt.config.timeout,
+            f"server {self.index} sending optimizer state to rank {src}",
+        )
+
     def _on_stop(self, header: Header, src: int) -> None:
         self.stopped.add(src)
 
@@ -223,4 +251,11 @@ class ParameterServer:
             "dropped": self.dropped,
             "apply_seconds": self.apply_seconds,
             "numel": 0 if self.shard is None else self.shard.numel,
+            "in_horovod": _in_horovod(),
         }
+
+
+def _in_horovod() -> bool:
+    """Whether this process has joined Horovod (a server never should)."""
+    hvd = sys.modules.get("horovod.torch")
+    return bool(hvd is not None and hvd.is_initialized())

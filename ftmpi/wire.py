@@ -52,6 +52,7 @@ class Kind(IntEnum):
     WEIGHTS = 8  # server -> worker: reply carrying weights
     JSON = 9  # server -> worker: reply carrying a JSON document
     ERROR = 10  # server -> worker: JSON {"error": ...}
+    STATE = 11  # worker -> server: reply is JSON (state table) followed by the raw state bytes
 
 
 class CommTimeout(TimeoutError):

@@ -237,7 +237,7 @@ build_wheel() {
       build_failed "patching ${f#"$src"/} (a pre-C++17 standard is still set)" "$patch_cause"
     fi
   done
-  grep -qE 'set\([[:space:]]*CMAKE_CXX_STANDARD[[:space:]]+"?17"?[[:space:]]*\)' "$src/CMakeLists.txt" \
+  grep -qE '^[[:space:]]*set\([[:space:]]*CMAKE_CXX_STANDARD[[:space:]]+"?17"?[[:space:]]*\)' "$src/CMakeLists.txt" \
     || build_failed "patching CMakeLists.txt (no 'set(CMAKE_CXX_STANDARD 17)' after the patch)" "$patch_cause"
 
   n=${FTMPI_BUILD_JOBS:-$(nproc 2>/dev/null || echo 2)}
