@@ -12,11 +12,12 @@ STAMP  := $(VENV)/.ftmpi-installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile scripts/install-horovod.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e '.[test]'
+	scripts/install-horovod.sh $(VENV)
 	$(VENV)/bin/ompi_info | grep -q 'FT MPI support: yes' || \
 	  { echo "Open MPI in $(VENV) has no ULFM fault tolerance"; exit 1; }
 	touch $(STAMP)
@@ -33,6 +34,7 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/bench_sync_overhead.py
+	$(PY) benchmarks/bench_horovod.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -148,6 +148,10 @@ build_failed() {  # $1: stage; $2 (optional): known cause, else guessed from the
     echo "[install-horovod] ---- last 30 lines of the log ----"
     tail -n 30 "$LOG" | cut -c1-400   # compile command lines are several KB long
     echo "[install-horovod] ----------------------------------"
+    if grep -qE '(^|[[:space:]])(fatal )?error:|CMake Error' "$LOG"; then
+      echo "[install-horovod] first errors in the log:"
+      grep -m 5 -E '(^|[[:space:]])(fatal )?error:|CMake Error' "$LOG" | cut -c1-300 | sed 's/^/[install-horovod]   | /'
+    fi
     echo "[install-horovod] likely cause: ${2:-$(diagnose "$LOG")}"
   } >&2
   exit 1
