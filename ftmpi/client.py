@@ -66,8 +66,11 @@ class ServerClient:
     def _wait(self, reqs: list[MPI.Request], what: str) -> None:
         wire.wait_all(reqs, self.rt.config.timeout, what)
 
-    def _recv_reply(self, shard: Shard, expect: Kind, out: np.ndarray | None) -> tuple[Header, Any]:
-        """Receive one reply from ``shard``'s server; weights go into ``out``."""
+    def _recv_reply(
+        self, shard: Shard, expect: Kind, out: np.ndarray | None, *, payload: bool = True
+    ) -> tuple[Header, Any]:
+        """Receive one reply from ``shard``'s server; weights go into ``out`` (unless
+        ``payload`` is False: then the caller receives the weight chunks itself)."""
         cfg = self.rt.config
         what = f"reply from server {shard.index}"
         header, _ = wire.recv_header(
@@ -99,6 +102,7 @@ class ServerClient:
                     f"server {shard.index} sent {header.nbytes} bytes of "
                     f"weights, expected {out.nbytes}"
                 )
+        if expect == Kind.WEIGHTS and payload:
             wire.recv_payload(
                 self.rt.world,
                 self._server(shard),
@@ -178,6 +182,40 @@ class ServerClient:
             self.versions[shard.index] = header.version
             self.staleness[shard.index] = header.aux
         self._wait(reqs, "pushing gradients")
+
+    def push_pull_broadcast(self, comm: MPI.Comm, workers: int, me: int) -> None:
+        """Sync mode: the leader of each shard (worker ``shard.index % workers``) pushes its
+        averaged gradient; the new weights reach every worker over ``comm``, broadcast chunk by
+        chunk as they arrive from the server, so the pull and the broadcast overlap."""
+        cfg = self.rt.config
+        mine = [s for s in self.shards if s.index % workers == me]
+        reqs: list[MPI.Request] = []
+        for shard in mine:
+            g = self.view(self.grads, shard).numpy()
+            header = self._header(Kind.PUSH, shard, g.nbytes, self.versions[shard.index])
+            reqs += self._isend(shard, header, g)
+        for shard in self.shards:
+            root = shard.index % workers
+            chunks = wire.chunks(self.view(self.weights, shard).numpy(), cfg.chunk_bytes)
+            if root != me:
+                with wire.mpi_errors("weight broadcast"):
+                    reqs += [comm.Ibcast(c, root=root) for c in chunks]
+                continue
+            header, _ = self._recv_reply(
+                shard, Kind.WEIGHTS, self.view(self.weights, shard).numpy(), payload=False
+            )
+            self.versions[shard.index] = header.version
+            with wire.mpi_errors("pulling weights"):
+                recvs = [
+                    self.rt.world.Irecv(c, source=self._server(shard), tag=wire.TAG_REPLY_DATA)
+                    for c in chunks
+                ]
+            for c, r in zip(chunks, recvs, strict=True):
+                wire.wait_all([r], cfg.timeout, f"weights from server {shard.index}")
+                if workers > 1:
+                    with wire.mpi_errors("weight broadcast"):
+                        reqs.append(comm.Ibcast(c, root=root))
+        self._wait(reqs, "pushing gradients and broadcasting weights")
 
     def pull(self, shards: Sequence[Shard]) -> None:
         """Fetch the servers' current weights into :attr:`weights`."""

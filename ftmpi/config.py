@@ -45,7 +45,7 @@ class Config:
     """Seconds a server waits for the next message before it gives up and exits non-zero."""
     server_threads: int = 1
     """Intra-op threads (``torch.set_num_threads``) a server rank uses for the optimizer."""
-    chunk_bytes: int = 4 << 20
+    chunk_bytes: int = 1 << 20
     """Tensors larger than this travel as several MPI messages of at most this size."""
     run_id: str = ""
     """Identifies the run on the wire and on disk; generated on worker 0 when empty."""

@@ -40,6 +40,7 @@ from ftmpi.optim_state import (
 )
 from ftmpi.runtime import Runtime, runtime
 from ftmpi.sharding import ParamInfo, Shard, plan_shards
+from ftmpi.timing import PhaseTimes
 
 
 class ReduceOp(enum.Enum):
@@ -112,7 +113,13 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             for shard in self._ftmpi_shards
             for slot in shard.slots
         ]
+        with torch.no_grad():
+            for p, _, w in self._ftmpi_slots:
+                w.copy_(p)
+                if p.device.type == "cpu" and rt.num_servers:
+                    p.data = w  # the model's parameter now lives in the weight buffer: no copy
         self._ftmpi_started = False
+        self._ftmpi_times = PhaseTimes()
         self._ftmpi_synchronized = False
         self._ftmpi_should_sync = True
 
@@ -152,35 +159,43 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         rt = self._ftmpi_rt
+        t = self._ftmpi_times
+        t.steps += 1
         if rt.config.mode == "async":
-            self._gather_grads()
+            with t.phase("gather"):
+                self._gather_grads()
             self._start_servers()
-            self._push_pull(self._ftmpi_shards)
+            with t.phase("push_pull"):
+                self._push_pull(self._ftmpi_shards)
             return loss
         if self._ftmpi_should_sync and not self._ftmpi_synchronized:
-            self._gather_grads()
-            self._allreduce()
+            with t.phase("gather"):
+                self._gather_grads()
+            with t.phase("allreduce"):
+                self._allreduce()
         elif self._ftmpi_synchronized:
             self._gather_grads()  # the user may have changed the averaged gradients
         self._ftmpi_synchronized = False
         if rt.num_servers == 0:
-            for p, g, _ in self._ftmpi_slots:
-                if p.grad is not None:
-                    p.grad.copy_(g)
-            return super(self.__class__, self).step()  # type: ignore[misc]
+            with t.phase("local_step"):
+                for p, g, _ in self._ftmpi_slots:
+                    if p.grad is not None:
+                        p.grad.copy_(g)
+                super(self.__class__, self).step()  # type: ignore[misc]
+            return loss
         self._start_servers()
-        me, workers = rt.role_rank, rt.num_workers
-        self._push_pull([s for s in self._ftmpi_shards if s.index % workers == me])
-        assert rt.backend is not None
-        for shard in self._ftmpi_shards:
-            rt.backend.broadcast_(
-                self._ftmpi_client.view(self._ftmpi_client.weights, shard),
-                root=shard.index % workers,
-            )
-        self._scatter_weights()
+        with t.phase("push_pull_broadcast"):
+            self._ftmpi_client.send_hparams(self._my_shards(), self._hparams())
+            self._ftmpi_client.push_pull_broadcast(rt.group, rt.num_workers, rt.role_rank)
+        with t.phase("scatter"):
+            self._scatter_weights()
         return loss
 
     # ------------------------------------------------------------ ftmpi API
+
+    def step_times(self) -> dict[str, float]:
+        """Mean milliseconds per step spent in each phase of ``step()`` on this worker."""
+        return self._ftmpi_times.per_step_ms()
 
     def server_stats(self) -> list[dict[str, Any]]:
         """Counters from every server (updates applied, staleness, dropped messages)."""
@@ -247,16 +262,23 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if wire_grads is not grads:
             grads.copy_(self._ftmpi_compression.decompress(wire_grads, ctx))
 
+    def _hparams(self) -> list[dict[str, Any]]:
+        return [group_hparams(g) for g in self.param_groups]
+
+    def _my_shards(self) -> list[Shard]:
+        rt = self._ftmpi_rt
+        return [s for s in self._ftmpi_shards if s.index % rt.num_workers == rt.role_rank]
+
     def _push_pull(self, shards: list[Shard]) -> None:
         client = self._ftmpi_client
-        client.send_hparams(shards, [group_hparams(g) for g in self.param_groups])
+        client.send_hparams(shards, self._hparams())
         client.push_pull(shards)
-        if self._ftmpi_rt.config.mode == "async":
-            self._scatter_weights()
+        self._scatter_weights()
 
     def _scatter_weights(self) -> None:
         for p, _, w in self._ftmpi_slots:
-            p.copy_(w)
+            if p.data_ptr() != w.data_ptr():  # parameters not aliasing the weight buffer
+                p.copy_(w)
 
     def _start_servers(self) -> None:
         """First step only: worker 0 sends layout, weights and state; all workers then wait."""
@@ -265,7 +287,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         rt = self._ftmpi_rt
         if rt.role_rank == 0:
             for p, _, w in self._ftmpi_slots:
-                w.copy_(p.detach())
+                if p.data_ptr() != w.data_ptr():
+                    w.copy_(p.detach())
             self._ftmpi_client.init_servers(
                 class_path(self._ftmpi_base_class),
                 [group_hparams(g) for g in self.param_groups],

@@ -169,7 +169,7 @@ def _cancel(reqs: Sequence[MPI.Request]) -> None:
                 pass
 
 
-def _chunks(buf: np.ndarray, chunk_bytes: int) -> list[np.ndarray]:
+def chunks(buf: np.ndarray, chunk_bytes: int) -> list[np.ndarray]:
     flat = buf.reshape(-1).view(np.uint8)
     return [flat[i : i + chunk_bytes] for i in range(0, flat.size, chunk_bytes)]
 
@@ -203,7 +203,7 @@ def isend_data(
 ) -> list[MPI.Request]:
     """Start sending ``payload`` as raw chunks (no header)."""
     with mpi_errors(what):
-        return [comm.Isend(c, dest=dest, tag=data_tag) for c in _chunks(payload, chunk_bytes)]
+        return [comm.Isend(c, dest=dest, tag=data_tag) for c in chunks(payload, chunk_bytes)]
 
 
 def send(
@@ -253,7 +253,7 @@ def recv_payload(
 ) -> None:
     """Receive a payload of exactly ``out.nbytes`` bytes from ``source`` into ``out``."""
     with mpi_errors(what):
-        reqs = [comm.Irecv(c, source=source, tag=data_tag) for c in _chunks(out, chunk_bytes)]
+        reqs = [comm.Irecv(c, source=source, tag=data_tag) for c in chunks(out, chunk_bytes)]
     wait_all(reqs, timeout, what)
 
 
