@@ -12,6 +12,7 @@ prints a results table at the end.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import time
@@ -26,7 +27,7 @@ from ftmpi.datasets import load_dataset
 from ftmpi.manifest import build_manifest, write_json_atomic
 from ftmpi.metrics import MetricsWriter
 from ftmpi.models import PaperCNN
-from ftmpi.sampler import ShardedBatches
+from ftmpi.sampler import ShardedBatches, step_seed
 
 OPTIMIZERS = {
     "sgd": lambda ps, a: torch.optim.SGD(ps, lr=a.lr, momentum=a.momentum),
@@ -80,6 +81,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
+    if args.run_dir:
+        os.environ["FTMPI_RUN_DIR"] = args.run_dir  # snapshots and events go there too
     rt = ftmpi.init()  # server ranks serve here and exit
     seed = rt.config.seed if args.seed is None else args.seed
     me, workers = ftmpi.rank(), ftmpi.size()
@@ -87,7 +90,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
     torch.manual_seed(seed)  # same initial weights on every worker
     model = PaperCNN(num_classes=data.num_classes)
-    torch.manual_seed(seed * 1_000_003 + me + 1)  # per-worker dropout stream
     opt = ftmpi.DistributedOptimizer(
         OPTIMIZERS[args.optimizer](model.parameters(), args),
         named_parameters=model.named_parameters(),
@@ -128,23 +130,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         file=sys.stderr,
     )
     start = time.monotonic()
-    train_seconds = 0.0
-    timed_steps = 0
-    loss_value = float("nan")
-    while not _done(args, batches.step, start, rt):
-        step, x, y = next(batches)
-        t0 = time.perf_counter()
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        if step >= args.warmup_steps:
-            train_seconds += time.perf_counter() - t0
-            timed_steps += 1
-        loss_value = loss.item()
-        bar.update(1)
-        if lead and (step + 1) % args.eval_every == 0:
-            _record(metrics, opt, model, data, step + 1, batches.epoch, loss_value, rt.config.mode)
+    clock = {"train_seconds": 0.0, "timed_steps": 0, "loss": float("nan")}
+
+    @ftmpi.run  # a server failure under the checkpoint strategy rewinds state.batches
+    def train(state: ftmpi.TrainingState) -> None:
+        while not _done(args, state.batches.step, start, rt):
+            step, x, y = next(state.batches)
+            torch.manual_seed(step_seed(seed, step, me))  # dropout masks replay exactly
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            if step >= args.warmup_steps:
+                clock["train_seconds"] += time.perf_counter() - t0
+                clock["timed_steps"] += 1
+            clock["loss"] = loss.item()
+            bar.update(1)
+            if lead and (step + 1) % args.eval_every == 0:
+                _record(
+                    metrics,
+                    opt,
+                    model,
+                    data,
+                    step + 1,
+                    state.batches.epoch,
+                    clock["loss"],
+                    rt.config.mode,
+                )
+
+    train(ftmpi.TrainingState(opt, batches))
+    train_seconds, timed_steps, loss_value = (
+        clock["train_seconds"],
+        clock["timed_steps"],
+        clock["loss"],
+    )
     steps_done = batches.step
     bar.close()
     if not lead:
@@ -168,6 +188,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "final_test_accuracy": final["test_accuracy"],
         "final_loss": final["loss"],
         "applied": final.get("applied"),
+        "weights_sha256": weights_hash(model),
+        "step_times_ms": opt.step_times(),
     }
     write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
     metrics.close()
@@ -216,6 +238,15 @@ def _record(
         staleness_mean=round(max((s["staleness_mean"] for s in stats), default=0.0), 3),
         staleness_max=max((s["staleness_max"] for s in stats), default=0),
     )
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """SHA-256 of the model's parameters and buffers, in name order."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def print_table(records: list[dict[str, Any]], summary: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ Importing this package does not initialise MPI; :func:`init` does.
 from typing import Any
 
 from ftmpi.config import Config, ConfigError
+from ftmpi.loop import Rollback, TrainingState, run
 from ftmpi.runtime import Runtime, init, local_rank, local_size, rank, runtime, shutdown, size
 
 _LAZY = {  # names whose modules import mpi4py.MPI (which initialises MPI)
@@ -43,8 +44,10 @@ __all__ = [
     "ConfigError",
     "DistributedOptimizer",
     "ReduceOp",
+    "Rollback",
     "Runtime",
     "Sum",
+    "TrainingState",
     "__version__",
     "broadcast_object",
     "broadcast_optimizer_state",
@@ -53,6 +56,7 @@ __all__ = [
     "local_rank",
     "local_size",
     "rank",
+    "run",
     "runtime",
     "shutdown",
     "size",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from mpi4py import MPI
 
-from ftmpi.wire import CommTimeout, mpi_errors, wait_all
+from ftmpi.wire import CommTimeout, PeerFailure, mpi_errors, wait_all
 
 if TYPE_CHECKING:
     from ftmpi.runtime import Runtime
@@ -117,8 +117,10 @@ class HorovodBackend(MPIBackend):
     def __init__(self, comm: MPI.Comm, timeout: float) -> None:
         super().__init__(comm, timeout)
         import horovod.torch as hvd
+        from horovod.common.exceptions import HorovodInternalError
 
         self.hvd = hvd
+        self._internal_error = HorovodInternalError
         hvd.init(comm=comm.Dup())  # its own communicator: its collectives never interleave ours
         if hvd.size() != comm.Get_size():  # pragma: no cover - Horovod misconfiguration
             raise RuntimeError(
@@ -128,12 +130,21 @@ class HorovodBackend(MPIBackend):
     def _wait(self, handle: int, what: str) -> torch.Tensor:
         deadline = time.monotonic() + self.timeout
         sleep = 20e-6
-        while not self.hvd.poll(handle):
-            if time.monotonic() > deadline:
-                raise CommTimeout(f"{what}: no completion within {self.timeout:g} s")
-            time.sleep(sleep)
-            sleep = min(sleep * 2, 200e-6)
-        return self.hvd.synchronize(handle)
+        try:
+            while not self.hvd.poll(handle):
+                if time.monotonic() > deadline:
+                    raise CommTimeout(f"{what}: no completion within {self.timeout:g} s")
+                time.sleep(sleep)
+                sleep = min(sleep * 2, 200e-6)
+            return self.hvd.synchronize(handle)
+        except self._internal_error as exc:  # a peer failed under Horovod: recover like MPI
+            raise PeerFailure(f"{what}: {exc}", MPI.ERR_PROC_FAILED) from exc
+
+    def _start(self, fn, *args, **kwargs) -> int:  # type: ignore[no-untyped-def]
+        try:
+            return fn(*args, **kwargs)
+        except self._internal_error as exc:
+            raise PeerFailure(f"Horovod: {exc}", MPI.ERR_PROC_FAILED) from exc
 
     def allreduce_(self, t: torch.Tensor, *, average: bool, predivide: float = 1.0) -> None:
         hvd = self.hvd
@@ -141,14 +152,21 @@ class HorovodBackend(MPIBackend):
             op, pre, post = hvd.Average, 1.0 / predivide, predivide
         else:
             op, pre, post = hvd.Sum, 1.0, 1.0
-        handle = hvd.allreduce_async_(
-            t, name="ftmpi.gradients", op=op, prescale_factor=pre, postscale_factor=post
+        handle = self._start(
+            hvd.allreduce_async_,
+            t,
+            name="ftmpi.gradients",
+            op=op,
+            prescale_factor=pre,
+            postscale_factor=post,
         )
         self._wait(handle, "Horovod allreduce")
 
     def broadcast_(self, t: torch.Tensor, root: int) -> None:
         if t.dtype in _MPI_TYPES:
-            handle = self.hvd.broadcast_async_(t, root_rank=root, name=f"ftmpi.bcast.{t.numel()}")
+            handle = self._start(
+                self.hvd.broadcast_async_, t, root_rank=root, name=f"ftmpi.bcast.{t.numel()}"
+            )
             self._wait(handle, "Horovod broadcast")
         else:
             super().broadcast_(t, root)
@@ -182,3 +200,24 @@ def select_backend(rt: Runtime) -> CollectiveBackend:
             )
         return HorovodBackend(rt.group, rt.config.timeout)
     return MPIBackend(rt.group, rt.config.timeout)
+
+
+def rebuild_backend(rt: Runtime, *, workers_changed: bool) -> None:
+    """Give the workers the collective backend for the new view after a recovery.
+
+    Horovod cannot change its membership, and its background thread does not survive the
+    revoke/shrink/spawn of a recovery, so after any failure ftmpi continues on the MPI backend
+    over the new workers' communicator (the same decision on every worker, recorded as an
+    event). The averages are the same sums divided by the same counts.
+    """
+    from ftmpi import events
+
+    if isinstance(rt.backend, HorovodBackend):
+        events.emit(
+            rt.config.run_dir,
+            "backend_fallback",
+            role=f"worker {rt.role_rank}",
+            detail="continuing on the MPI backend after a failure"
+            + (" (the worker set changed)" if workers_changed else ""),
+        )
+    rt.backend = MPIBackend(rt.group, rt.config.timeout)

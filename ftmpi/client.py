@@ -39,6 +39,8 @@ class ServerClient:
         self.staleness = [0] * len(shards)
         """Staleness the server reported for this worker's last push, per shard."""
         self._seq = 0
+        self.position = 0
+        """This worker's data position; pushes carry it as their sequence number."""
         self._sent_hparams: list[str | None] = [None] * len(shards)
 
     def view(self, buf: torch.Tensor, shard: Shard) -> torch.Tensor:
@@ -49,7 +51,8 @@ class ServerClient:
 
     def _header(self, kind: Kind, shard: Shard, nbytes: int, version: int = 0) -> Header:
         self._seq += 1
-        return Header(kind, self.rt.run, version, shard.index, self._seq, self.rt.view, nbytes)
+        seq = self.position if kind == Kind.PUSH else self._seq
+        return Header(kind, self.rt.run, version, shard.index, seq, self.rt.view, nbytes)
 
     def _isend(self, shard: Shard, header: Header, payload: np.ndarray | None) -> list[MPI.Request]:
         return wire.isend(
@@ -259,3 +262,36 @@ class ServerClient:
             out.append((unpack_tensors(doc["table"], buf), doc["scalars"]))
         self._wait(reqs, "asking for optimizer state")
         return out
+
+    def request_json(self, shard: Shard, kind: Kind, version: int = 0) -> Any:
+        """Send a payload-free request and return the server's JSON reply."""
+        reqs = self._isend(shard, self._header(kind, shard, 0, version), None)
+        _, doc = self._recv_reply(shard, Kind.JSON, None)
+        self._wait(reqs, f"sending {kind.name}")
+        return doc
+
+    def restore_snapshots(self, *, sync: bool, respawned: Sequence[int]) -> dict[str, Any]:
+        """Coordinator side of a checkpoint rollback. Sync mode: every shard loads the newest
+        version all shards have (so the model is consistent). Async mode: each replaced shard
+        loads its own newest. Returns the versions loaded and the workers' data positions."""
+        targets = self.shards if sync else [s for s in self.shards if s.index in respawned]
+        have = {s.index: set(self.request_json(s, Kind.SNAPSHOTS)["versions"]) for s in targets}
+        if sync:
+            common = set.intersection(*have.values()) if have else set()
+            if not common:
+                raise RuntimeError("no snapshot version is valid on every shard; cannot roll back")
+            chosen = {s.index: max(common) for s in targets}
+        else:
+            missing = [j for j, v in have.items() if not v]
+            if missing:
+                raise RuntimeError(f"shard(s) {missing} have no valid snapshot; cannot restore")
+            chosen = {j: max(v) for j, v in have.items()}
+        positions: dict[str, int] = {}
+        for s in targets:
+            doc = self.request_json(s, Kind.RESTORE, chosen[s.index])
+            for w, p in doc["positions"].items():
+                positions[w] = min(positions.get(w, p), p)
+        if sync:
+            v = next(iter(chosen.values()))
+            positions = {str(w): v for w in range(self.rt.num_workers)}
+        return {"versions": chosen, "positions": positions}

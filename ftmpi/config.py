@@ -17,8 +17,9 @@ from typing import Any
 ENV_PREFIX = "FTMPI_"
 
 MODES = ("sync", "async")
-STRATEGIES = ("none",)
+STRATEGIES = ("none", "checkpoint", "stateless")
 BACKENDS = ("auto", "mpi", "horovod")
+STALE_POLICIES = ("sum-scaled", "mean", "staleness-weighted")
 
 
 class ConfigError(ValueError):
@@ -36,7 +37,28 @@ class Config:
     """``sync``: workers average gradients, then one push per shard per step.
     ``async``: each worker pushes and pulls on its own; servers apply as gradients arrive."""
     strategy: str = "none"
-    """Recovery strategy for server failures."""
+    """Recovery strategy for server failures: ``none`` (a death ends the job), ``checkpoint``
+    (snapshots; everyone rolls back to the newest), ``stateless`` (workers keep computing and
+    log gradients; the replacement applies them)."""
+    down_for: float = 0.0
+    """Seconds a dead server stays down before its replacement is spawned."""
+    checkpoint_every: int = 100
+    """``checkpoint``: snapshot every N updates of a server (and at start)."""
+    checkpoint_dir: str = ""
+    """``checkpoint``: directory of snapshots (default ``<run_dir>/checkpoints``)."""
+    checkpoint_keep: int = 3
+    """``checkpoint``: snapshots kept per shard (older ones are deleted once a newer is durable)."""
+    async_checkpoint: int = 0
+    """``checkpoint``: 1 writes snapshots on a background thread (training does not wait)."""
+    stale_policy: str = "sum-scaled"
+    """``stateless``: how logged gradients are applied: ``sum-scaled`` (the paper's: one step
+    with their sum, learning rate x0.1 when more than 50 are pending), ``mean`` or
+    ``staleness-weighted``."""
+    max_staleness: int = 0
+    """``stateless``: a worker blocks when it has this many gradients logged for a down server
+    (0: no bound)."""
+    kill: str = ""
+    """Failure injection schedule, e.g. ``server:0@step=50,server:0@30s`` (see ftmpi.faults)."""
     backend: str = "auto"
     """Collective backend among workers: ``horovod`` if importable and ``auto``, else ``mpi``."""
     timeout: float = 300.0
@@ -106,6 +128,31 @@ class Config:
             raise ConfigError(f"server_threads={self.server_threads} must be >= 1")
         if self.chunk_bytes < 1024:
             raise ConfigError(f"chunk_bytes={self.chunk_bytes} is too small; use at least 1024")
+        if self.down_for < 0:
+            raise ConfigError(f"down_for={self.down_for} is negative; use seconds >= 0")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every={self.checkpoint_every} must be >= 1")
+        if self.checkpoint_keep < 1:
+            raise ConfigError(f"checkpoint_keep={self.checkpoint_keep} must be >= 1")
+        if self.stale_policy not in STALE_POLICIES:
+            raise ConfigError(
+                f"stale_policy={self.stale_policy!r} is not one of {list(STALE_POLICIES)}"
+            )
+        if self.max_staleness < 0:
+            raise ConfigError(f"max_staleness={self.max_staleness} must be >= 0 (0: no bound)")
+        if self.strategy != "none" and self.servers == 0:
+            raise ConfigError(
+                f"strategy={self.strategy!r} needs parameter servers; set servers >= 1"
+            )
+        if self.strategy == "checkpoint" and not (self.checkpoint_dir or self.run_dir):
+            raise ConfigError("strategy='checkpoint' needs checkpoint_dir or run_dir for snapshots")
+        if self.kill:
+            from ftmpi.faults import parse_schedule
+
+            try:
+                parse_schedule(self.kill)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if self.mode == "async" and self.servers == 0:
             raise ConfigError("mode='async' needs parameter servers; set servers >= 1")
         return self
@@ -113,6 +160,13 @@ class Config:
     def check_world(self, world_size: int) -> int:
         """Check the rank layout for a world of ``world_size`` ranks; return the worker count."""
         workers = world_size - self.servers
+        if self.kill and self.servers < world_size:
+            from ftmpi.faults import check_schedule, parse_schedule
+
+            try:
+                check_schedule(parse_schedule(self.kill), workers=workers, servers=self.servers)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if self.servers >= world_size:
             raise ConfigError(
                 f"servers={self.servers} leaves {max(workers, 0)} worker rank(s) in a world of "
@@ -120,6 +174,10 @@ class Config:
                 f"(e.g. ftmpi-run -np 1 --servers {self.servers}) or lower servers"
             )
         return workers
+
+    @property
+    def snapshot_dir(self) -> str:
+        return self.checkpoint_dir or (f"{self.run_dir}/checkpoints" if self.run_dir else "")
 
     def env(self) -> dict[str, str]:
         """The ``FTMPI_*`` variables that reproduce this config in another process."""

@@ -23,14 +23,19 @@ from __future__ import annotations
 import contextlib
 import enum
 import importlib.util
+import json
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
+from ftmpi import events
 from ftmpi.client import ServerClient
 from ftmpi.compression import Compression, Compressor, changes_dtype
+from ftmpi.faults import Injector, parse_schedule
+from ftmpi.loop import Rollback
 from ftmpi.optim_state import (
     class_path,
     group_hparams,
@@ -41,6 +46,7 @@ from ftmpi.optim_state import (
 from ftmpi.runtime import Runtime, runtime
 from ftmpi.sharding import ParamInfo, Shard, plan_shards
 from ftmpi.timing import PhaseTimes
+from ftmpi.wire import PeerFailure
 
 
 class ReduceOp(enum.Enum):
@@ -119,6 +125,12 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 if p.device.type == "cpu" and rt.num_servers:
                     p.data = w  # the model's parameter now lives in the weight buffer: no copy
         self._ftmpi_started = False
+        self._ftmpi_position = 0
+        self._ftmpi_in_run = False
+        self._ftmpi_warned_rollback = False
+        self._ftmpi_injector = Injector(
+            parse_schedule(rt.config.kill), "worker", rt.role_rank, 0, rt.job_start
+        )
         self._ftmpi_times = PhaseTimes()
         self._ftmpi_synchronized = False
         self._ftmpi_should_sync = True
@@ -158,6 +170,23 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._ftmpi_injector.at_step(self._ftmpi_position + 1)
+        retry = self._ftmpi_should_sync and not self._ftmpi_synchronized
+        while True:
+            try:
+                self._data_path(allreduce=retry or self._ftmpi_rt.num_servers == 0)
+                break
+            except PeerFailure as exc:
+                if not self._recover(str(exc)):
+                    return loss  # rolled back outside ftmpi.run: this step is dropped
+                retry = True
+        self._ftmpi_synchronized = False
+        self._ftmpi_position += 1
+        self._ftmpi_client.position = self._ftmpi_position
+        return loss
+
+    def _data_path(self, *, allreduce: bool) -> None:
+        """One attempt at the step's communication; raises ``PeerFailure`` on a rank death."""
         rt = self._ftmpi_rt
         t = self._ftmpi_times
         t.steps += 1
@@ -167,29 +196,85 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._start_servers()
             with t.phase("push_pull"):
                 self._push_pull(self._ftmpi_shards)
-            return loss
-        if self._ftmpi_should_sync and not self._ftmpi_synchronized:
-            with t.phase("gather"):
-                self._gather_grads()
+            return
+        with t.phase("gather"):
+            self._gather_grads()
+        if allreduce:
             with t.phase("allreduce"):
                 self._allreduce()
-        elif self._ftmpi_synchronized:
-            self._gather_grads()  # the user may have changed the averaged gradients
-        self._ftmpi_synchronized = False
         if rt.num_servers == 0:
             with t.phase("local_step"):
                 for p, g, _ in self._ftmpi_slots:
                     if p.grad is not None:
                         p.grad.copy_(g)
                 super(self.__class__, self).step()  # type: ignore[misc]
-            return loss
+            return
         self._start_servers()
         with t.phase("push_pull_broadcast"):
             self._ftmpi_client.send_hparams(self._my_shards(), self._hparams())
             self._ftmpi_client.push_pull_broadcast(rt.group, rt.num_workers, rt.role_rank)
         with t.phase("scatter"):
             self._scatter_weights()
-        return loss
+
+    # ------------------------------------------------------------- recovery
+
+    def _recover(self, reason: str) -> bool:
+        """Join the survivors' recovery. Returns True to retry the step; returns False (or
+        raises :class:`ftmpi.Rollback` inside :func:`ftmpi.run`) after a rollback."""
+        from ftmpi.backends import rebuild_backend
+        from ftmpi.membership import recover
+
+        rt = self._ftmpi_rt
+        strategy = rt.config.strategy
+        result = recover(rt, blocking_strategy=strategy == "checkpoint", reason=reason)
+        rebuild_backend(rt, workers_changed=bool(result.failed_workers))
+        if result.failed_servers and strategy == "none":
+            raise RuntimeError(
+                f"server(s) {result.failed_servers} died and strategy='none' cannot recover their "
+                "state; run with strategy checkpoint or stateless (FTMPI_STRATEGY)"
+            )
+        if strategy == "checkpoint" and (result.failed_servers or result.respawned):
+            position = self._rollback(result.respawned)
+            if self._ftmpi_in_run:
+                raise Rollback(position)
+            if not self._ftmpi_warned_rollback:
+                self._ftmpi_warned_rollback = True
+                warnings.warn(
+                    f"ftmpi rolled the model back to step {position} after a server failure; "
+                    "this training loop does not rewind (wrap it with ftmpi.run to replay the "
+                    "lost steps with the same data)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return False
+        return True
+
+    def _rollback(self, respawned: list[int]) -> int:
+        """Checkpoint strategy: the coordinator picks the newest snapshot every shard has
+        (sync mode) or each replaced shard's newest (async mode) and has the servers load it;
+        every worker then pulls the restored weights. Returns this worker's data position."""
+        from ftmpi.broadcast import broadcast_bytes
+        from ftmpi.membership import is_coordinator
+
+        rt = self._ftmpi_rt
+        client = self._ftmpi_client
+        doc: dict[str, Any] | None = None
+        if is_coordinator(rt):
+            doc = client.restore_snapshots(sync=rt.config.mode == "sync", respawned=respawned)
+        doc = json.loads(broadcast_bytes(json.dumps(doc).encode() if doc else None, 0))
+        client.pull(self._ftmpi_shards)
+        self._scatter_weights()
+        positions = doc["positions"]
+        position = int(positions.get(str(rt.role_rank), self._ftmpi_position))
+        self._ftmpi_position = client.position = position
+        events.emit(
+            rt.config.run_dir,
+            "rollback",
+            role=f"worker {rt.role_rank}",
+            position=position,
+            versions=client.versions,
+        )
+        return position
 
     # ------------------------------------------------------------ ftmpi API
 
@@ -230,6 +315,15 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         worker 0) at the next ``step()``. Call it on every worker, as with any optimizer."""
         super(self.__class__, self).load_state_dict(state_dict)  # type: ignore[misc]
         self._ftmpi_started = False
+
+    @property
+    def position(self) -> int:
+        """Steps this optimizer has completed: the data position ftmpi rewinds on a rollback."""
+        return self._ftmpi_position
+
+    @position.setter
+    def position(self, value: int) -> None:
+        self._ftmpi_position = self._ftmpi_client.position = int(value)
 
     @property
     def shards(self) -> list[Shard]:

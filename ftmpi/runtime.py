@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import secrets
 import sys
 import time
@@ -36,16 +37,29 @@ class Runtime:
     group: MPI.Comm
     """The workers' (on a worker) or the servers' (on a server) sub-communicator."""
     is_server: bool
-    num_workers: int
-    num_servers: int
+    workers: list[int]
+    """World rank of each worker, in worker order (a dead worker is removed)."""
+    servers: list[int | None]
+    """World rank of each server slot; ``None`` while that server is down."""
     run_id: str
     run: int
     """Digest of ``run_id`` carried in message headers."""
+    job_start: float
+    """Wall-clock time (``time.time()``) the job started, agreed by all ranks."""
+    server_index: int = -1
+    """This process's server slot (servers only)."""
+    incarnations: list[int] = field(default_factory=list)
+    """How many times each server slot has been replaced."""
+    down_since: dict[int, float] = field(default_factory=dict)
+    """Server slots that are down, and since when (``time.monotonic()`` on this rank)."""
     backend: CollectiveBackend | None = None
     local: MPI.Comm | None = None
     """The workers on this node (workers only)."""
     view: int = 0
     """Membership view number; increases with every membership change."""
+    ulfm: bool = False
+    """Whether the MPI survives rank deaths (Open MPI with ``--with-ft ulfm``)."""
+    intercomms: list[Any] = field(default_factory=list, repr=False)
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -56,11 +70,26 @@ class Runtime:
     def role_rank(self) -> int:
         return self.group.Get_rank()
 
-    def server_world_rank(self, server: int) -> int:
-        return self.num_workers + server
+    @property
+    def num_workers(self) -> int:
+        return len(self.workers)
 
-    def worker_world_rank(self, worker: int) -> int:
-        return worker
+    @property
+    def num_servers(self) -> int:
+        return len(self.servers)
+
+    def server_world_rank(self, server: int) -> int:
+        """World rank of server slot ``server``; raises ``ServerDown`` while it is down."""
+        rank = self.servers[server]
+        if rank is None:
+            from ftmpi.wire import ServerDown
+
+            raise ServerDown(server)
+        return rank
+
+    def worker_index(self, world_rank: int) -> int:
+        """Worker index of a world rank (``ValueError`` if it is not a live worker)."""
+        return self.workers.index(world_rank)
 
 
 _RUNTIME: Runtime | None = None
@@ -82,6 +111,11 @@ def init(servers: int | None = None, mode: str | None = None, **options: Any) ->
 
     from mpi4py import MPI
 
+    if MPI.Comm.Get_parent() != MPI.COMM_NULL:  # a replacement spawned after a failure
+        from ftmpi.membership import join_as_replacement
+
+        _RUNTIME = rt = join_as_replacement(MPI.Comm.Get_parent())
+        _run_server_and_exit(rt)
     num_workers = config.check_world(MPI.COMM_WORLD.Get_size())
     MPI.COMM_WORLD.Set_errhandler(MPI.ERRORS_RETURN)
     world = MPI.COMM_WORLD.Dup()
@@ -89,7 +123,7 @@ def init(servers: int | None = None, mode: str | None = None, **options: Any) ->
     is_server = world.Get_rank() >= num_workers
     group = world.Split(color=int(is_server), key=world.Get_rank())
     group.Set_errhandler(MPI.ERRORS_RETURN)
-    run_id = _agree_run_id(world, config)
+    run_id, job_start = _agree_run_id(world, config)
     from ftmpi.wire import run_hash
 
     rt = Runtime(
@@ -97,10 +131,14 @@ def init(servers: int | None = None, mode: str | None = None, **options: Any) ->
         world=world,
         group=group,
         is_server=is_server,
-        num_workers=num_workers,
-        num_servers=config.servers,
+        workers=list(range(num_workers)),
+        servers=list(range(num_workers, num_workers + config.servers)),
         run_id=run_id,
         run=run_hash(run_id),
+        job_start=job_start,
+        server_index=world.Get_rank() - num_workers if is_server else -1,
+        incarnations=[0] * config.servers,
+        ulfm=ulfm_enabled(),
     )
     _RUNTIME = rt
     if is_server:
@@ -114,17 +152,25 @@ def init(servers: int | None = None, mode: str | None = None, **options: Any) ->
     return rt
 
 
-def _agree_run_id(world: MPI.Comm, config: Config) -> str:
-    """Worker 0's run id (from the config, or generated), known to every rank."""
+def ulfm_enabled() -> bool:
+    """Whether this job runs Open MPI with ULFM fault tolerance switched on."""
+    flag = os.environ.get("OMPI_MCA_mpi_ft_enable", "")  # noqa: SIM112 - Open MPI spelling
+    return flag.lower() in ("1", "true", "yes")
+
+
+def _agree_run_id(world: MPI.Comm, config: Config) -> tuple[str, float]:
+    """Worker 0's run id (from the config, or generated) and start time, known to every rank."""
     from ftmpi.wire import wait_all
 
-    buf = np.zeros(128, dtype=np.uint8)
+    buf = np.zeros(136, dtype=np.uint8)
     if world.Get_rank() == 0:
         rid = config.run_id or time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
         raw = rid.encode()[:127]
         buf[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+        start = float(os.environ.get("FTMPI_JOB_START", time.time()))
+        buf[128:] = np.frombuffer(np.float64(start).tobytes(), dtype=np.uint8)
     wait_all([world.Ibcast(buf, root=0)], config.timeout, "agreeing on the run id")
-    return buf.tobytes().rstrip(b"\0").decode()
+    return buf[:128].tobytes().rstrip(b"\0").decode(), float(buf[128:].view(np.float64)[0])
 
 
 def _run_server_and_exit(rt: Runtime) -> None:
@@ -134,7 +180,7 @@ def _run_server_and_exit(rt: Runtime) -> None:
     try:
         ParameterServer(rt).serve()
     except Exception as exc:  # the server's failure ends this rank, loudly
-        print(f"ftmpi server {rt.role_rank} (rank {rt.world_rank}): {exc}", file=sys.stderr)
+        print(f"ftmpi server {rt.server_index} (rank {rt.world_rank}): {exc}", file=sys.stderr)
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()

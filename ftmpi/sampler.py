@@ -259,3 +259,10 @@ class ShardedBatches:
             f"ShardedBatches(step={self.step}, worker={self.worker}, workers={self.workers}, "
             f"batch_size={self.batch_size}, seed={self.seed}, num_samples={self.num_samples})"
         )
+
+
+def step_seed(seed: int, step: int, worker: int) -> int:
+    """A 63-bit seed that is a pure function of (seed, step, worker): reseeding the RNG with it
+    before each step makes dropout masks replay exactly after a rollback or restart."""
+    mixed = np.random.SeedSequence([seed, step, worker]).generate_state(2, dtype=np.uint32)
+    return int(mixed[0]) << 31 ^ int(mixed[1])

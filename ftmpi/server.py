@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ftmpi import wire
+from ftmpi import events, wire
+from ftmpi.faults import Injector, parse_schedule
 from ftmpi.optim_state import (
     apply_hparams,
     build_optimizer,
@@ -41,6 +42,13 @@ from ftmpi.optim_state import (
 )
 from ftmpi.runtime import Runtime
 from ftmpi.sharding import Shard
+from ftmpi.snapshot import (
+    SnapshotError,
+    SnapshotWriter,
+    list_versions,
+    read_snapshot,
+    snapshot_path,
+)
 from ftmpi.wire import Header, Kind
 
 
@@ -49,7 +57,7 @@ class ParameterServer:
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        self.index = rt.role_rank
+        self.index = rt.server_index
         self.shard: Shard | None = None
         self.weights: torch.Tensor | None = None
         self.grads: torch.Tensor | None = None
@@ -62,6 +70,19 @@ class ParameterServer:
         self.staleness_max = 0
         self.dropped = 0
         self.apply_seconds = 0.0
+        self.positions: dict[int, int] = {}
+        """World rank of a worker -> its data position after its last applied push."""
+        self.last_seq: dict[int, int] = {}
+        """World rank of a worker -> sequence number of its last applied push (async dedup)."""
+        self.spec: dict[str, Any] = {}
+        self.writer: SnapshotWriter | None = None
+        self.injector = Injector(
+            parse_schedule(rt.config.kill),
+            "server",
+            self.index,
+            rt.incarnations[self.index],
+            rt.job_start,
+        )
         torch.set_num_threads(rt.config.server_threads)
 
     # ----------------------------------------------------------------- loop
@@ -81,22 +102,43 @@ class ParameterServer:
             Kind.STATS: self._on_stats,
             Kind.STATE: self._on_state,
             Kind.STOP: self._on_stop,
+            Kind.SNAPSHOTS: self._on_snapshots,
+            Kind.RESTORE: self._on_restore,
         }
-        while len(self.stopped) < self.rt.num_workers:
-            header, src = wire.recv_header(
-                self.rt.world,
-                wire.ANY_SOURCE,
-                tag=wire.TAG_HEADER,
-                timeout=cfg.server_idle_timeout,
-                what=f"server {self.index} waiting for requests",
-            )
-            handler = (
-                handlers.get(Kind(header.kind)) if header.kind in Kind._value2member_map_ else None
-            )
-            if header.run != self.rt.run or handler is None:
-                self._drop(header, src)
-                continue
-            handler(header, src)
+        while not set(self.rt.workers) <= self.stopped:
+            try:
+                header, src = wire.recv_header(
+                    self.rt.world,
+                    wire.ANY_SOURCE,
+                    tag=wire.TAG_HEADER,
+                    timeout=cfg.server_idle_timeout,
+                    what=f"server {self.index} waiting for requests",
+                )
+                handler = (
+                    handlers.get(Kind(header.kind))
+                    if header.kind in Kind._value2member_map_
+                    else None
+                )
+                if header.run != self.rt.run or header.view != self.rt.view or handler is None:
+                    self._drop(header, src)
+                    continue
+                handler(header, src)
+            except wire.PeerFailure as exc:
+                self._recover(str(exc))
+        if self.writer is not None:
+            self.writer.flush()
+
+    def _recover(self, reason: str) -> None:
+        """Join the survivors' recovery; keep per-worker bookkeeping under the new ranks."""
+        from ftmpi.membership import recover
+
+        result = recover(
+            self.rt, blocking_strategy=self.rt.config.strategy == "checkpoint", reason=reason
+        )
+        remap = result.rank_map
+        self.stopped = {remap[r] for r in self.stopped if r in remap}
+        self.positions = {remap[r]: p for r, p in self.positions.items() if r in remap}
+        self.last_seq = {remap[r]: q for r, q in self.last_seq.items() if r in remap}
 
     def _drop(self, header: Header, src: int) -> None:
         """Drain and discard a message that must not be applied (wrong run, unknown kind)."""
@@ -145,31 +187,120 @@ class ParameterServer:
         spec: dict[str, Any] = wire.decode_json(self._recv_json(header, src))
         binary = np.empty(int(spec["binary_nbytes"]), dtype=np.uint8)
         self._recv(src, binary, "initial weights")
-        shard = Shard.from_json(spec["shard"])
-        if shard.index != self.index:
-            self._reply_error(src, f"server {self.index} was sent shard {shard.index}")
+        if int(spec["shard"]["index"]) != self.index:
+            self._reply_error(src, f"server {self.index} was sent shard {spec['shard']['index']}")
             return
+        self._build(spec, binary, version=int(header.version))
+        if self.rt.config.strategy == "checkpoint":
+            cfg = self.rt.config
+            self.writer = SnapshotWriter(
+                cfg.snapshot_dir,
+                self.index,
+                keep=cfg.checkpoint_keep,
+                asynchronous=bool(cfg.async_checkpoint),
+            )
+            self._snapshot()
+        self._reply(src, Kind.OK, None)
+
+    def _build(self, spec: dict[str, Any], binary: np.ndarray, *, version: int) -> None:
+        """(Re)create the shard's tensors and optimizer from ``spec`` and ``binary`` (weights,
+        then the optimizer state laid out by ``spec["state_table"]``)."""
+        shard = Shard.from_json(spec["shard"])
         dtype = dtype_of(spec["dtype"])
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        wbytes = shard.numel * itemsize
+        wbytes = shard.numel * torch.empty((), dtype=dtype).element_size()
         self.weights = torch.from_numpy(binary[:wbytes].copy()).view(dtype)
         self.grads = torch.zeros_like(self.weights)
         params: dict[str, torch.Tensor] = {}
         by_group: list[list[torch.Tensor]] = [[] for _ in spec["groups"]]
         for slot in shard.slots:
-            p = torch.nn.Parameter(
-                self.weights[slot.offset : slot.offset + slot.numel].view(slot.shape)
-            )
+            view = self.weights[slot.offset : slot.offset + slot.numel].view(slot.shape)
+            p = torch.nn.Parameter(view)
             p.grad = self.grads[slot.offset : slot.offset + slot.numel].view(slot.shape)
             params[slot.name] = p
             by_group[slot.group].append(p)
         self.optimizer = build_optimizer(spec["optimizer"], spec["groups"], by_group)
         self.params = params
-        state = unpack_tensors(spec["state_table"], binary[wbytes:])
-        load_state_entries(self.optimizer, params, state, spec["state_scalars"])
+        state = unpack_tensors(spec.get("state_table", []), binary[wbytes:])
+        load_state_entries(self.optimizer, params, state, spec.get("state_scalars", {}))
         self.shard = shard
-        self.version = int(header.version)
-        self._reply(src, Kind.OK, None)
+        self.spec = {k: spec[k] for k in ("shard", "optimizer", "groups", "dtype")}
+        self.version = version
+
+    # ------------------------------------------------------------ snapshots
+
+    def _snapshot(self) -> None:
+        """Submit a snapshot of the current version (params, optimizer state, positions)."""
+        assert self.writer is not None and self.optimizer is not None and self.weights is not None
+        tensors, scalars = state_entries(self.optimizer, {p: n for n, p in self.params.items()})
+        table, state_buf = pack_tensors(tensors)
+        positions = {
+            str(self.rt.worker_index(r)): p
+            for r, p in self.positions.items()
+            if r in self.rt.workers
+        }
+        meta = {
+            **self.spec,
+            "format": 1,
+            "run_id": self.rt.run_id,
+            "version": self.version,
+            "state_table": table,
+            "state_scalars": scalars,
+            "positions": positions,
+        }
+        payload = np.concatenate([self._weights_bytes().view(np.uint8), state_buf])
+        self.writer.submit(self.version, meta, payload)
+
+    def _on_snapshots(self, header: Header, src: int) -> None:
+        """Reply with the versions of this shard's snapshots that verify."""
+        cfg = self.rt.config
+        if self.writer is not None:
+            self.writer.flush()
+        valid = []
+        for v in list_versions(cfg.snapshot_dir, self.index):
+            try:
+                read_snapshot(snapshot_path(cfg.snapshot_dir, self.index, v))
+                valid.append(v)
+            except SnapshotError as exc:
+                self._warn(f"skipping invalid snapshot: {exc}")
+        self._reply(src, Kind.JSON, wire.encode_json({"versions": valid}))
+
+    def _on_restore(self, header: Header, src: int) -> None:
+        """Load this shard's snapshot of version ``header.version``; reply with its positions."""
+        cfg = self.rt.config
+        try:
+            snap = read_snapshot(snapshot_path(cfg.snapshot_dir, self.index, header.version))
+        except SnapshotError as exc:
+            self._reply_error(src, str(exc))
+            return
+        if int(snap.meta["shard"]["index"]) != self.index:
+            self._reply_error(src, f"{snap.path} holds shard {snap.meta['shard']['index']}")
+            return
+        self._build(snap.meta, snap.payload, version=snap.version)
+        self.positions = {}
+        self.last_seq = {}
+        if self.writer is None:
+            self.writer = SnapshotWriter(
+                cfg.snapshot_dir,
+                self.index,
+                keep=cfg.checkpoint_keep,
+                asynchronous=bool(cfg.async_checkpoint),
+            )
+        events.emit(
+            cfg.run_dir,
+            "restored",
+            role=f"server {self.index}",
+            version=snap.version,
+            path=str(snap.path),
+        )
+        self._reply(
+            src,
+            Kind.JSON,
+            wire.encode_json({"version": snap.version, "positions": snap.meta["positions"]}),
+        )
+
+    def _warn(self, message: str) -> None:
+        print(f"ftmpi server {self.index}: warning: {message}", file=sys.stderr, flush=True)
+        events.emit(self.rt.config.run_dir, "warning", role=f"server {self.index}", message=message)
 
     def _recv_json(self, header: Header, src: int) -> np.ndarray:
         buf = np.empty(header.nbytes, dtype=np.uint8)
@@ -192,6 +323,9 @@ class ParameterServer:
             )
             return
         self._recv(src, grad_bytes, "a gradient")
+        if self._already_applied(header, src):
+            self._reply(src, Kind.WEIGHTS, self._weights_bytes(), aux=0)
+            return
         staleness = max(self.version - header.version, 0)
         t0 = time.perf_counter()
         self.optimizer.step()
@@ -200,7 +334,19 @@ class ParameterServer:
         self.applied += 1
         self.staleness_sum += staleness
         self.staleness_max = max(self.staleness_max, staleness)
+        self.positions[src] = header.seq + 1
+        self.last_seq[src] = header.seq
+        if self.writer is not None and self.version % self.rt.config.checkpoint_every == 0:
+            self._snapshot()
         self._reply(src, Kind.WEIGHTS, self._weights_bytes(), aux=staleness)
+        self.injector.at_step(self.version)
+
+    def _already_applied(self, header: Header, src: int) -> bool:
+        """A push retried after a recovery that the server had applied before: in sync mode its
+        base version is behind the server's; in async mode its sequence number is not new."""
+        if self.rt.config.mode == "sync":
+            return header.version < self.version
+        return header.seq <= self.last_seq.get(src, -1)
 
     def _on_pull(self, header: Header, src: int) -> None:
         if self.weights is None:

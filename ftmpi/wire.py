@@ -53,6 +53,8 @@ class Kind(IntEnum):
     JSON = 9  # server -> worker: reply carrying a JSON document
     ERROR = 10  # server -> worker: JSON {"error": ...}
     STATE = 11  # worker -> server: reply is JSON (state table) followed by the raw state bytes
+    SNAPSHOTS = 12  # worker -> server: reply JSON {"versions": [...]} of valid snapshots
+    RESTORE = 13  # worker -> server: load snapshot header.version; reply JSON positions
 
 
 class CommTimeout(TimeoutError):
@@ -65,6 +67,14 @@ class PeerFailure(RuntimeError):
     def __init__(self, what: str, error_class: int) -> None:
         super().__init__(f"{what}: MPI error class {error_class} ({_error_name(error_class)})")
         self.error_class = error_class
+
+
+class ServerDown(RuntimeError):
+    """A server slot has no live rank (it died and its replacement is not ready yet)."""
+
+    def __init__(self, server: int) -> None:
+        super().__init__(f"server {server} is down")
+        self.server = server
 
 
 class RemoteError(RuntimeError):
@@ -155,7 +165,11 @@ def wait_all(reqs: Sequence[MPI.Request], timeout: float, what: str) -> list[MPI
             sleep = min(sleep * 2, _SLEEP_MAX)
     except MPI.Exception as exc:
         _cancel(reqs)
-        raise PeerFailure(what, exc.Get_error_class()) from exc
+        cls = exc.Get_error_class()
+        if cls == MPI.ERR_IN_STATUS:  # the per-request error is in the statuses
+            errors = [MPI.Get_error_class(st.Get_error()) for st in statuses]
+            cls = next((e for e in errors if e != MPI.SUCCESS), cls)
+        raise PeerFailure(what, cls) from exc
     return statuses
 
 

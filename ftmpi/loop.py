@@ -1,0 +1,75 @@
+"""The training position ftmpi owns, and a loop that rewinds it (in the spirit of Horovod
+Elastic's ``State`` + ``run``).
+
+With the ``checkpoint`` strategy a server failure rolls the model back to a snapshot. The
+weights roll back inside ``optimizer.step()``; the *loop* must rewind too, or the steps since the
+snapshot would be skipped instead of replayed. Wrap the loop in :func:`run`::
+
+    state = ftmpi.TrainingState(optimizer, batches)     # batches: ftmpi.sampler.ShardedBatches
+
+    @ftmpi.run
+    def train(state):
+        for step, x, y in state.batches:               # resumes at state.batches.step
+            if step >= total_steps:
+                return
+            ...
+            state.optimizer.step()
+
+    train(state)
+
+On a rollback, ``step()`` raises :class:`Rollback` inside ``run``; ``run`` moves
+``state.batches`` to the rolled-back position and calls the function again. A plain ``for step in
+range(...)`` loop is not rewound: its weights roll back, its counter does not, and ftmpi warns
+once at the first rollback.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class Rollback(Exception):
+    """Raised by ``step()`` inside :func:`run` after the model was rolled back to ``position``."""
+
+    def __init__(self, position: int) -> None:
+        super().__init__(f"rolled back to step {position}")
+        self.position = position
+
+
+class TrainingState:
+    """The objects ftmpi rewinds on a rollback: the optimizer's position and the batches."""
+
+    def __init__(self, optimizer: Any, batches: Any = None, **extra: Any) -> None:
+        self.optimizer = optimizer
+        self.batches = batches
+        self.rollbacks = 0
+        self.__dict__.update(extra)
+
+    def rewind(self, position: int) -> None:
+        """Move the data position to ``position`` (the optimizer is already there)."""
+        self.rollbacks += 1
+        if self.batches is not None:
+            self.batches.step = position
+
+
+def run(func: Callable[..., T]) -> Callable[..., T]:
+    """Run ``func(state, ...)``; after a rollback, rewind ``state`` and run it again."""
+
+    @functools.wraps(func)
+    def wrapper(state: TrainingState, *args: Any, **kwargs: Any) -> T:
+        opt = state.optimizer
+        opt._ftmpi_in_run = True
+        try:
+            while True:
+                try:
+                    return func(state, *args, **kwargs)
+                except Rollback as rb:
+                    state.rewind(rb.position)
+        finally:
+            opt._ftmpi_in_run = False
+
+    return wrapper

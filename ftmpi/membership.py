@@ -1,0 +1,256 @@
+"""Membership after rank deaths (ULFM): revoke, shrink, re-spawn, new view.
+
+Every survivor runs :func:`recover` when an ftmpi call raised ``PeerFailure``: it revokes the
+communicators (so every other rank's pending or next call fails too and joins in), shrinks the
+world to the live ranks, marks dead server slots down and drops dead workers, rebuilds the
+workers'/servers' sub-communicator and increments the view number. Messages of an older view
+travel on a communicator that no longer exists after the view change, so they can never be
+matched; headers carry the view too, and a server drops and counts mismatches.
+
+A down server slot is refilled by :func:`spawn_replacements` (``MPI_Comm_spawn`` + merge), a
+collective of all survivors that the recovery runs when the slot's down time (``down_for``) has
+passed: at once for strategies whose workers wait anyway, or when the coordinator (worker 0)
+revokes the world after the down time for strategies whose workers keep computing. The new
+process runs the user's script; its ``ftmpi.init()`` sees a parent and calls
+:func:`join_as_replacement` instead of splitting COMM_WORLD.
+
+``Shrink``, ``Spawn`` and ``Merge`` are blocking: ULFM guarantees they complete among live
+processes, so they are the only waits in ftmpi without an ftmpi deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from mpi4py import MPI
+
+from ftmpi import events
+from ftmpi.config import Config
+from ftmpi.runtime import Runtime
+from ftmpi.wire import run_hash, wait_all
+
+
+@dataclass
+class Recovery:
+    """What one recovery changed."""
+
+    failed_workers: list[int] = field(default_factory=list)
+    """Worker indices (in the old view) that died."""
+    failed_servers: list[int] = field(default_factory=list)
+    """Server slots that died."""
+    respawned: list[int] = field(default_factory=list)
+    """Server slots that received a new rank."""
+    rank_map: dict[int, int] = field(default_factory=dict)
+    """Old world rank -> new world rank, for survivors."""
+
+
+def _quiet(fn, *args) -> None:  # type: ignore[no-untyped-def]
+    with contextlib.suppress(MPI.Exception):
+        fn(*args)
+
+
+def role_of(rt: Runtime) -> str:
+    return f"server {rt.server_index}" if rt.is_server else f"worker {rt.role_rank}"
+
+
+def recover(rt: Runtime, *, blocking_strategy: bool, reason: str) -> Recovery:
+    """Run the recovery protocol on this survivor; see the module docstring.
+
+    ``blocking_strategy``: workers cannot progress while a server is down, so down servers are
+    replaced inside this call, after their down time. Otherwise only the coordinator's
+    deferred request (``spawn_due``) replaces them.
+    """
+    if not rt.ulfm:
+        raise RuntimeError(
+            f"a rank died ({reason}) and this MPI has no ULFM fault tolerance "
+            "(run under Open MPI 5 with `mpirun --with-ft ulfm`, e.g. via ftmpi-run); "
+            "restart the job to resume from durable state"
+        )
+    detected = time.monotonic()
+    events.emit(
+        rt.config.run_dir,
+        "failure_detected",
+        rank=rt.world_rank,
+        role=role_of(rt),
+        view=rt.view,
+        reason=reason,
+    )
+    _quiet(rt.world.Revoke)
+    _quiet(rt.group.Revoke)
+    old = rt.world
+    new = old.Shrink()
+    new.Set_errhandler(MPI.ERRORS_RETURN)
+    translated = MPI.Group.Translate_ranks(
+        old.Get_group(), list(range(old.Get_size())), new.Get_group()
+    )
+    rank_map = {o: n for o, n in enumerate(translated) if n != MPI.UNDEFINED}
+    result = Recovery(rank_map=rank_map)
+    result.failed_workers = [i for i, r in enumerate(rt.workers) if r not in rank_map]
+    result.failed_servers = [
+        j for j, r in enumerate(rt.servers) if r is not None and r not in rank_map
+    ]
+    rt.workers = [rank_map[r] for r in rt.workers if r in rank_map]
+    rt.servers = [rank_map.get(r) if r is not None else None for r in rt.servers]
+    for j in result.failed_servers:
+        rt.down_since[j] = detected
+    _install(rt, new)
+    events.emit(
+        rt.config.run_dir,
+        "view_change",
+        rank=rt.world_rank,
+        role=role_of(rt),
+        view=rt.view,
+        failed_workers=result.failed_workers,
+        failed_servers=result.failed_servers,
+        workers=len(rt.workers),
+    )
+    # Replace down servers now if workers would wait for them anyway, or if the coordinator says
+    # their down time has passed (the coordinator revoked the world to get everyone here).
+    if rt.down_since and blocking_strategy and is_coordinator(rt):
+        wait = max(0.0, min(rt.down_since.values()) + rt.config.down_for - time.monotonic())
+        time.sleep(wait)
+    want = np.array([1 if is_coordinator(rt) and spawn_due(rt) else 0], dtype=np.int64)
+    limit = rt.config.timeout + (rt.config.down_for if blocking_strategy else 0)
+    wait_all(
+        [rt.world.Iallreduce(MPI.IN_PLACE, want, op=MPI.MAX)], limit, "agreeing on replacements"
+    )
+    if want[0]:
+        result.respawned = spawn_replacements(rt)
+    return result
+
+
+def is_coordinator(rt: Runtime) -> bool:
+    """Worker 0 of the current view coordinates recoveries."""
+    return not rt.is_server and rt.role_rank == 0
+
+
+def spawn_due(rt: Runtime) -> bool:
+    """Whether some down server's down time has passed."""
+    now = time.monotonic()
+    return any(now - t >= rt.config.down_for for t in rt.down_since.values())
+
+
+def _install(rt: Runtime, world: MPI.Comm) -> None:
+    """Make ``world`` the current view: rebuild the role sub-communicator, bump the view."""
+    rt.world = world
+    rt.group = world.Split(color=int(rt.is_server), key=world.Get_rank())
+    rt.group.Set_errhandler(MPI.ERRORS_RETURN)
+    rt.view += 1
+
+
+def _assignment(rt: Runtime) -> dict[str, object]:
+    return {
+        "config": rt.config.env(),
+        "run_id": rt.run_id,
+        "job_start": rt.job_start,
+        "view": rt.view,
+        "workers": rt.workers,
+        "servers": rt.servers,
+        "incarnations": rt.incarnations,
+    }
+
+
+def _bcast_json(comm: MPI.Comm, doc: dict[str, object] | None, timeout: float) -> dict[str, object]:
+    n = np.zeros(1, dtype=np.int64)
+    data = json.dumps(doc).encode() if doc is not None else b""
+    n[0] = len(data)
+    wait_all([comm.Ibcast(n, root=0)], timeout, "sending the role table")
+    buf = (
+        np.frombuffer(bytearray(data), dtype=np.uint8)
+        if doc is not None
+        else np.empty(int(n[0]), dtype=np.uint8)
+    )
+    wait_all([comm.Ibcast(buf, root=0)], timeout, "sending the role table")
+    return json.loads(buf.tobytes())
+
+
+def spawn_replacements(rt: Runtime) -> list[int]:
+    """Spawn one process per down server slot and merge it into the world (all survivors).
+
+    Returns the refilled slots. The replacements run ``sys.argv`` with this Python.
+    """
+    slots = sorted(rt.down_since)
+    if not slots:
+        return []
+    script = sys.argv[0] if sys.argv else ""
+    if not script or script == "-c" or not os.path.exists(script):
+        raise RuntimeError(
+            f"cannot re-spawn a server: the job was not started from a script file ({script!r}); "
+            "run `python train.py ...` so replacements can run the same script"
+        )
+    events.emit(
+        rt.config.run_dir,
+        "spawn_started",
+        rank=rt.world_rank,
+        role=role_of(rt),
+        slots=slots,
+        view=rt.view,
+    )
+    info = MPI.Info.Create()
+    info.Set("wdir", os.getcwd())
+    inter = rt.world.Spawn(
+        sys.executable,
+        args=[os.path.abspath(script), *sys.argv[1:]],
+        maxprocs=len(slots),
+        root=0,
+        info=info,
+    )
+    info.Free()
+    inter.Set_errhandler(MPI.ERRORS_RETURN)
+    merged = inter.Merge(high=False)
+    merged.Set_errhandler(MPI.ERRORS_RETURN)
+    base = rt.world.Get_size()
+    for k, j in enumerate(slots):
+        rt.servers[j] = base + k
+        rt.incarnations[j] += 1
+        del rt.down_since[j]
+    rt.intercomms.append(inter)
+    _bcast_json(merged, _assignment(rt) if merged.Get_rank() == 0 else None, rt.config.timeout)
+    _install(rt, merged)
+    events.emit(
+        rt.config.run_dir,
+        "replacement_ready",
+        rank=rt.world_rank,
+        role=role_of(rt),
+        slots=slots,
+        view=rt.view,
+    )
+    return slots
+
+
+def join_as_replacement(parent: MPI.Comm) -> Runtime:
+    """The replacement side of :func:`spawn_replacements`: merge, learn the role, join."""
+    parent.Set_errhandler(MPI.ERRORS_RETURN)
+    merged = parent.Merge(high=True)
+    merged.Set_errhandler(MPI.ERRORS_RETURN)
+    doc = _bcast_json(merged, None, 600.0)
+    config_env = dict(doc["config"])  # type: ignore[arg-type]
+    os.environ.update(config_env)
+    config = Config.from_env(config_env)
+    servers = list(doc["servers"])  # type: ignore[arg-type]
+    me = merged.Get_rank()
+    rt = Runtime(
+        config=config,
+        world=merged,
+        group=merged,
+        is_server=True,
+        workers=list(doc["workers"]),  # type: ignore[arg-type]
+        servers=servers,
+        run_id=str(doc["run_id"]),
+        run=run_hash(str(doc["run_id"])),
+        job_start=float(doc["job_start"]),  # type: ignore[arg-type]
+        server_index=servers.index(me),
+        incarnations=list(doc["incarnations"]),  # type: ignore[arg-type]
+        view=int(doc["view"]),  # type: ignore[arg-type]
+        ulfm=True,
+        intercomms=[parent],
+    )
+    _install(rt, merged)
+    events.emit(config.run_dir, "replacement_joined", rank=me, role=role_of(rt), view=rt.view)
+    return rt
