@@ -99,6 +99,10 @@ def recover(rt: Runtime, *, blocking_strategy: bool, reason: str) -> Recovery:
     rt.servers = [rank_map.get(r) if r is not None else None for r in rt.servers]
     for j in result.failed_servers:
         rt.down_since[j] = detected
+    if result.failed_servers or result.failed_workers:
+        # an older spawn's inter-communicator may hold the dead rank: it can no longer be
+        # disconnected collectively, so it is left alone
+        rt.intercomms.clear()
     _install(rt, new)
     events.emit(
         rt.config.run_dir,

@@ -1,0 +1,82 @@
+"""A small fault-tolerance workload: an MLP with dropout on synthetic data, trained with
+ftmpi.run so rollbacks replay the same batches. Worker 0 prints one JSON line at the end.
+
+    ft_train.py STEPS [--corrupt-at STEP]   (--corrupt-at: worker 0 truncates the newest snapshot)
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import ftmpi
+from ftmpi.sampler import ShardedBatches, step_seed
+from ftmpi.snapshot import list_versions, snapshot_path
+
+p = argparse.ArgumentParser()
+p.add_argument("steps", type=int)
+p.add_argument("--corrupt-at", type=int, default=0)
+p.add_argument("--step-sleep", type=float, default=0.0)
+args = p.parse_args()
+
+rt = ftmpi.init()
+me, workers = ftmpi.rank(), ftmpi.size()
+gen = torch.Generator().manual_seed(0)
+x = torch.randn(512, 20, generator=gen)
+y = (x[:, :5].sum(1) > 0).long() + 2 * (x[:, 5:10].sum(1) > 0).long()
+torch.manual_seed(0)
+model = torch.nn.Sequential(
+    torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(64, 4)
+)
+opt = ftmpi.DistributedOptimizer(
+    torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+    named_parameters=model.named_parameters(),
+)
+batches = ShardedBatches(x, y, 16, worker=me, workers=workers, seed=0)
+computed = 0
+
+
+@ftmpi.run
+def train(state):
+    global computed
+    for step, xb, yb in state.batches:
+        if step >= args.steps:
+            return
+        if args.corrupt_at and step == args.corrupt_at and me == 0:
+            d = rt.config.snapshot_dir
+            newest = snapshot_path(d, 0, list_versions(d, 0)[-1])
+            os.truncate(newest, os.path.getsize(newest) // 2)
+        torch.manual_seed(step_seed(0, step, me))
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        computed += 1
+        opt.step()
+        if args.step_sleep:
+            time.sleep(args.step_sleep)
+
+
+state = ftmpi.TrainingState(opt, batches)
+train(state)
+h = hashlib.sha256()
+for _, t in sorted(model.state_dict().items()):
+    h.update(t.detach().numpy().tobytes())
+stats = opt.server_stats()
+print(
+    json.dumps(
+        {
+            "worker": me,
+            "workers": ftmpi.size(),
+            "weights": h.hexdigest(),
+            "rollbacks": state.rollbacks,
+            "computed": computed,
+            "position": opt.position,
+            "applied": [s["applied"] for s in stats],
+            "versions": [s["version"] for s in stats],
+        }
+    ),
+    flush=True,
+)

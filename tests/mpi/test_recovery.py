@@ -1,0 +1,132 @@
+"""Real rank deaths (SIGKILL from inside the rank at a scheduled step) survived through ULFM."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ftmpi.events import read_events
+from tests.conftest import PROGS
+
+pytestmark = pytest.mark.mpi
+
+PROG = str(PROGS / "ft_train.py")
+
+
+def train(mpi, tmp_path, name, *, steps=60, servers=2, env=None, extra=(), timeout=180, codes=(0,)):
+    run_dir = tmp_path / name
+    full_env = {
+        "FTMPI_SERVERS": str(servers),
+        "FTMPI_RUN_DIR": str(run_dir),
+        "FTMPI_BACKEND": "mpi",
+        **(env or {}),
+    }
+    res = mpi(2 + servers, [PROG, str(steps), *extra], env=full_env, timeout=timeout)
+    assert res.returncode in codes, res.stderr[-3000:]
+    reports = sorted(res.json_lines(), key=lambda r: r["worker"])
+    assert len(reports) == 2, res.stdout
+    return reports, run_dir, res
+
+
+CKPT = {"FTMPI_STRATEGY": "checkpoint", "FTMPI_CHECKPOINT_EVERY": "10"}
+
+
+@pytest.mark.parametrize("async_writer", ["0", "1"])
+def test_checkpoint_sync_server_kill_is_bit_exact(mpi, tmp_path, async_writer):
+    env = {**CKPT, "FTMPI_ASYNC_CHECKPOINT": async_writer}
+    ref, _, _ = train(mpi, tmp_path, "ref", env=env)
+    got, run_dir, _ = train(mpi, tmp_path, "kill", env={**env, "FTMPI_KILL": "server:1@step=37"})
+    assert got[0]["weights"] == got[1]["weights"] == ref[0]["weights"]
+    assert got[0]["rollbacks"] == 1 and got[0]["position"] == 60
+    # the server died after applying update 37; the worker's step 37 failed and was rolled
+    # back with steps 30..36 to the snapshot at 30: 38 gradients computed, then 30 more
+    assert got[0]["computed"] == 38 + 30
+    kinds = [e["event"] for e in read_events(str(run_dir))]
+    for a, b in [
+        ("failure_detected", "view_change"),
+        ("view_change", "replacement_ready"),
+        ("replacement_ready", "restored"),
+        ("restored", "rollback"),
+    ]:
+        assert kinds.index(a) < kinds.index(b), kinds
+
+
+def test_checkpoint_corrupt_snapshot_falls_back_to_the_previous_one(mpi, tmp_path):
+    ref, _, _ = train(mpi, tmp_path, "ref", env=CKPT)
+    got, run_dir, res = train(
+        mpi,
+        tmp_path,
+        "kill",
+        env={**CKPT, "FTMPI_KILL": "server:0@step=37"},
+        extra=["--corrupt-at", "35"],
+    )
+    assert got[0]["weights"] == ref[0]["weights"]
+    assert got[0]["computed"] == 38 + 40  # the snapshot at 30 was truncated: back to 20
+    assert "skipping invalid snapshot" in res.stderr and "shard000-v000000000030" in res.stderr
+    warnings = [e for e in read_events(str(run_dir)) if e["event"] == "warning"]
+    assert warnings and "checksum mismatch" in warnings[0]["message"]
+
+
+def test_checkpoint_two_kills_paper_schedule(mpi, tmp_path):
+    ref, _, _ = train(mpi, tmp_path, "ref", servers=1, env=CKPT)
+    got, run_dir, _ = train(
+        mpi,
+        tmp_path,
+        "kill",
+        servers=1,
+        env={**CKPT, "FTMPI_KILL": "server:0@step=23,server:0@step=48"},
+    )
+    assert got[0]["weights"] == ref[0]["weights"]
+    assert got[0]["rollbacks"] == 2
+    joined = [e for e in read_events(str(run_dir)) if e["event"] == "replacement_joined"]
+    assert len(joined) == 2
+
+
+def test_checkpoint_async_mode_survives_a_server_kill(mpi, tmp_path):
+    env = {**CKPT, "FTMPI_MODE": "async", "FTMPI_KILL": "server:0@step=50"}
+    got, run_dir, _ = train(mpi, tmp_path, "async", servers=1, env=env)
+    assert all(r["position"] == 60 for r in got)
+    assert got[0]["rollbacks"] == got[1]["rollbacks"] == 1
+    restored = [e for e in read_events(str(run_dir)) if e["event"] == "restored"]
+    assert restored and restored[0]["version"] == 50
+
+
+def test_strategy_none_reports_a_server_death_clearly(mpi, tmp_path):
+    res = mpi(
+        3,
+        [PROG, "30"],
+        env={"FTMPI_SERVERS": "1", "FTMPI_KILL": "server:0@step=10", "FTMPI_BACKEND": "mpi"},
+        timeout=120,
+    )
+    assert res.returncode != 0
+    assert "strategy='none' cannot recover" in res.stderr
+
+
+def test_trainer_event_log_shows_kill_detection_recovery(mpi, tmp_path):
+    from tests.conftest import ROOT
+
+    res = mpi(
+        3,
+        [
+            str(ROOT / "examples" / "paper_trainer.py"),
+            "--data",
+            "synthetic:512",
+            "--steps",
+            "40",
+            "--eval-every",
+            "20",
+            "--no-progress",
+            "--run-dir",
+            str(tmp_path),
+        ],
+        env={"FTMPI_SERVERS": "1", **CKPT, "FTMPI_KILL": "server:0@step=25"},
+        timeout=180,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 40
+    kinds = [e["event"] for e in read_events(str(tmp_path))]
+    assert (
+        kinds.index("failure_detected") < kinds.index("replacement_ready") < kinds.index("rollback")
+    )
