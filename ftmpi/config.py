@@ -17,9 +17,8 @@ from typing import Any
 ENV_PREFIX = "FTMPI_"
 
 MODES = ("sync", "async")
-STRATEGIES = ("none", "checkpoint", "stateless")
+STRATEGIES = ("none", "checkpoint")
 BACKENDS = ("auto", "mpi", "horovod")
-STALE_POLICIES = ("sum-scaled", "mean", "staleness-weighted")
 
 
 class ConfigError(ValueError):
@@ -37,9 +36,8 @@ class Config:
     """``sync``: workers average gradients, then one push per shard per step.
     ``async``: each worker pushes and pulls on its own; servers apply as gradients arrive."""
     strategy: str = "none"
-    """Recovery strategy for server failures: ``none`` (a death ends the job), ``checkpoint``
-    (snapshots; everyone rolls back to the newest), ``stateless`` (workers keep computing and
-    log gradients; the replacement applies them)."""
+    """Recovery strategy for server failures: ``none`` (a server death ends the job with a clear
+    error) or ``checkpoint`` (snapshots; everyone rolls back to the newest valid one)."""
     down_for: float = 0.0
     """Seconds a dead server stays down before its replacement is spawned."""
     checkpoint_every: int = 100
@@ -50,13 +48,6 @@ class Config:
     """``checkpoint``: snapshots kept per shard (older ones are deleted once a newer is durable)."""
     async_checkpoint: int = 0
     """``checkpoint``: 1 writes snapshots on a background thread (training does not wait)."""
-    stale_policy: str = "sum-scaled"
-    """``stateless``: how logged gradients are applied: ``sum-scaled`` (the paper's: one step
-    with their sum, learning rate x0.1 when more than 50 are pending), ``mean`` or
-    ``staleness-weighted``."""
-    max_staleness: int = 0
-    """``stateless``: a worker blocks when it has this many gradients logged for a down server
-    (0: no bound)."""
     kill: str = ""
     """Failure injection schedule, e.g. ``server:0@step=50,server:0@30s`` (see ftmpi.faults)."""
     backend: str = "auto"
@@ -134,12 +125,6 @@ class Config:
             raise ConfigError(f"checkpoint_every={self.checkpoint_every} must be >= 1")
         if self.checkpoint_keep < 1:
             raise ConfigError(f"checkpoint_keep={self.checkpoint_keep} must be >= 1")
-        if self.stale_policy not in STALE_POLICIES:
-            raise ConfigError(
-                f"stale_policy={self.stale_policy!r} is not one of {list(STALE_POLICIES)}"
-            )
-        if self.max_staleness < 0:
-            raise ConfigError(f"max_staleness={self.max_staleness} must be >= 0 (0: no bound)")
         if self.strategy != "none" and self.servers == 0:
             raise ConfigError(
                 f"strategy={self.strategy!r} needs parameter servers; set servers >= 1"

@@ -182,21 +182,9 @@ def _run_server_and_exit(rt: Runtime) -> None:
     except Exception as exc:  # the server's failure ends this rank, loudly
         print(f"ftmpi server {rt.server_index} (rank {rt.world_rank}): {exc}", file=sys.stderr)
         code = 1
-    _disconnect(rt)
     sys.stdout.flush()
     sys.stderr.flush()
     sys.exit(code)
-
-
-def _disconnect(rt: Runtime) -> None:
-    """Disconnect the inter-communicators of past re-spawns (every member of one calls this at
-    exit), so MPI_Finalize does not wait on connections to processes that are gone."""
-    from mpi4py import MPI
-
-    for inter in rt.intercomms:
-        with contextlib.suppress(MPI.Exception):
-            inter.Disconnect()
-    rt.intercomms.clear()
 
 
 def runtime() -> Runtime:
@@ -228,7 +216,6 @@ def shutdown() -> None:
                 timeout=rt.config.timeout,
                 what=f"stopping server {s}",
             )
-    _disconnect(rt)
 
 
 def rank() -> int:

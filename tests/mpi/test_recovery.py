@@ -70,11 +70,15 @@ def test_checkpoint_corrupt_snapshot_falls_back_to_the_previous_one(mpi, tmp_pat
 
 def test_checkpoint_two_kills_paper_schedule(mpi, tmp_path):
     ref, _, _ = train(mpi, tmp_path, "ref", servers=1, env=CKPT)
+    # The second kill hits a spawned replacement. Open MPI's launcher reports the death of a
+    # spawned process in its exit status (137) even though the job survived it, so that status
+    # is accepted here; the checks below are what proves the run finished correctly.
     got, run_dir, _ = train(
         mpi,
         tmp_path,
         "kill",
         servers=1,
+        codes=(0, 137),
         env={**CKPT, "FTMPI_KILL": "server:0@step=23,server:0@step=48"},
     )
     assert got[0]["weights"] == ref[0]["weights"]
