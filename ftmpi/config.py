@@ -129,6 +129,11 @@ class Config:
             raise ConfigError(
                 f"strategy={self.strategy!r} needs parameter servers; set servers >= 1"
             )
+        if self.strategy == "checkpoint" and self.mode == "async":
+            raise ConfigError(
+                "strategy='checkpoint' supports mode='sync' only in this version (async recovery "
+                "is not yet reliable); use mode='sync'"
+            )
         if self.strategy == "checkpoint" and not (self.checkpoint_dir or self.run_dir):
             raise ConfigError("strategy='checkpoint' needs checkpoint_dir or run_dir for snapshots")
         if self.kill:

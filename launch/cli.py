@@ -107,6 +107,7 @@ def job_env(args: argparse.Namespace, run_id: str, run_dir: str) -> dict[str, st
         raise SystemExit(f"ftmpi-run: {exc}") from None
     env = {k: v for k, v in os.environ.items() if k.startswith("FTMPI_")}
     env.update(config.env())
+    env.setdefault("FTMPI_JOB_START", repr(time.time()))  # time-based kills count from here
     return env
 
 

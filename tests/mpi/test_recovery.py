@@ -87,15 +87,6 @@ def test_checkpoint_two_kills_paper_schedule(mpi, tmp_path):
     assert len(joined) == 2
 
 
-def test_checkpoint_async_mode_survives_a_server_kill(mpi, tmp_path):
-    env = {**CKPT, "FTMPI_MODE": "async", "FTMPI_KILL": "server:0@step=50"}
-    got, run_dir, _ = train(mpi, tmp_path, "async", servers=1, env=env)
-    assert all(r["position"] == 60 for r in got)
-    assert got[0]["rollbacks"] == got[1]["rollbacks"] == 1
-    restored = [e for e in read_events(str(run_dir)) if e["event"] == "restored"]
-    assert restored and restored[0]["version"] == 50
-
-
 def test_strategy_none_reports_a_server_death_clearly(mpi, tmp_path):
     res = mpi(
         3,

@@ -41,6 +41,10 @@ def test_env_round_trip():
         ({"chunk_bytes": 10}, {}, "chunk_bytes=10 is too small"),
         ({"server_threads": 0}, {}, "server_threads=0 must be >= 1"),
         ({"servers": 0, "mode": "async"}, {}, "mode='async' needs parameter servers"),
+        ({"strategy": "checkpoint", "mode": "async", "run_dir": "r"}, {}, "mode='sync' only"),
+        ({"strategy": "checkpoint"}, {}, "needs checkpoint_dir or run_dir"),
+        ({"kill": "disk@step=3"}, {}, "kill spec 'disk@step=3'"),
+        ({"down_for": -1}, {}, "down_for=-1.0 is negative"),
         ({"nonsense": 1}, {}, "unknown ftmpi option(s) ['nonsense']"),
     ],
 )
