@@ -34,7 +34,7 @@ TAG_REPLY_DATA = 7004
 HEADER_LEN = 8
 
 # Polling schedule for waits: spin this many tests, then sleep with capped exponential backoff.
-_SPIN_TESTS = 200
+_SPIN_TESTS = 2000
 _SLEEP_MIN = 20e-6
 _SLEEP_MAX = 200e-6
 
