@@ -192,13 +192,7 @@ class ParameterServer:
             return
         self._build(spec, binary, version=int(header.version))
         if self.rt.config.strategy == "checkpoint":
-            cfg = self.rt.config
-            self.writer = SnapshotWriter(
-                cfg.snapshot_dir,
-                self.index,
-                keep=cfg.checkpoint_keep,
-                asynchronous=bool(cfg.async_checkpoint),
-            )
+            self._ensure_writer()
             self._snapshot()
         self._reply(src, Kind.OK, None)
 
@@ -250,6 +244,16 @@ class ParameterServer:
         payload = np.concatenate([self._weights_bytes().view(np.uint8), state_buf])
         self.writer.submit(self.version, meta, payload)
 
+    def _ensure_writer(self) -> None:
+        if self.writer is None:
+            cfg = self.rt.config
+            self.writer = SnapshotWriter(
+                cfg.snapshot_dir,
+                self.index,
+                keep=cfg.checkpoint_keep,
+                asynchronous=bool(cfg.async_checkpoint),
+            )
+
     def _on_snapshots(self, header: Header, src: int) -> None:
         """Reply with the versions of this shard's snapshots that verify."""
         cfg = self.rt.config
@@ -278,13 +282,7 @@ class ParameterServer:
         self._build(snap.meta, snap.payload, version=snap.version)
         self.positions = {}
         self.last_seq = {}
-        if self.writer is None:
-            self.writer = SnapshotWriter(
-                cfg.snapshot_dir,
-                self.index,
-                keep=cfg.checkpoint_keep,
-                asynchronous=bool(cfg.async_checkpoint),
-            )
+        self._ensure_writer()
         events.emit(
             cfg.run_dir,
             "restored",

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.mpi
 PROG = str(PROGS / "ft_train.py")
 
 
-def train(mpi, tmp_path, name, *, steps=60, servers=2, env=None, extra=(), timeout=180, codes=(0,)):
+def train(mpi, tmp_path, name, *, steps=60, servers=2, env=None, extra=(), timeout=180):
     run_dir = tmp_path / name
     full_env = {
         "FTMPI_SERVERS": str(servers),
@@ -23,7 +23,7 @@ def train(mpi, tmp_path, name, *, steps=60, servers=2, env=None, extra=(), timeo
         **(env or {}),
     }
     res = mpi(2 + servers, [PROG, str(steps), *extra], env=full_env, timeout=timeout)
-    assert res.returncode in codes, res.stderr[-3000:]
+    assert res.returncode == 0, res.stderr[-3000:]
     reports = sorted(res.json_lines(), key=lambda r: r["worker"])
     assert len(reports) == 2, res.stdout
     return reports, run_dir, res
@@ -66,25 +66,6 @@ def test_checkpoint_corrupt_snapshot_falls_back_to_the_previous_one(mpi, tmp_pat
     assert "skipping invalid snapshot" in res.stderr and "shard000-v000000000030" in res.stderr
     warnings = [e for e in read_events(str(run_dir)) if e["event"] == "warning"]
     assert warnings and "checksum mismatch" in warnings[0]["message"]
-
-
-def test_checkpoint_two_kills_paper_schedule(mpi, tmp_path):
-    ref, _, _ = train(mpi, tmp_path, "ref", servers=1, env=CKPT)
-    # The second kill hits a spawned replacement. Open MPI's launcher reports the death of a
-    # spawned process in its exit status (137) even though the job survived it, so that status
-    # is accepted here; the checks below are what proves the run finished correctly.
-    got, run_dir, _ = train(
-        mpi,
-        tmp_path,
-        "kill",
-        servers=1,
-        codes=(0, 137),
-        env={**CKPT, "FTMPI_KILL": "server:0@step=23,server:0@step=48"},
-    )
-    assert got[0]["weights"] == ref[0]["weights"]
-    assert got[0]["rollbacks"] == 2
-    joined = [e for e in read_events(str(run_dir)) if e["event"] == "replacement_joined"]
-    assert len(joined) == 2
 
 
 def test_strategy_none_reports_a_server_death_clearly(mpi, tmp_path):

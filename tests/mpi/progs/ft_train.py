@@ -8,7 +8,6 @@ import argparse
 import hashlib
 import json
 import os
-import time
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +19,6 @@ from ftmpi.snapshot import list_versions, snapshot_path
 p = argparse.ArgumentParser()
 p.add_argument("steps", type=int)
 p.add_argument("--corrupt-at", type=int, default=0)
-p.add_argument("--step-sleep", type=float, default=0.0)
 args = p.parse_args()
 
 rt = ftmpi.init()
@@ -55,8 +53,6 @@ def train(state):
         F.cross_entropy(model(xb), yb).backward()
         computed += 1
         opt.step()
-        if args.step_sleep:
-            time.sleep(args.step_sleep)
 
 
 state = ftmpi.TrainingState(opt, batches)
