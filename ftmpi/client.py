@@ -36,8 +36,6 @@ class ServerClient:
         self.weights = torch.zeros(total, dtype=dtype)
         self.versions = [0] * len(shards)
         """Version of the weights this worker holds, per shard."""
-        self.staleness = [0] * len(shards)
-        """Staleness the server reported for this worker's last push, per shard."""
         self._seq = 0
         self.position = 0
         """This worker's data position; pushes carry it as their sequence number."""
@@ -183,7 +181,6 @@ class ServerClient:
             out = self.view(self.weights, shard).numpy()
             header, _ = self._recv_reply(shard, Kind.WEIGHTS, out)
             self.versions[shard.index] = header.version
-            self.staleness[shard.index] = header.aux
         self._wait(reqs, "pushing gradients")
 
     def push_pull_broadcast(self, comm: MPI.Comm, workers: int, me: int) -> None:
@@ -270,28 +267,15 @@ class ServerClient:
         self._wait(reqs, f"sending {kind.name}")
         return doc
 
-    def restore_snapshots(self, *, sync: bool, respawned: Sequence[int]) -> dict[str, Any]:
-        """Coordinator side of a checkpoint rollback. Sync mode: every shard loads the newest
-        version all shards have (so the model is consistent). Async mode: each replaced shard
-        loads its own newest. Returns the versions loaded and the workers' data positions."""
-        targets = self.shards if sync else [s for s in self.shards if s.index in respawned]
-        have = {s.index: set(self.request_json(s, Kind.SNAPSHOTS)["versions"]) for s in targets}
-        if sync:
-            common = set.intersection(*have.values()) if have else set()
-            if not common:
-                raise RuntimeError("no snapshot version is valid on every shard; cannot roll back")
-            chosen = {s.index: max(common) for s in targets}
-        else:
-            missing = [j for j, v in have.items() if not v]
-            if missing:
-                raise RuntimeError(f"shard(s) {missing} have no valid snapshot; cannot restore")
-            chosen = {j: max(v) for j, v in have.items()}
-        positions: dict[str, int] = {}
-        for s in targets:
-            doc = self.request_json(s, Kind.RESTORE, chosen[s.index])
-            for w, p in doc["positions"].items():
-                positions[w] = min(positions.get(w, p), p)
-        if sync:
-            v = next(iter(chosen.values()))
-            positions = {str(w): v for w in range(self.rt.num_workers)}
-        return {"versions": chosen, "positions": positions}
+    def restore_snapshots(self) -> dict[str, Any]:
+        """Coordinator side of a checkpoint rollback (sync mode): every shard loads the newest
+        version all shards have, so the model is consistent. Returns the version loaded and
+        every worker's data position (the version: one update per step)."""
+        have = [set(self.request_json(s, Kind.SNAPSHOTS)["versions"]) for s in self.shards]
+        common = set.intersection(*have)
+        if not common:
+            raise RuntimeError("no snapshot version is valid on every shard; cannot roll back")
+        v = max(common)
+        for s in self.shards:
+            self.request_json(s, Kind.RESTORE, v)
+        return {"version": v, "positions": {str(w): v for w in range(self.rt.num_workers)}}

@@ -234,7 +234,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 "state; run with strategy checkpoint or stateless (FTMPI_STRATEGY)"
             )
         if strategy == "checkpoint" and (result.failed_servers or result.respawned):
-            position = self._rollback(result.respawned)
+            position = self._rollback()
             if self._ftmpi_in_run:
                 raise Rollback(position)
             if not self._ftmpi_warned_rollback:
@@ -249,10 +249,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             return False
         return True
 
-    def _rollback(self, respawned: list[int]) -> int:
-        """Checkpoint strategy: the coordinator picks the newest snapshot every shard has
-        (sync mode) or each replaced shard's newest (async mode) and has the servers load it;
-        every worker then pulls the restored weights. Returns this worker's data position."""
+    def _rollback(self) -> int:
+        """Checkpoint strategy: the coordinator picks the newest snapshot every shard has and
+        has the servers load it; every worker then pulls the restored weights. Returns this
+        worker's data position."""
         from ftmpi.broadcast import broadcast_bytes
         from ftmpi.membership import is_coordinator
 
@@ -260,7 +260,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         client = self._ftmpi_client
         doc: dict[str, Any] | None = None
         if is_coordinator(rt):
-            doc = client.restore_snapshots(sync=rt.config.mode == "sync", respawned=respawned)
+            doc = client.restore_snapshots()
         doc = json.loads(broadcast_bytes(json.dumps(doc).encode() if doc else None, 0))
         client.pull(self._ftmpi_shards)
         self._scatter_weights()
