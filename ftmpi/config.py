@@ -17,7 +17,9 @@ from typing import Any
 ENV_PREFIX = "FTMPI_"
 
 MODES = ("sync", "async")
-STRATEGIES = ("none", "checkpoint")
+STRATEGIES = ("none", "checkpoint", "chain", "stateless", "chain+stateless")
+CHAIN_ACKS = ("tail", "next")
+STALE_POLICIES = ("sum-scaled", "mean", "staleness-weighted")
 BACKENDS = ("auto", "mpi", "horovod")
 
 
@@ -37,7 +39,34 @@ class Config:
     ``async``: each worker pushes and pulls on its own; servers apply as gradients arrive."""
     strategy: str = "none"
     """Recovery strategy for server failures: ``none`` (a server death ends the job with a clear
-    error) or ``checkpoint`` (snapshots; everyone rolls back to the newest valid one)."""
+    error), ``checkpoint`` (snapshots; everyone rolls back to the newest valid one), ``chain``
+    (each shard replicated on a chain of servers), ``stateless`` (workers log gradients while a
+    server is down; its replacement applies them) or ``chain+stateless`` (both)."""
+    chain_length: int = 3
+    """``chain``: servers per shard (head -> ... -> tail); ``servers`` must be a multiple."""
+    chain_ack: str = "tail"
+    """``chain``: a push commits when the ``tail`` has applied it (no update is ever lost) or when
+    the ``next`` server has received it (the paper's relaxed mode)."""
+    replicate_every: int = 1
+    """``chain``: the head forwards updates down the chain in batches of N (at most N - 1 are
+    lost if the head dies)."""
+    stale_policy: str = "sum-scaled"
+    """``stateless``: how a replacement applies the gradients logged while its server was down:
+    ``sum-scaled`` (the paper's: their sum, at a tenth of the LR if more than 50), ``mean``, or
+    ``staleness-weighted`` (weights 1/(1+age))."""
+    max_staleness: int = 0
+    """``stateless``: a worker with this many logged gradients for a down shard waits for its
+    replacement (0: never wait)."""
+    stale_log_bytes: int = 1 << 30
+    """``stateless``: memory a worker's gradient log may hold before it spills to
+    ``stale_log_dir`` (or, without one, stops with an error)."""
+    stale_log_dir: str = ""
+    """``stateless``: directory for the on-disk part of the gradient log (empty: memory only)."""
+    stale_log_disk_bytes: int = 16 << 30
+    """``stateless``: size cap of the on-disk gradient log."""
+    respawn_workers: int = 0
+    """1 replaces a dead worker with a newly spawned rank (after ``down_for``); 0 continues
+    with the survivors."""
     down_for: float = 0.0
     """Seconds a dead server stays down before its replacement is spawned."""
     checkpoint_every: int = 100
@@ -108,6 +137,27 @@ class Config:
             raise ConfigError(f"mode={self.mode!r} is not one of {list(MODES)}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy={self.strategy!r} is not one of {list(STRATEGIES)}")
+        if self.chain_ack not in CHAIN_ACKS:
+            raise ConfigError(f"chain_ack={self.chain_ack!r} is not one of {list(CHAIN_ACKS)}")
+        if self.stale_policy not in STALE_POLICIES:
+            raise ConfigError(
+                f"stale_policy={self.stale_policy!r} is not one of {list(STALE_POLICIES)}"
+            )
+        for name in ("chain_length", "replicate_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("max_staleness", "stale_log_bytes", "stale_log_disk_bytes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.respawn_workers not in (0, 1):
+            raise ConfigError(f"respawn_workers={self.respawn_workers} must be 0 or 1")
+        if self.chained and self.servers % self.chain_length:
+            raise ConfigError(
+                f"strategy={self.strategy!r} with chain_length={self.chain_length} needs a "
+                f"multiple of {self.chain_length} servers, not servers={self.servers}; use "
+                f"servers={max(1, self.servers // self.chain_length) * self.chain_length} or "
+                "another chain_length"
+            )
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend={self.backend!r} is not one of {list(BACKENDS)}")
         for name in ("timeout", "server_idle_timeout"):
@@ -164,6 +214,21 @@ class Config:
                 f"(e.g. ftmpi-run -np 1 --servers {self.servers}) or lower servers"
             )
         return workers
+
+    @property
+    def chained(self) -> bool:
+        """Whether shards are replicated on chains of servers."""
+        return self.strategy in ("chain", "chain+stateless")
+
+    @property
+    def logs_gradients(self) -> bool:
+        """Whether workers keep computing and log gradients while a shard has no server."""
+        return self.strategy in ("stateless", "chain+stateless")
+
+    @property
+    def num_shards(self) -> int:
+        """Shards of the model: one per server, or one per chain of ``chain_length`` servers."""
+        return self.servers // self.chain_length if self.chained else self.servers
 
     @property
     def snapshot_dir(self) -> str:
