@@ -77,6 +77,8 @@ class Config:
     """``checkpoint``: snapshots kept per shard (older ones are deleted once a newer is durable)."""
     async_checkpoint: int = 0
     """``checkpoint``: 1 writes snapshots on a background thread (training does not wait)."""
+    resume: int = 0
+    """1: start from the newest valid snapshot in the checkpoint directory if there is one."""
     kill: str = ""
     """Failure injection schedule, e.g. ``server:0@step=50,server:0@30s`` (see ftmpi.faults)."""
     backend: str = "auto"
@@ -149,8 +151,9 @@ class Config:
         for name in ("max_staleness", "stale_log_bytes", "stale_log_disk_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
-        if self.respawn_workers not in (0, 1):
-            raise ConfigError(f"respawn_workers={self.respawn_workers} must be 0 or 1")
+        for name in ("respawn_workers", "resume"):
+            if getattr(self, name) not in (0, 1):
+                raise ConfigError(f"{name}={getattr(self, name)} must be 0 or 1")
         if self.chained and self.servers % self.chain_length:
             raise ConfigError(
                 f"strategy={self.strategy!r} with chain_length={self.chain_length} needs a "

@@ -1,9 +1,12 @@
 """Failure injection: a rank SIGKILLs itself at a scheduled step or time.
 
 A schedule is a list of specs ``ROLE[:INDEX]@WHEN`` (``FTMPI_KILL``, comma-separated), with
-ROLE ``server`` or ``worker`` and WHEN ``step=N`` (a server: after applying its N-th update; a
-worker: at the start of its N-th step) or ``Ns`` (N seconds after the job started). The rank
-kills itself (no cleanup code runs), so this works across nodes without ssh.
+ROLE ``server`` or ``worker`` (INDEX counts ranks of that role), or ``head`` or ``tail`` (INDEX
+is a shard: the server at the head or tail of that shard's chain when the kill is due; without
+a chain strategy every shard has one server, which is both). WHEN is ``step=N`` (a server:
+after applying its N-th update; a worker: at the start of its N-th step) or ``Ns`` (N seconds
+after the job started). The rank kills itself (no cleanup code runs), so this works across
+nodes without ssh.
 
 Several specs may name the same rank: the k-th spec for a slot (in schedule order) is carried
 out by that slot's k-th incarnation (0 = the original rank, 1 = its first replacement, ...).
@@ -19,10 +22,14 @@ import threading
 import time
 from dataclasses import dataclass
 
-ROLES = ("server", "worker")
-_SPEC = re.compile(
-    r"^(?P<role>[a-z]+)(?::(?P<index>\d+))?@(?:step=(?P<step>\d+)|(?P<secs>\d+(?:\.\d+)?)s)$"
-)
+ROLES = ("server", "worker", "head", "tail")
+SHARD_ROLES = ("head", "tail")
+"""Roles whose index names a shard (``servers // chain_length`` with a chain, else ``servers``)."""
+FORM = "ROLE[:INDEX]@step=N or ROLE[:INDEX]@SECONDSs, e.g. server:0@step=50 or worker:1@30s"
+_SPEC = re.compile(r"^(?P<target>[^@]*)@(?P<when>.*)$")
+_TARGET = re.compile(r"^(?P<role>[A-Za-z_+-]+)(?::(?P<index>[^:]*))?$")
+_STEP = re.compile(r"^step=(?P<step>[+-]?\d+)$")
+_SECS = re.compile(r"^(?P<secs>[+-]?\d+(?:\.\d+)?)s$")
 
 
 @dataclass(frozen=True)
@@ -37,33 +44,89 @@ class KillSpec:
         return f"{self.role}:{self.index}@{when}"
 
 
+def parse_spec(raw: str) -> KillSpec:
+    """Parse one ``ROLE[:INDEX]@WHEN``. Raises ``ValueError`` naming the spec, the part that is
+    wrong (role, index or WHEN) and the accepted form."""
+    m = _SPEC.match(raw)
+    target = _TARGET.match(m["target"]) if m else None
+    if not m or not target:
+        raise ValueError(f"kill spec {raw!r} is not {FORM}")
+    role = target["role"]
+    if role not in ROLES:
+        raise ValueError(f"kill spec {raw!r}: unknown role {role!r}; use one of {list(ROLES)}")
+    index_text = target["index"]
+    if index_text is not None and not index_text.isdigit():
+        raise ValueError(
+            f"kill spec {raw!r}: index {index_text!r} is not a whole number >= 0; "
+            f"e.g. {role}:0@{m['when'] or 'step=50'}"
+        )
+    when = m["when"]
+    step_m, secs_m = _STEP.match(when), _SECS.match(when)
+    if step_m:
+        step = int(step_m["step"])
+        if step < 1:
+            raise ValueError(f"kill spec {raw!r}: step must be >= 1, got step={step}")
+        return KillSpec(role, int(index_text or 0), step=step)
+    if secs_m:
+        secs = float(secs_m["secs"])
+        if secs < 0:
+            raise ValueError(f"kill spec {raw!r}: time {when!r} is negative; use seconds >= 0")
+        return KillSpec(role, int(index_text or 0), seconds=secs)
+    raise ValueError(
+        f"kill spec {raw!r}: WHEN {when!r} is neither step=N (N >= 1) nor SECONDSs; "
+        "e.g. step=200 or 30s"
+    )
+
+
 def parse_schedule(text: str) -> list[KillSpec]:
-    """Parse ``FTMPI_KILL``. Raises ``ValueError`` naming the bad spec and the accepted form."""
-    specs = []
-    for raw in (p.strip() for p in text.split(",")):
-        if not raw:
-            continue
-        m = _SPEC.match(raw)
-        if not m or m["role"] not in ROLES:
-            raise ValueError(
-                f"kill spec {raw!r} is not ROLE[:INDEX]@step=N or ROLE[:INDEX]@SECONDSs with ROLE "
-                f"in {list(ROLES)}; e.g. server:0@step=50 or worker:1@30s"
-            )
-        step = int(m["step"]) if m["step"] is not None else None
-        secs = float(m["secs"]) if m["secs"] is not None else None
-        if step is not None and step < 1:
-            raise ValueError(f"kill spec {raw!r}: step must be >= 1")
-        specs.append(KillSpec(m["role"], int(m["index"] or 0), step, secs))
-    return specs
+    """Parse ``FTMPI_KILL`` (comma-separated specs, blanks ignored). Raises ``ValueError``
+    naming the bad spec and the accepted form."""
+    return [parse_spec(raw) for raw in (p.strip() for p in text.split(",")) if raw]
 
 
-def check_schedule(specs: list[KillSpec], *, workers: int, servers: int) -> None:
-    """Refuse specs naming ranks that do not exist."""
+def format_schedule(specs: list[KillSpec]) -> str:
+    """The ``FTMPI_KILL`` text of ``specs`` (inverse of :func:`parse_schedule`)."""
+    return ",".join(str(s) for s in specs)
+
+
+def check_schedule(
+    specs: list[KillSpec],
+    *,
+    workers: int,
+    servers: int,
+    shards: int | None = None,
+    steps: int | None = None,
+    updates: int | None = None,
+    duration: float | None = None,
+) -> None:
+    """Refuse specs naming ranks or shards that do not exist, or due after the run's end.
+
+    ``shards`` (default ``servers``) bounds the index of ``head``/``tail`` specs. When the run's
+    length is known, ``steps`` (worker steps) bounds worker specs, ``updates`` (updates a
+    server applies; default ``steps``, in async mode ``steps * workers``) bounds server, head
+    and tail specs, and ``duration`` (seconds) bounds time-scheduled specs: a kill at or after
+    the end would never happen. Raises ``ValueError`` naming the spec and the valid range.
+    """
+    counts = {"worker": workers, "server": servers}
+    shards = servers if shards is None else shards
+    updates = steps if updates is None else updates
     for s in specs:
-        count = servers if s.role == "server" else workers
+        count = counts.get(s.role, shards)
         if s.index >= count:
+            kind = "shard" if s.role in SHARD_ROLES else f"{s.role} rank"
+            valid = f"indices 0..{count - 1}" if count else "none to kill"
+            raise ValueError(f"kill spec {s}: there are {count} {kind}(s), {valid}")
+        end = steps if s.role == "worker" else updates
+        if end is not None and s.step is not None and s.step >= end:
+            what = "steps" if s.role == "worker" else "updates per server"
             raise ValueError(
-                f"kill spec {s}: there are {count} {s.role} rank(s), indices 0..{count - 1}"
+                f"kill spec {s}: step={s.step} is not before the run's end at {end} {what}; "
+                f"use a step in 1..{end - 1}"
+            )
+        if duration is not None and s.seconds is not None and s.seconds >= duration:
+            raise ValueError(
+                f"kill spec {s}: {s.seconds:g}s is not before the run's end at {duration:g} s; "
+                f"use a time below {duration:g}s"
             )
 
 
