@@ -13,10 +13,11 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from ftmpi import events
 from ftmpi.events import read_events
 from ftmpi.faults import SHARD_ROLES, KillSpec, parse_spec
 
-_INJECTED = re.compile(r"ftmpi: injected failure: (\S+)")
+_INJECTED = re.compile(r"ftmpi: injected failure: (?P<spec>\S+).*?(?:\(pid (?P<pid>\d+)\))?$")
 
 
 def parse_kill_flags(values: Iterable[str]) -> list[KillSpec]:
@@ -96,29 +97,53 @@ def kill_flags_text(specs: Sequence[KillSpec]) -> str:
     return " ".join(f"--kill {s}" for s in specs)
 
 
-def injected_in(line: str) -> KillSpec | None:
-    """The spec a rank reported carrying out on this output line (``ftmpi.faults.die``)."""
+def injected_in(line: str) -> tuple[KillSpec, int | None] | None:
+    """The spec (and pid) a rank reported carrying out on this output line, from the
+    ``ftmpi: injected failure: SPEC ... (pid N)`` line of ``ftmpi.faults.die``."""
     m = _INJECTED.search(line)
     if not m:
         return None
     try:
-        return parse_spec(m[1])
+        return parse_spec(m["spec"]), int(m["pid"]) if m["pid"] else None
     except ValueError:
         return None
 
 
-def logged_kills(run_dir: str, since: float, until: float) -> list[KillSpec] | None:
-    """Kills recorded as ``kill`` events in ``<run_dir>/events.jsonl`` between ``since`` and
-    ``until``, or ``None`` if that window holds no ``kill`` event (older ftmpi versions do not
-    log them; the caller then falls back to what the ranks printed)."""
-    found = [
+def log_injected(run_dir: str, line: str) -> KillSpec | None:
+    """Record a ``kill`` event (``source: launcher``) for an injected-failure line a rank
+    printed; returns its spec, or ``None`` for any other line."""
+    found = injected_in(line)
+    if found is None:
+        return None
+    spec, pid = found
+    events.emit(run_dir, "kill", spec=str(spec), pid=pid, source="launcher")
+    return spec
+
+
+def kill_events(log: Iterable[dict[str, Any]]) -> list[tuple[dict[str, Any], KillSpec]]:
+    """The distinct ``kill`` events of an event log with their specs: a kill that both the
+    dying rank and the launcher logged (same pid and spec) counts once."""
+    seen: set[tuple[Any, str]] = set()
+    out = []
+    for e in log:
+        spec = _spec_of_event(e) if e.get("event") == "kill" else None
+        if spec is None:
+            continue
+        key = (e.get("pid"), str(spec))
+        if e.get("pid") is None or key not in seen:
+            seen.add(key)
+            out.append((e, spec))
+    return out
+
+
+def logged_kills(run_dir: str, since: float, until: float) -> list[KillSpec]:
+    """The kills carried out between ``since`` and ``until``, from the distinct ``kill``
+    events in ``<run_dir>/events.jsonl``."""
+    return [
         spec
-        for e in read_events(run_dir)
-        if e.get("event") == "kill" and since <= float(e.get("time", 0.0)) <= until
-        for spec in [_spec_of_event(e)]
-        if spec is not None
+        for e, spec in kill_events(read_events(run_dir))
+        if since <= float(e.get("time", 0.0)) <= until
     ]
-    return found or None
 
 
 def _spec_of_event(event: dict[str, Any]) -> KillSpec | None:

@@ -4,10 +4,11 @@ A job that exits non-zero (an MPI without ULFM, or a failure its strategy does n
 started again, up to ``max_restarts`` times, with the same ``FTMPI_RUN_ID``, run directory and
 ``FTMPI_JOB_START``, and with ``FTMPI_RESUME=1`` so training continues from the newest snapshot
 every shard has. Kills the failed job already carried out are not repeated: the relaunch gets
-the remaining schedule (see :func:`launch.kills.remaining_schedule`); which kills fired is read
-from ``kill`` events in ``events.jsonl`` when the job logs them, else from the
-``ftmpi: injected failure: SPEC`` lines its ranks print. A job that exits non-zero after its
-trainer wrote ``summary.json`` has finished training and is not relaunched.
+the remaining schedule (see :func:`launch.kills.remaining_schedule`). Which kills fired is read
+from the ``kill`` events in ``events.jsonl``: the launcher copies the job's output through line
+by line and logs a ``kill`` event for every ``ftmpi: injected failure: SPEC (pid N)`` line a
+rank prints as it dies (a kill the rank logged itself is counted once). A job that exits
+non-zero after its trainer wrote ``summary.json`` has finished training and is not relaunched.
 
 **Lost time** of a restart is the wall time from the failed job's exit to the relaunched job's
 first line of output (stdout or stderr): the time until the job runs again, which is MPI
@@ -34,7 +35,7 @@ from typing import IO, Any
 
 from ftmpi.faults import KillSpec, format_schedule
 from ftmpi.manifest import write_json_atomic
-from launch.kills import injected_in, logged_kills, remaining_schedule
+from launch.kills import log_injected, logged_kills, remaining_schedule
 from launch.rundir import LAUNCHER_RECORD, is_finished
 
 LOST_TIME = (
@@ -142,7 +143,7 @@ def run_with_restarts(
             resume=int(env.get("FTMPI_RESUME", "0")),
             started=time.time(),
         )
-        run_attempt(attempt, process_env(env))
+        run_attempt(attempt, process_env(env), report.run_dir)
         if report.attempts:
             reached = attempt.first_output or attempt.ended
             attempt.lost_seconds = round(reached - report.attempts[-1].ended, 3)
@@ -160,8 +161,6 @@ def run_with_restarts(
         if report.restarts >= report.max_restarts:
             break
         fired = logged_kills(report.run_dir, attempt.started, attempt.ended + 1.0)
-        if fired is None:
-            fired = [s for s in map(injected_in, attempt.injected) if s is not None]
         remaining = remaining_schedule(remaining, fired, job_start=job_start, now=time.time())
         print(
             f"ftmpi-run: the job exited with status {attempt.returncode}; restart "
@@ -172,10 +171,10 @@ def run_with_restarts(
     return report
 
 
-def run_attempt(attempt: Attempt, env: Mapping[str, str]) -> None:
+def run_attempt(attempt: Attempt, env: Mapping[str, str], run_dir: str) -> None:
     """Run ``attempt.command``, copying its output through line by line; fill in the exit
-    status, end time, first-output time and the kills its ranks reported. A ``SIGTERM`` to the
-    launcher is passed on to the job."""
+    status, end time, first-output time and the kills its ranks reported (each also logged as a
+    ``kill`` event in ``run_dir``). A ``SIGTERM`` to the launcher is passed on to the job."""
     proc = subprocess.Popen(
         attempt.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(env)
     )
@@ -187,7 +186,7 @@ def run_attempt(attempt: Attempt, env: Mapping[str, str]) -> None:
                 if attempt.first_output is None:
                     attempt.first_output = time.time()
                 text = line.decode(errors="replace")
-                if injected_in(text) is not None:
+                if log_injected(run_dir, text) is not None:
                     attempt.injected.append(text.strip())
             dst.write(line)
             dst.flush()

@@ -5,7 +5,7 @@ Reads what the run left: ``summary.json`` (the trainer's results, e.g. from
 (restarts and lost time) and ``events.jsonl`` (recovery events). Missing files are reported as
 missing; a directory holding none of them is an error.
 
-Event counts: **kills** are ``kill`` events (else the kills the launcher saw the ranks report),
+Event counts: **kills** are the distinct ``kill`` events (see :func:`launch.kills.kill_events`),
 **detections** ``failure_detected`` events, and **recoveries** ``replacement_ready`` events (a
 re-spawn inside the job) plus the launcher's restarts. ftmpi records the events on every rank
 that takes part, so one failure in a job of four ranks counts up to three detections.
@@ -23,6 +23,7 @@ from typing import Any
 
 from ftmpi.config import Config
 from ftmpi.events import read_events
+from launch.kills import kill_events
 from launch.rundir import LAUNCHER_RECORD, SUMMARY
 
 HEADLINE_CONFIG = ("mode", "strategy", "servers", "seed", "kill")
@@ -100,9 +101,8 @@ def _event_rows(
     if not events and launcher is None:
         return None
     counts = Counter(str(e.get("event")) for e in events)
-    reported = sum(len(a.get("injected", [])) for a in (launcher or {}).get("attempts", []))
     rows: dict[str, Any] = {
-        "kills": counts["kill"] or reported,
+        "kills": len(kill_events(events)),
         "detections": counts["failure_detected"],
         "recoveries": counts["replacement_ready"] + (launcher or {}).get("restarts", 0),
     }

@@ -60,11 +60,33 @@ def run_mpi(
     return ``returncode=-9`` instead of failing (the documented MPI_Finalize hang after a
     re-spawn; the caller still checks every result). ``exit_hang_ok``: the same, decided by a
     callable (e.g. the run's summary file is complete)."""
+    return run_command(
+        mpi_command(np_, args),
+        env=env,
+        timeout=timeout,
+        cwd=cwd,
+        exit_hang_after=exit_hang_after,
+        exit_hang_ok=exit_hang_ok,
+    )
+
+
+def run_command(
+    cmd: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    cwd: Path | None = None,
+    exit_hang_after: int = 0,
+    exit_hang_ok: Callable[[], bool] | None = None,
+) -> MPIResult:
+    """Run ``cmd`` (``mpirun`` or a launcher such as ``ftmpi-run``) in its own process group,
+    without the caller's ``FTMPI_*`` variables, under the wall-clock limit and exit-hang
+    tolerance of :func:`run_mpi`."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("FTMPI_")}
     full_env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     full_env.update(env or {})
     proc = subprocess.Popen(
-        mpi_command(np_, args),
+        cmd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -83,7 +105,8 @@ def run_mpi(
         if exit_hang_ok is not None and exit_hang_ok():
             return done
         pytest.fail(
-            f"mpirun exceeded {timeout} s: {args}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
+            f"{cmd[0]} exceeded {timeout} s: {cmd[1:]}\nstdout:\n{out[-3000:]}\n"
+            f"stderr:\n{err[-3000:]}"
         )
     return MPIResult(proc.returncode, out, err)
 

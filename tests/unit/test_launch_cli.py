@@ -195,9 +195,12 @@ def test_summary_subcommand_prints_results_config_restarts_and_events(tmp_path, 
         {"number": 1, "returncode": 0, "wall_seconds": 4.0, "injected": []},
     ]
     (tmp_path / "launcher.json").write_text(json.dumps(launcher))
-    events = ["failure_detected", "failure_detected", "replacement_ready"]
+    events = ["kill", "failure_detected", "failure_detected", "replacement_ready"]
     (tmp_path / "events.jsonl").write_text(
-        "".join(json.dumps({"time": i, "event": e}) + "\n" for i, e in enumerate(events))
+        "".join(
+            json.dumps({"time": i, "event": e, "spec": "server:0@step=2"}) + "\n"
+            for i, e in enumerate(events)
+        )
     )
     assert cli.main(["summary", str(tmp_path)]) == 0
     out = capsys.readouterr().out

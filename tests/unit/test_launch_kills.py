@@ -6,10 +6,13 @@ import json
 
 import pytest
 
+from ftmpi.events import read_events
 from ftmpi.faults import KillSpec, check_schedule, format_schedule, parse_schedule
 from launch.kills import (
     injected_in,
+    kill_events,
     kill_flags_text,
+    log_injected,
     logged_kills,
     parse_kill_flags,
     random_schedule,
@@ -129,19 +132,24 @@ def test_remaining_schedule_drops_fired_and_past_kills_once_each():
     assert left == parse_schedule("server:0@step=20,worker:0@60s")
 
 
-def test_injected_lines_and_logged_kill_events(tmp_path):
-    line = "ftmpi: injected failure: worker:1@30s (by time) (pid 12)"
-    assert injected_in(line) == KillSpec("worker", 1, seconds=30.0)
+def test_injected_lines_become_kill_events_counted_once(tmp_path):
+    line = "ftmpi: injected failure: worker:1@30s (by time) (pid 12)\n"
+    assert injected_in(line) == (KillSpec("worker", 1, seconds=30.0), 12)
     assert injected_in("something else") is None
-    assert logged_kills(str(tmp_path), 0, 1e12) is None  # no event log at all
+    assert logged_kills(str(tmp_path), 0, 1e12) == []  # no event log at all
+    assert log_injected(str(tmp_path), line) == KillSpec("worker", 1, seconds=30.0)
+    assert log_injected(str(tmp_path), "ftmpi: other") is None
     events = [
-        {"time": 10.0, "event": "kill", "spec": "server:0@step=20"},
+        {"time": 10.0, "event": "kill", "spec": "server:0@step=20", "pid": 7},
+        {"time": 10.1, "event": "kill", "spec": "server:0@step=20", "pid": 7},  # rank + launcher
         {"time": 11.0, "event": "kill", "role": "worker", "index": 1, "step": 4},
         {"time": 11.5, "event": "failure_detected"},
         {"time": 99.0, "event": "kill", "spec": "server:1@step=3"},  # a later attempt
     ]
-    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    with open(tmp_path / "events.jsonl", "a") as f:
+        f.write("".join(json.dumps(e) + "\n" for e in events))
     assert logged_kills(str(tmp_path), 5.0, 50.0) == parse_schedule(
         "server:0@step=20,worker:1@step=4"
     )
-    assert logged_kills(str(tmp_path), 20.0, 50.0) is None
+    assert logged_kills(str(tmp_path), 20.0, 50.0) == []
+    assert len(kill_events(read_events(str(tmp_path)))) == 4
