@@ -1,0 +1,283 @@
+"""A real single-node Slurm cluster in a temporary directory, for tests.
+
+``munged`` (as the munge user), ``slurmctld -D`` and ``slurmd -D`` run in the background with
+everything they write (key, sockets, state, spool, logs) under one directory and on free ports,
+so the cluster touches nothing system-wide and two test sessions on one machine do not meet.
+Clients find it through ``SLURM_CONF``. Every process started here, and every job process
+(they inherit ``SLURM_CONF``), carries that variable; :meth:`SlurmCluster.stop` ends them all by
+PID and checks that none is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+SLURM_CONF = """\
+ClusterName=ftmpitest
+SlurmctldHost={host}
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={root}/munge/munge.socket,cred_expire=10
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/log/slurmctld.log
+SlurmdLogFile={root}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+MpiDefault=none
+ReturnToService=2
+JobRequeue=1
+KillWait=5
+MinJobAge=600
+SchedulerParameters=bf_interval=2,sched_interval=5
+MailProg=/bin/true
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+{node} State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+"""A cluster without systemd, cgroups or accounting; ``cred_expire=10`` and the scheduler
+intervals let a requeued job start again within about 15 s."""
+
+
+class SlurmError(RuntimeError):
+    """The cluster did not start or stop as expected; the message holds the daemons' logs."""
+
+
+class SlurmCluster:
+    """One controller and one compute node (this machine) rooted at ``root``."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.conf = root / "slurm.conf"
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.node = ""
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The client environment: this process's, without Slurm or ftmpi variables of its
+        own, plus ``SLURM_CONF``."""
+        keep = {
+            k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "FTMPI_"))
+        }
+        return {**keep, "SLURM_CONF": str(self.conf)}
+
+    # ---- daemons ----
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Write the key and slurm.conf, start the daemons, wait until the node is idle."""
+        self.root.chmod(0o755)  # munged, running as munge, must reach its socket
+        for sub in ("state", "spool", "log"):
+            (self.root / sub).mkdir()
+        self._write_munge_key()
+        node_line = _run(["slurmd", "-C"]).splitlines()[0]
+        self.node = node_line.split()[0].split("=", 1)[1]
+        ctld_port, slurmd_port = _free_ports(2)
+        self.conf.write_text(
+            SLURM_CONF.format(
+                host=socket.gethostname().split(".")[0],
+                ctld_port=ctld_port,
+                slurmd_port=slurmd_port,
+                root=self.root,
+                node=node_line,
+            )
+        )
+        munge = self.root / "munge"
+        pw = pwd.getpwnam("munge")
+        self._spawn(
+            "munged",
+            [
+                "munged",
+                "--foreground",
+                f"--key-file={munge}/munge.key",
+                f"--socket={munge}/munge.socket",
+                f"--pid-file={munge}/munged.pid",
+                f"--log-file={munge}/munged.log",
+                f"--seed-file={munge}/munged.seed",
+            ],
+            user=pw.pw_uid,
+            group=pw.pw_gid,
+        )
+        self._wait(lambda: (munge / "munge.socket").exists(), timeout, "munged's socket")
+        self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
+        self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf)])
+        self._wait(self._node_idle, timeout, f"node {self.node} to be idle")
+
+    def stop(self, timeout: float = 30.0) -> list[str]:
+        """Cancel every job, stop the daemons, end any process left; returns what was left
+        (``pid command`` lines; empty when the shutdown was clean)."""
+        if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
+            self.client(["scancel", "--full", "--user", pwd.getpwuid(os.getuid()).pw_name])
+            with contextlib.suppress(SlurmError):
+                self._wait(lambda: not self.client(["squeue", "-h"]).strip(), timeout, "no jobs")
+        for name in ("slurmd", "slurmctld", "munged"):
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        left = self.processes()
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return [f"{pid} {cmd}" for pid, cmd in left.items()]
+
+    def processes(self) -> dict[int, str]:
+        """Live processes of this cluster: ``pgrep -f`` on its directory (the daemons, the
+        launchers of its jobs) plus every process whose environment holds its ``SLURM_CONF``
+        (job processes, whatever their command line)."""
+        found = subprocess.run(
+            ["pgrep", "-f", str(self.root)], capture_output=True, text=True, check=False
+        ).stdout.split()
+        pids = {int(p) for p in found} | set(_pids_with_env(f"SLURM_CONF={self.conf}"))
+        pids.discard(os.getpid())
+        return {pid: cmd for pid in sorted(pids) if (cmd := _cmdline(pid))}
+
+    def logs(self) -> str:
+        """The tail of every daemon's log and output, for failure messages."""
+        parts = []
+        for path in sorted(self.root.glob("log/*.log")) + sorted(self.root.glob("*.daemon.out")):
+            parts.append(f"--- {path.name}:\n{path.read_text(errors='replace')[-2000:]}")
+        return "\n".join(parts)
+
+    def _write_munge_key(self) -> None:
+        munge = self.root / "munge"
+        munge.mkdir(mode=0o711)
+        key = munge / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o400)
+        pw = pwd.getpwnam("munge")
+        for path in (munge, key):
+            os.chown(path, pw.pw_uid, pw.pw_gid)
+
+    def _spawn(self, name: str, cmd: list[str], **kwargs: object) -> None:
+        out = open(self.root / f"{name}.daemon.out", "wb")  # noqa: SIM115 (outlives this call)
+        with out:
+            self.procs[name] = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.root,
+                env=self.env,
+                start_new_session=True,
+                **kwargs,  # type: ignore[arg-type]
+            )
+
+    def _node_idle(self) -> bool:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise SlurmError(f"{name} exited with status {proc.returncode}\n{self.logs()}")
+        state = self.client(["sinfo", "-h", "-N", "-o", "%T"], check=False)
+        return state.strip() == "idle"
+
+    def _wait(self, ready, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if time.monotonic() > deadline:
+                raise SlurmError(f"gave up after {timeout} s waiting for {what}\n{self.logs()}")
+            time.sleep(0.2)
+
+    # ---- clients ----
+
+    def client(
+        self,
+        cmd: list[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        check: bool = True,
+        timeout: float = 30.0,
+    ) -> str:
+        """Run a Slurm client command against this cluster; its standard output."""
+        return _run(cmd, env={**self.env, **(env or {})}, cwd=cwd, check=check, timeout=timeout)
+
+    def sbatch(
+        self, script: Path, *options: str, env: Mapping[str, str] | None = None, cwd: Path
+    ) -> int:
+        """Submit ``script`` from ``cwd`` with ``options``; ``env`` reaches the job
+        (``--export=ALL``). Returns the job id."""
+        out = self.client(
+            ["sbatch", "--parsable", "--export=ALL", *options, str(script)], env=env, cwd=cwd
+        )
+        return int(out.strip().split(";")[0])
+
+    def job(self, job_id: int) -> dict[str, str]:
+        """The job's ``scontrol show job`` fields (JobState, Restarts, ExitCode, ...)."""
+        out = self.client(["scontrol", "show", "job", "-o", str(job_id)])
+        return dict(f.split("=", 1) for f in out.split() if "=" in f)
+
+    def wait_job(self, job_id: int, done, timeout: float, what: str) -> dict[str, str]:
+        """Poll the job until ``done(fields)`` holds; its fields then. Raises
+        :class:`SlurmError` with the job's fields after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not done(fields := self.job(job_id)):
+            if time.monotonic() > deadline:
+                raise SlurmError(
+                    f"job {job_id}: gave up after {timeout} s waiting for {what}: {fields}"
+                )
+            time.sleep(1)
+        return fields
+
+
+def _run(
+    cmd: list[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    check: bool = True,
+    timeout: float = 30.0,
+) -> str:
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout, check=False
+    )
+    if check and res.returncode != 0:
+        raise SlurmError(f"{' '.join(cmd)} exited with status {res.returncode}: {res.stderr}")
+    return res.stdout
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _pids_with_env(entry: str) -> Iterable[int]:
+    needle = entry.encode() + b"\0"
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                if needle in (d / "environ").read_bytes() + b"\0":
+                    yield int(d.name)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""

@@ -1,0 +1,135 @@
+"""The sbatch scripts in slurm/, submitted to a real single-node Slurm (fixture ``slurm``).
+
+Each job runs 2 workers + 1 server (3 tasks overcommitted on a small machine) on a short
+training run; the scripts' site variables are overridden through the job's environment.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from ftmpi.events import read_events
+from tests.conftest import ROOT
+from tests.slurm.cluster import SlurmCluster
+
+pytestmark = pytest.mark.slurm
+
+SCRIPTS = ROOT / "slurm"
+ONE_NODE = ("--nodes=1", "--ntasks=3", "--overcommit", "--time=10")
+"""Two workers and a server on this one node, whatever the scripts ask for."""
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
+QUICK = "--data synthetic --eval-every 20 --no-progress"
+
+
+def submit(slurm: SlurmCluster, script: str, *options: str, **variables: str) -> int:
+    """Submit ``slurm/<script>`` from the checkout with the job's output in the cluster's
+    directory and its run directory under ``<cluster>/runs``."""
+    env = {"FTMPI_VENV": sys.prefix, "RUNS_DIR": str(slurm.root / "runs"), **variables}
+    return slurm.sbatch(
+        SCRIPTS / script,
+        *ONE_NODE,
+        f"--output={slurm.root}/job-%j.out",
+        *options,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+def finish(slurm: SlurmCluster, job_id: int, timeout: float) -> tuple[dict[str, str], str]:
+    """Wait until the job has ended; its fields and its output."""
+    fields = slurm.wait_job(job_id, lambda f: f["JobState"] in FINAL, timeout, "the job to end")
+    return fields, output(slurm, job_id)
+
+
+def output(slurm: SlurmCluster, job_id: int) -> str:
+    path = slurm.root / f"job-{job_id}.out"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def run_dir(slurm: SlurmCluster, job_id: int) -> Path:
+    return slurm.root / "runs" / f"slurm-{job_id}"
+
+
+@pytest.mark.timeout(180)
+def test_training_job_runs_workers_and_servers_under_mpirun(slurm):
+    job = submit(slurm, "train.sbatch", TRAINER_ARGS=f"{QUICK} --steps 60")
+    fields, out = finish(slurm, job, 170)
+    assert fields["JobState"] == "COMPLETED", out[-4000:]
+    assert "mpirun --with-ft ulfm" in out
+    assert "2 worker(s), 1 server(s)" in out
+    assert "final test accuracy" in out
+    summary = json.loads((run_dir(slurm, job) / "summary.json").read_text())
+    assert summary["workers"] == 2 and summary["servers"] == 1 and summary["steps"] == 60
+    assert 0.0 <= summary["final_test_accuracy"] <= 1.0
+
+
+@pytest.mark.timeout(180)
+def test_failure_injection_job_survives_a_server_kill(slurm):
+    job = submit(
+        slurm,
+        "train-faults.sbatch",
+        TRAINER_ARGS=f"{QUICK} --steps 60",
+        KILL="server:0@step=25",
+        FTMPI_DOWN_FOR="1",
+        FTMPI_CHECKPOINT_EVERY="10",
+        EXIT_GRACE="15",
+    )
+    fields, out = finish(slurm, job, 170)
+    assert fields["JobState"] == "COMPLETED", out[-4000:]
+    assert "injected failure: server:0@step=25" in out
+    kinds = [e["event"] for e in read_events(str(run_dir(slurm, job)))]
+    for before, after in [
+        ("failure_detected", "replacement_ready"),
+        ("replacement_ready", "restored"),
+        ("restored", "rollback"),
+    ]:
+        assert before in kinds and after in kinds, kinds
+        assert kinds.index(before) < kinds.index(after), kinds
+    summary = json.loads((run_dir(slurm, job) / "summary.json").read_text())
+    assert summary["steps"] == 60
+
+
+@pytest.mark.timeout(240)
+def test_usr1_checkpoints_requeues_and_the_rerun_resumes(slurm):
+    job = submit(slurm, "train.sbatch", TRAINER_ARGS=f"{QUICK} --duration 20 --eval-every 10")
+    metrics = run_dir(slurm, job) / "metrics.jsonl"
+    slurm.wait_job(
+        job,
+        lambda f: f["JobState"] in FINAL or (metrics.exists() and metrics.stat().st_size > 0),
+        120,
+        "the first evaluation",
+    )
+    slurm.client(["scancel", "--signal=USR1", "--batch", str(job)])
+    fields, out = finish(slurm, job, 200)
+    assert fields["JobState"] == "COMPLETED", out[-4000:]
+    assert fields["Restarts"] == "1", fields
+    assert "SLURM_RESTART_COUNT=1" in out and "FTMPI_RESUME=1" in out, out[-4000:]
+    events = read_events(str(run_dir(slurm, job)))
+    checkpoints = [e for e in events if e["event"] == "signal_checkpoint"]
+    assert len(checkpoints) == 1, f"no signal_checkpoint event after SIGUSR1:\n{out[-4000:]}"
+    version = checkpoints[0]["version"]
+    assert version > 0
+    resumed = [e for e in events if e["event"] == "resumed"]
+    assert resumed, f"the re-run did not resume:\n{out[-4000:]}"
+    assert resumed_steps(resumed[0]) == {version}, (resumed[0], version)
+
+
+def resumed_steps(event: dict) -> set[int]:
+    """The data position(s) a ``resumed`` event names: one step, or one per worker."""
+    pos = event["position"]
+    if isinstance(pos, dict):
+        return set(pos.values())
+    return set(pos) if isinstance(pos, list) else {pos}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "script", ["train.sbatch", "train-faults.sbatch", "train-srun.sbatch", "experiment.sbatch"]
+)
+def test_script_is_accepted_by_sbatch(slurm, script):
+    """Every script's directives are valid (``sbatch --test-only`` schedules nothing)."""
+    slurm.client(["sbatch", "--test-only", *ONE_NODE, str(SCRIPTS / script)], cwd=ROOT)
