@@ -18,6 +18,7 @@ import torch
 from mpi4py import MPI
 
 from ftmpi import wire
+from ftmpi.gradlog import Combined
 from ftmpi.optim_state import dtype_name, unpack_tensors
 from ftmpi.runtime import Runtime
 from ftmpi.sharding import Shard
@@ -45,7 +46,7 @@ class ServerClient:
         return buf[shard.start : shard.start + shard.numel]
 
     def _server(self, shard: Shard) -> int:
-        return self.rt.server_world_rank(shard.index)
+        return self.rt.shard_head(shard.index)
 
     def _header(self, kind: Kind, shard: Shard, nbytes: int, version: int = 0) -> Header:
         self._seq += 1
@@ -122,12 +123,16 @@ class ServerClient:
         optimizer: str,
         groups: list[dict[str, Any]],
         state: dict[int, tuple[list[dict[str, Any]], np.ndarray, dict[str, Any]]],
+        shards: Sequence[Shard] | None = None,
     ) -> None:
-        """Send every shard's layout, optimizer and initial weights (from :attr:`weights`) and
-        optimizer state to its server; return when every server has acknowledged."""
+        """Send each shard's layout, optimizer, weights (from :attr:`weights`, at the version
+        this worker holds) and optimizer state to its server (every shard's by default); return
+        when every server has acknowledged. A shard missing from ``state`` starts with a fresh
+        optimizer state."""
+        shards = self.shards if shards is None else list(shards)
         reqs: list[MPI.Request] = []
         keep: list[np.ndarray] = []
-        for shard in self.shards:
+        for shard in shards:
             table, state_buf, scalars = state.get(shard.index, ([], np.empty(0, np.uint8), {}))
             weights = self.view(self.weights, shard).numpy().view(np.uint8)
             binary = np.concatenate([weights, state_buf])
@@ -142,7 +147,8 @@ class ServerClient:
             }
             doc = wire.encode_json(spec)
             keep += [doc, binary]
-            reqs += self._isend(shard, self._header(Kind.INIT, shard, doc.nbytes), doc)
+            header = self._header(Kind.INIT, shard, doc.nbytes, self.versions[shard.index])
+            reqs += self._isend(shard, header, doc)
             reqs += wire.isend_data(
                 self.rt.world,
                 self._server(shard),
@@ -152,7 +158,7 @@ class ServerClient:
                 what=f"sending initial weights to server {shard.index}",
             )
             self._sent_hparams[shard.index] = json.dumps(groups, sort_keys=True)
-        for shard in self.shards:
+        for shard in shards:
             self._recv_reply(shard, Kind.OK, None)
         self._wait(reqs, "sending INIT")
 
@@ -183,18 +189,20 @@ class ServerClient:
             self.versions[shard.index] = header.version
         self._wait(reqs, "pushing gradients")
 
-    def push_pull_broadcast(self, comm: MPI.Comm, workers: int, me: int) -> None:
-        """Sync mode: the leader of each shard (worker ``shard.index % workers``) pushes its
-        averaged gradient; the new weights reach every worker over ``comm``, broadcast chunk by
-        chunk as they arrive from the server, so the pull and the broadcast overlap."""
+    def push_pull_broadcast(
+        self, comm: MPI.Comm, workers: int, me: int, shards: Sequence[Shard]
+    ) -> None:
+        """Sync mode: the leader of each of ``shards`` (worker ``shard.index % workers``) pushes
+        its averaged gradient; the new weights reach every worker over ``comm``, broadcast chunk
+        by chunk as they arrive from the server, so the pull and the broadcast overlap."""
         cfg = self.rt.config
-        mine = [s for s in self.shards if s.index % workers == me]
+        mine = [s for s in shards if s.index % workers == me]
         reqs: list[MPI.Request] = []
         for shard in mine:
             g = self.view(self.grads, shard).numpy()
             header = self._header(Kind.PUSH, shard, g.nbytes, self.versions[shard.index])
             reqs += self._isend(shard, header, g)
-        for shard in self.shards:
+        for shard in shards:
             root = shard.index % workers
             chunks = wire.chunks(self.view(self.weights, shard).numpy(), cfg.chunk_bytes)
             if root != me:
@@ -216,6 +224,32 @@ class ServerClient:
                     with wire.mpi_errors("weight broadcast"):
                         reqs.append(comm.Ibcast(c, root=root))
         self._wait(reqs, "pushing gradients and broadcasting weights")
+
+    def replay(self, shard: Shard, combined: Combined) -> None:
+        """Send a folded gradient log for ``shard`` (``stateless``); the server applies it once
+        and replies with the new weights, received into :attr:`weights`."""
+        doc = wire.encode_json(
+            {
+                "count": combined.count,
+                "first_seq": combined.first_seq,
+                "last_seq": combined.last_seq,
+                "lr_scale": combined.lr_scale,
+                "max_age": combined.max_age,
+            }
+        )
+        grad = combined.grad.numpy()
+        reqs = self._isend(shard, self._header(Kind.REPLAY, shard, doc.nbytes), doc)
+        reqs += wire.isend_data(
+            self.rt.world,
+            self._server(shard),
+            grad,
+            data_tag=wire.TAG_DATA,
+            chunk_bytes=self.rt.config.chunk_bytes,
+            what=f"sending a gradient log to server {shard.index}",
+        )
+        header, _ = self._recv_reply(shard, Kind.WEIGHTS, self.view(self.weights, shard).numpy())
+        self.versions[shard.index] = header.version
+        self._wait(reqs, "replaying a gradient log")
 
     def pull(self, shards: Sequence[Shard]) -> None:
         """Fetch the servers' current weights into :attr:`weights`."""
@@ -267,11 +301,14 @@ class ServerClient:
         self._wait(reqs, f"sending {kind.name}")
         return doc
 
-    def restore_snapshots(self) -> dict[str, Any]:
+    def restore_snapshots(self, *, allow_none: bool = False) -> dict[str, Any] | None:
         """Coordinator side of a checkpoint rollback (sync mode): every shard loads the newest
         version all shards have, so the model is consistent. Returns the version loaded and
-        every worker's data position (the version: one update per step)."""
+        every worker's data position (the version: one update per step); with ``allow_none``,
+        None when no shard has any snapshot."""
         have = [set(self.request_json(s, Kind.SNAPSHOTS)["versions"]) for s in self.shards]
+        if allow_none and not any(have):
+            return None
         common = set.intersection(*have)
         if not common:
             raise RuntimeError("no snapshot version is valid on every shard; cannot roll back")

@@ -48,6 +48,9 @@ class TrainingState:
         self.batches = batches
         self.rollbacks = 0
         self.__dict__.update(extra)
+        position = getattr(optimizer, "position", 0)
+        if batches is not None and position:  # a resumed run starts where its snapshot was
+            batches.step = position
 
     def rewind(self, position: int) -> None:
         """Move the data position to ``position`` (the optimizer is already there)."""

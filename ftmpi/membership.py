@@ -46,6 +46,8 @@ class Recovery:
     """Server slots that died."""
     respawned: list[int] = field(default_factory=list)
     """Server slots that received a new rank."""
+    new_workers: int = 0
+    """Replacement workers that joined (``respawn_workers``)."""
     rank_map: dict[int, int] = field(default_factory=dict)
     """Old world rank -> new world rank, for survivors."""
 
@@ -67,10 +69,12 @@ def recover(rt: Runtime, *, blocking_strategy: bool, reason: str) -> Recovery:
     deferred request (``spawn_due``) replaces them.
     """
     if not rt.ulfm:
+        from ftmpi.runtime import durable_state
+
         raise RuntimeError(
             f"a rank died ({reason}) and this MPI has no ULFM fault tolerance "
-            "(run under Open MPI 5 with `mpirun --with-ft ulfm`, e.g. via ftmpi-run); "
-            "restart the job to resume from durable state"
+            "(run under Open MPI 5 with `mpirun --with-ft ulfm`, e.g. via ftmpi-run). "
+            + durable_state(rt.config)
         )
     detected = time.monotonic()
     events.emit(
@@ -99,6 +103,8 @@ def recover(rt: Runtime, *, blocking_strategy: bool, reason: str) -> Recovery:
     rt.servers = [rank_map.get(r) if r is not None else None for r in rt.servers]
     for j in result.failed_servers:
         rt.down_since[j] = detected
+    if rt.config.respawn_workers:
+        rt.workers_down += [detected] * len(result.failed_workers)
     if result.failed_servers or result.failed_workers:
         # an older spawn's inter-communicator may hold the dead rank: it can no longer be
         # disconnected collectively, so it is left alone
@@ -116,8 +122,9 @@ def recover(rt: Runtime, *, blocking_strategy: bool, reason: str) -> Recovery:
     )
     # Replace down servers now if workers would wait for them anyway, or if the coordinator says
     # their down time has passed (the coordinator revoked the world to get everyone here).
-    if rt.down_since and blocking_strategy and is_coordinator(rt):
-        wait = max(0.0, min(rt.down_since.values()) + rt.config.down_for - time.monotonic())
+    if (rt.down_since or rt.workers_down) and blocking_strategy and is_coordinator(rt):
+        since = min([*rt.down_since.values(), *rt.workers_down])
+        wait = max(0.0, since + rt.config.down_for - time.monotonic())
         time.sleep(wait)
     want = np.array([1 if is_coordinator(rt) and spawn_due(rt) else 0], dtype=np.int64)
     limit = rt.config.timeout + (rt.config.down_for if blocking_strategy else 0)
@@ -125,7 +132,9 @@ def recover(rt: Runtime, *, blocking_strategy: bool, reason: str) -> Recovery:
         [rt.world.Iallreduce(MPI.IN_PLACE, want, op=MPI.MAX)], limit, "agreeing on replacements"
     )
     if want[0]:
+        workers_before = rt.num_workers
         result.respawned = spawn_replacements(rt)
+        result.new_workers = rt.num_workers - workers_before
     return result
 
 
@@ -135,9 +144,9 @@ def is_coordinator(rt: Runtime) -> bool:
 
 
 def spawn_due(rt: Runtime) -> bool:
-    """Whether some down server's down time has passed."""
+    """Whether some down server's (or dead worker's) down time has passed."""
     now = time.monotonic()
-    return any(now - t >= rt.config.down_for for t in rt.down_since.values())
+    return any(now - t >= rt.config.down_for for t in [*rt.down_since.values(), *rt.workers_down])
 
 
 def _install(rt: Runtime, world: MPI.Comm) -> None:
@@ -157,6 +166,7 @@ def _assignment(rt: Runtime) -> dict[str, object]:
         "workers": rt.workers,
         "servers": rt.servers,
         "incarnations": rt.incarnations,
+        "chains": rt.chains,
     }
 
 
@@ -175,12 +185,15 @@ def _bcast_json(comm: MPI.Comm, doc: dict[str, object] | None, timeout: float) -
 
 
 def spawn_replacements(rt: Runtime) -> list[int]:
-    """Spawn one process per down server slot and merge it into the world (all survivors).
+    """Spawn one process per down server slot (and per dead worker awaiting a replacement) and
+    merge them into the world (all survivors).
 
-    Returns the refilled slots. The replacements run ``sys.argv`` with this Python.
+    Returns the refilled server slots. The replacements run ``sys.argv`` with this Python; new
+    workers are appended to the worker list.
     """
     slots = sorted(rt.down_since)
-    if not slots:
+    new_workers = len(rt.workers_down)
+    if not slots and not new_workers:
         return []
     script = sys.argv[0] if sys.argv else ""
     if not script or script == "-c" or not os.path.exists(script):
@@ -194,6 +207,7 @@ def spawn_replacements(rt: Runtime) -> list[int]:
         rank=rt.world_rank,
         role=role_of(rt),
         slots=slots,
+        workers=new_workers,
         view=rt.view,
     )
     info = MPI.Info.Create()
@@ -201,7 +215,7 @@ def spawn_replacements(rt: Runtime) -> list[int]:
     inter = rt.world.Spawn(
         sys.executable,
         args=[os.path.abspath(script), *sys.argv[1:]],
-        maxprocs=len(slots),
+        maxprocs=len(slots) + new_workers,
         root=0,
         info=info,
     )
@@ -214,6 +228,11 @@ def spawn_replacements(rt: Runtime) -> list[int]:
         rt.servers[j] = base + k
         rt.incarnations[j] += 1
         del rt.down_since[j]
+        chain = rt.chains[rt.shard_of(j)]
+        chain.remove(j)
+        chain.append(j)  # a replacement joins its chain at the tail
+    rt.workers += [base + len(slots) + k for k in range(new_workers)]
+    rt.workers_down = []
     rt.intercomms.append(inter)
     _bcast_json(merged, _assignment(rt) if merged.Get_rank() == 0 else None, rt.config.timeout)
     _install(rt, merged)
@@ -223,6 +242,7 @@ def spawn_replacements(rt: Runtime) -> list[int]:
         rank=rt.world_rank,
         role=role_of(rt),
         slots=slots,
+        workers=new_workers,
         view=rt.view,
     )
     return slots
@@ -239,21 +259,24 @@ def join_as_replacement(parent: MPI.Comm) -> Runtime:
     config = Config.from_env(config_env)
     servers = list(doc["servers"])  # type: ignore[arg-type]
     me = merged.Get_rank()
+    is_server = me in servers
     rt = Runtime(
         config=config,
         world=merged,
         group=merged,
-        is_server=True,
+        is_server=is_server,
         workers=list(doc["workers"]),  # type: ignore[arg-type]
         servers=servers,
         run_id=str(doc["run_id"]),
         run=run_hash(str(doc["run_id"])),
         job_start=float(doc["job_start"]),  # type: ignore[arg-type]
-        server_index=servers.index(me),
+        server_index=servers.index(me) if is_server else -1,
         incarnations=list(doc["incarnations"]),  # type: ignore[arg-type]
+        chains=[list(c) for c in doc["chains"]],  # type: ignore[union-attr]
         view=int(doc["view"]),  # type: ignore[arg-type]
         ulfm=True,
         intercomms=[parent],
+        late_joiner=not is_server,
     )
     _install(rt, merged)
     events.emit(config.run_dir, "replacement_joined", rank=me, role=role_of(rt), view=rt.view)

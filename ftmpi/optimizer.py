@@ -24,12 +24,14 @@ import contextlib
 import enum
 import importlib.util
 import json
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
+from mpi4py import MPI
 
 from ftmpi import events
 from ftmpi.client import ServerClient
@@ -45,6 +47,7 @@ from ftmpi.optim_state import (
 )
 from ftmpi.runtime import Runtime, runtime
 from ftmpi.sharding import ParamInfo, Shard, plan_shards
+from ftmpi.stateless import StaleTraining
 from ftmpi.timing import PhaseTimes
 from ftmpi.wire import PeerFailure
 
@@ -102,7 +105,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             for gi, g in enumerate(self.param_groups)
             for p in g["params"]
         ]
-        self._ftmpi_shards: list[Shard] = plan_shards(infos, max(rt.num_servers, 1))
+        self._ftmpi_shards: list[Shard] = plan_shards(infos, max(rt.num_shards, 1))
         self._ftmpi_client = ServerClient(rt, self._ftmpi_shards, dtypes.pop())
         by_name = {self._ftmpi_names[p]: p for p in self._ftmpi_params}
         # (param, its slice of the flat gradient buffer, its slice of the flat weight buffer)
@@ -131,9 +134,16 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._ftmpi_injector = Injector(
             parse_schedule(rt.config.kill), "worker", rt.role_rank, 0, rt.job_start
         )
+        self._ftmpi_stale = (
+            StaleTraining(rt, self._ftmpi_client) if rt.config.logs_gradients else None
+        )
         self._ftmpi_times = PhaseTimes()
         self._ftmpi_synchronized = False
         self._ftmpi_should_sync = True
+        if rt.late_joiner:
+            self._join()
+        elif rt.config.resume and rt.config.strategy == "checkpoint":
+            self._resume()
 
     # ---------------------------------------------------------- Horovod API
 
@@ -190,12 +200,14 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         rt = self._ftmpi_rt
         t = self._ftmpi_times
         t.steps += 1
+        self._request_due_replacements()
         if rt.config.mode == "async":
             with t.phase("gather"):
                 self._gather_grads()
             self._start_servers()
+            live = self._live_shards(self._ftmpi_shards)
             with t.phase("push_pull"):
-                self._push_pull(self._ftmpi_shards)
+                self._push_pull(live)
             return
         with t.phase("gather"):
             self._gather_grads()
@@ -210,9 +222,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 super(self.__class__, self).step()  # type: ignore[misc]
             return
         self._start_servers()
+        live = self._live_shards(self._ftmpi_shards)
         with t.phase("push_pull_broadcast"):
-            self._ftmpi_client.send_hparams(self._my_shards(), self._hparams())
-            self._ftmpi_client.push_pull_broadcast(rt.group, rt.num_workers, rt.role_rank)
+            self._ftmpi_client.send_hparams(self._live_shards(self._my_shards()), self._hparams())
+            self._ftmpi_client.push_pull_broadcast(rt.group, rt.num_workers, rt.role_rank, live)
         with t.phase("scatter"):
             self._scatter_weights()
 
@@ -227,14 +240,29 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         rt = self._ftmpi_rt
         strategy = rt.config.strategy
         result = recover(rt, blocking_strategy=strategy == "checkpoint", reason=reason)
-        rebuild_backend(rt, workers_changed=bool(result.failed_workers))
+        rebuild_backend(rt, workers_changed=bool(result.failed_workers or result.new_workers))
+        if result.new_workers:
+            self._welcome()
         if result.failed_servers and strategy == "none":
             raise RuntimeError(
                 f"server(s) {result.failed_servers} died and strategy='none' cannot recover their "
                 "state; run with strategy checkpoint or stateless (FTMPI_STRATEGY)"
             )
+        # shards with no server, or only new ones: their state must come from the workers
+        lost = [k for k in range(rt.num_shards) if set(rt.live_chain(k)) <= set(result.respawned)]
+        if lost and strategy == "chain":
+            raise RuntimeError(
+                f"every server of shard(s) {lost} died (chains of {rt.config.chain_length}); "
+                "chain replication cannot recover them: use a longer chain_length, or strategy "
+                "chain+stateless to rebuild them from the workers"
+            )
+        if self._ftmpi_stale is not None and result.respawned:
+            rebuild = [s for s in self._ftmpi_shards if s.index in lost and rt.live_chain(s.index)]
+            self._ftmpi_stale.rebuild(rebuild, class_path(self._ftmpi_base_class), self._hparams())
+            self._scatter_weights()
         if strategy == "checkpoint" and (result.failed_servers or result.respawned):
             position = self._rollback()
+            assert position is not None
             if self._ftmpi_in_run:
                 raise Rollback(position)
             if not self._ftmpi_warned_rollback:
@@ -249,10 +277,96 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             return False
         return True
 
-    def _rollback(self) -> int:
+    def _live_shards(self, shards: list[Shard]) -> list[Shard]:
+        """``shards`` that have a live server; the others' gradients are logged (stateless)."""
+        if self._ftmpi_stale is None:
+            return shards
+        down = self._ftmpi_stale.down(shards)
+        if down:
+            with self._ftmpi_times.phase("log"):
+                self._ftmpi_stale.log(down, self._ftmpi_position)
+        return [s for s in shards if s not in down]
+
+    def _settle(self) -> None:
+        """``stateless``: wait until every shard has a server again and its log is replayed, so
+        what follows sees every gradient computed so far. Collective while a shard is down."""
+        stale = self._ftmpi_stale
+        while stale is not None and (down := stale.down(self._ftmpi_shards)):
+            try:
+                stale.wait_for_replacement(down[0])
+            except PeerFailure as exc:
+                self._recover(str(exc))
+
+    def _request_due_replacements(self) -> None:
+        """Coordinator: once a down server's down time has passed, revoke the world so that
+        every rank joins a recovery that spawns its replacement (strategies whose workers keep
+        training while a server is down; ``checkpoint`` replaces it inside the recovery)."""
+        from ftmpi.membership import is_coordinator, spawn_due
+
+        rt = self._ftmpi_rt
+        if (rt.down_since or rt.workers_down) and is_coordinator(rt) and spawn_due(rt):
+            with contextlib.suppress(MPI.Exception):
+                rt.world.Revoke()
+            raise PeerFailure("replacement due", MPI.ERR_REVOKED)
+
+    def _welcome(self) -> None:
+        """Survivors' side of :meth:`_join`: worker 0 sends the training position."""
+        from ftmpi.broadcast import broadcast_bytes
+
+        doc = {"position": self._ftmpi_position, "versions": self._ftmpi_client.versions}
+        broadcast_bytes(json.dumps(doc).encode(), 0)
+        if not self._ftmpi_rt.num_servers:
+            self._broadcast_params()
+
+    def _broadcast_params(self) -> None:
+        """Without servers, a joining worker takes the parameters from worker 0."""
+        backend = self._ftmpi_rt.backend
+        assert backend is not None
+        with torch.no_grad():
+            for p in self._ftmpi_params:
+                backend.broadcast_(p.data, 0)
+
+    def _join(self) -> None:
+        """A replacement worker joins training in progress: it takes the data position from
+        worker 0 and the current weights from the servers, before its first forward pass."""
+        from ftmpi.broadcast import broadcast_bytes
+
+        rt = self._ftmpi_rt
+        doc = json.loads(broadcast_bytes(None, 0))
+        self._ftmpi_position = self._ftmpi_client.position = int(doc["position"])
+        self._ftmpi_client.versions = list(doc["versions"])
+        if rt.num_servers:
+            self._ftmpi_client.pull(self._ftmpi_shards)
+            self._scatter_weights()
+        else:
+            self._broadcast_params()
+        self._ftmpi_started = True
+        events.emit(
+            rt.config.run_dir,
+            "worker_joined",
+            role=f"worker {rt.role_rank}",
+            position=self._ftmpi_position,
+            workers=rt.num_workers,
+        )
+
+    def _resume(self) -> None:
+        """``resume=1`` (a relaunched job): if the checkpoint directory holds snapshots, load
+        the newest version every shard has and take its data position (``position``; a
+        :class:`ftmpi.TrainingState` built afterwards starts its batches there)."""
+        position = self._rollback(resume=True)
+        if position is None:
+            return
+        self._ftmpi_started = True
+        print(
+            f"ftmpi: resumed from the snapshot at step {position}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _rollback(self, *, resume: bool = False) -> int | None:
         """Checkpoint strategy: the coordinator picks the newest snapshot every shard has and
         has the servers load it; every worker then pulls the restored weights. Returns this
-        worker's data position."""
+        worker's data position (``resume``: None when there is no snapshot at all)."""
         from ftmpi.broadcast import broadcast_bytes
         from ftmpi.membership import is_coordinator
 
@@ -260,8 +374,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         client = self._ftmpi_client
         doc: dict[str, Any] | None = None
         if is_coordinator(rt):
-            doc = client.restore_snapshots()
-        doc = json.loads(broadcast_bytes(json.dumps(doc).encode() if doc else None, 0))
+            doc = client.restore_snapshots(allow_none=resume)
+        doc = json.loads(broadcast_bytes(json.dumps(doc).encode(), 0))
+        if doc is None:
+            return None
         client.pull(self._ftmpi_shards)
         self._scatter_weights()
         positions = doc["positions"]
@@ -269,7 +385,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._ftmpi_position = client.position = position
         events.emit(
             rt.config.run_dir,
-            "rollback",
+            "resumed" if resume else "rollback",
             role=f"worker {rt.role_rank}",
             position=position,
             versions=client.versions,
@@ -282,10 +398,17 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         """Mean milliseconds per step spent in each phase of ``step()`` on this worker."""
         return self._ftmpi_times.per_step_ms()
 
+    def stale_stats(self) -> dict[str, int]:
+        """``stateless``: gradients this worker logged while a shard had no server, and how many
+        of them replacements have acknowledged."""
+        st = self._ftmpi_stale
+        return {"logged": st.logged if st else 0, "replayed": st.replayed if st else 0}
+
     def server_stats(self) -> list[dict[str, Any]]:
         """Counters from every server (updates applied, staleness, dropped messages)."""
         if not self._ftmpi_started:
             return []
+        self._settle()
         return self._ftmpi_client.stats()
 
     @torch.no_grad()
@@ -293,6 +416,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         """Load the servers' current weights into the model (e.g. before evaluating in async
         mode, where this worker's copy may lag)."""
         if self._ftmpi_started:
+            self._settle()
             self._ftmpi_client.pull(self._ftmpi_shards)
             self._scatter_weights()
 
@@ -304,6 +428,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         for ``torch.save`` and a later ``load_state_dict``.
         """
         if self._ftmpi_started and self._ftmpi_rt.num_servers:
+            self._settle()
             by_name = {self._ftmpi_names[p]: p for p in self._ftmpi_params}
             self.state.clear()
             for tensors, scalars in self._ftmpi_client.fetch_state():

@@ -52,6 +52,10 @@ class Runtime:
     """How many times each server slot has been replaced."""
     down_since: dict[int, float] = field(default_factory=dict)
     """Server slots that are down, and since when (``time.monotonic()`` on this rank)."""
+    workers_down: list[float] = field(default_factory=list)
+    """With ``respawn_workers``: when each dead worker that awaits a replacement died."""
+    late_joiner: bool = False
+    """This worker was spawned to replace a dead one (it joins training in progress)."""
     backend: CollectiveBackend | None = None
     local: MPI.Comm | None = None
     """The workers on this node (workers only)."""
@@ -59,6 +63,9 @@ class Runtime:
     """Membership view number; increases with every membership change."""
     ulfm: bool = False
     """Whether the MPI survives rank deaths (Open MPI with ``--with-ft ulfm``)."""
+    chains: list[list[int]] = field(default_factory=list)
+    """Per shard, its server slots in chain order (head first). One slot per shard unless the
+    strategy replicates shards on chains; a replacement is appended at the tail."""
     intercomms: list[Any] = field(default_factory=list, repr=False)
     _stopped: bool = field(default=False, repr=False)
 
@@ -77,6 +84,28 @@ class Runtime:
     @property
     def num_servers(self) -> int:
         return len(self.servers)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.chains)
+
+    def shard_of(self, slot: int) -> int:
+        """The shard whose chain holds server slot ``slot``."""
+        return next(k for k, chain in enumerate(self.chains) if slot in chain)
+
+    def live_chain(self, shard: int) -> list[int]:
+        """``shard``'s live server slots, head first."""
+        return [s for s in self.chains[shard] if self.servers[s] is not None]
+
+    def shard_head(self, shard: int) -> int:
+        """World rank of the server that takes ``shard``'s requests (its chain's live head);
+        raises ``ServerDown`` while the shard has no live server."""
+        live = self.live_chain(shard)
+        if not live:
+            from ftmpi.wire import ServerDown
+
+            raise ServerDown(shard)
+        return self.server_world_rank(live[0])
 
     def server_world_rank(self, server: int) -> int:
         """World rank of server slot ``server``; raises ``ServerDown`` while it is down."""
@@ -115,7 +144,10 @@ def init(servers: int | None = None, mode: str | None = None, **options: Any) ->
         from ftmpi.membership import join_as_replacement
 
         _RUNTIME = rt = join_as_replacement(MPI.Comm.Get_parent())
-        _run_server_and_exit(rt)
+        if rt.is_server:
+            _run_server_and_exit(rt)
+        _start_worker(rt)
+        return rt
     num_workers = config.check_world(MPI.COMM_WORLD.Get_size())
     MPI.COMM_WORLD.Set_errhandler(MPI.ERRORS_RETURN)
     world = MPI.COMM_WORLD.Dup()
@@ -138,18 +170,53 @@ def init(servers: int | None = None, mode: str | None = None, **options: Any) ->
         job_start=job_start,
         server_index=world.Get_rank() - num_workers if is_server else -1,
         incarnations=[0] * config.servers,
+        chains=initial_chains(config),
         ulfm=ulfm_enabled(),
     )
     _RUNTIME = rt
+    if not rt.ulfm and world.Get_rank() == 0 and config.strategy != "none":
+        print(
+            "ftmpi: this MPI runs without ULFM fault tolerance (Open MPI 5 with `mpirun --with-ft "
+            f"ulfm` provides it): a rank death ends the job. {durable_state(config)}",
+            file=sys.stderr,
+            flush=True,
+        )
     if is_server:
         _run_server_and_exit(rt)
-    from ftmpi.backends import select_backend
-
-    rt.local = group.Split_type(MPI.COMM_TYPE_SHARED, key=group.Get_rank())
-    rt.local.Set_errhandler(MPI.ERRORS_RETURN)
-    rt.backend = select_backend(rt)
-    atexit.register(shutdown)
+    _start_worker(rt)
     return rt
+
+
+def _start_worker(rt: Runtime) -> None:
+    """Worker set-up after the roles are known: node-local communicator, backend, exit hook.
+    A late joiner uses the MPI backend, as the survivors do after any failure."""
+    from mpi4py import MPI
+
+    from ftmpi.backends import MPIBackend, select_backend
+
+    rt.local = rt.group.Split_type(MPI.COMM_TYPE_SHARED, key=rt.group.Get_rank())
+    rt.local.Set_errhandler(MPI.ERRORS_RETURN)
+    rt.backend = MPIBackend(rt.group, rt.config.timeout) if rt.late_joiner else select_backend(rt)
+    atexit.register(shutdown)
+
+
+def initial_chains(config: Config) -> list[list[int]]:
+    """Shard ``k``'s chain: slots ``k*R .. k*R+R-1`` with chains of length R, else ``[k]``."""
+    r = config.chain_length if config.chained else 1
+    return [list(range(k * r, k * r + r)) for k in range(config.num_shards)]
+
+
+def durable_state(config: Config) -> str:
+    """What a restarted job resumes from, in one sentence for error messages."""
+    if config.strategy == "checkpoint" and config.snapshot_dir:
+        return (
+            f"A restart with FTMPI_RESUME=1 (ftmpi-run --max-restarts) resumes from the newest "
+            f"valid snapshot in {config.snapshot_dir}."
+        )
+    return (
+        f"strategy={config.strategy!r} keeps no durable state: a restart begins from the "
+        "script's own checkpoint, or from step 0 (use strategy checkpoint for durable snapshots)."
+    )
 
 
 def ulfm_enabled() -> bool:
@@ -203,6 +270,8 @@ def shutdown() -> None:
     from ftmpi.wire import TAG_DATA, TAG_HEADER, Header, Kind, PeerFailure, send
 
     for s in range(rt.num_servers):
+        if rt.servers[s] is None:
+            continue  # down: nothing to stop
         header = Header(Kind.STOP, rt.run, 0, s, 0, rt.view, 0)
         with contextlib.suppress(PeerFailure):  # a dead server needs no stop message
             send(

@@ -30,11 +30,13 @@ import numpy as np
 import torch
 
 from ftmpi import events, wire
+from ftmpi.chain import ChainLink, Update
 from ftmpi.faults import Injector, parse_schedule
 from ftmpi.optim_state import (
     apply_hparams,
     build_optimizer,
     dtype_of,
+    group_hparams,
     load_state_entries,
     pack_tensors,
     state_entries,
@@ -58,6 +60,9 @@ class ParameterServer:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.index = rt.server_index
+        """This server's slot."""
+        self.shard_index = rt.shard_of(self.index)
+        """The shard this server holds (its chain's shard)."""
         self.shard: Shard | None = None
         self.weights: torch.Tensor | None = None
         self.grads: torch.Tensor | None = None
@@ -66,6 +71,9 @@ class ParameterServer:
         self.version = 0
         self.stopped: set[int] = set()
         self.applied = 0
+        """Gradients applied (a replayed log counts every gradient in it)."""
+        self.replayed = 0
+        """Gradients applied from workers' logs (``stateless``)."""
         self.staleness_sum = 0
         self.staleness_max = 0
         self.dropped = 0
@@ -76,6 +84,9 @@ class ParameterServer:
         """World rank of a worker -> sequence number of its last applied push (async dedup)."""
         self.spec: dict[str, Any] = {}
         self.writer: SnapshotWriter | None = None
+        self.link = ChainLink(self) if rt.config.chained else None
+        self.new_hparams: list[dict[str, Any]] | None = None
+        """Hyper-parameters received since the last update (forwarded down a chain with it)."""
         self.injector = Injector(
             parse_schedule(rt.config.kill),
             "server",
@@ -104,8 +115,12 @@ class ParameterServer:
             Kind.STOP: self._on_stop,
             Kind.SNAPSHOTS: self._on_snapshots,
             Kind.RESTORE: self._on_restore,
+            Kind.FORWARD: self._on_forward,
+            Kind.ACK: self._on_ack,
+            Kind.CHAIN_STOP: self._on_chain_stop,
+            Kind.REPLAY: self._on_replay,
         }
-        while not set(self.rt.workers) <= self.stopped:
+        while not self._done():
             try:
                 header, src = wire.recv_header(
                     self.rt.world,
@@ -128,6 +143,20 @@ class ParameterServer:
         if self.writer is not None:
             self.writer.flush()
 
+    def _done(self) -> bool:
+        """Every worker has stopped and (on a chain) everything is forwarded and committed; a
+        chain member then stops its successor."""
+        if not set(self.rt.workers) <= self.stopped:
+            return False
+        if self.link is None:
+            return True
+        if self.link.is_head and self.link.unsent:
+            self.link.flush()
+        if not self.link.drained():
+            return False
+        self.link.stop_successor()
+        return True
+
     def _recover(self, reason: str) -> None:
         """Join the survivors' recovery; keep per-worker bookkeeping under the new ranks."""
         from ftmpi.membership import recover
@@ -139,6 +168,8 @@ class ParameterServer:
         self.stopped = {remap[r] for r in self.stopped if r in remap}
         self.positions = {remap[r]: p for r, p in self.positions.items() if r in remap}
         self.last_seq = {remap[r]: q for r, q in self.last_seq.items() if r in remap}
+        if self.link is not None:
+            self.link.reconfigure(remap, result.respawned)
 
     def _drop(self, header: Header, src: int) -> None:
         """Drain and discard a message that must not be applied (wrong run, unknown kind)."""
@@ -187,14 +218,24 @@ class ParameterServer:
         spec: dict[str, Any] = wire.decode_json(self._recv_json(header, src))
         binary = np.empty(int(spec["binary_nbytes"]), dtype=np.uint8)
         self._recv(src, binary, "initial weights")
-        if int(spec["shard"]["index"]) != self.index:
-            self._reply_error(src, f"server {self.index} was sent shard {spec['shard']['index']}")
+        if int(spec["shard"]["index"]) != self.shard_index:
+            self._reply_error(
+                src,
+                f"server {self.index} holds shard {self.shard_index}, not {spec['shard']['index']}",
+            )
             return
         self._build(spec, binary, version=int(header.version))
+        self.last_seq = {int(r): q for r, q in spec.get("last_seq", {}).items()}
+        if self.link is not None:
+            self.link.committed = self.version
+            succ = self.link.succ
+            if succ is not None:
+                self.transfer_state(succ)
         if self.rt.config.strategy == "checkpoint":
             self._ensure_writer()
             self._snapshot()
-        self._reply(src, Kind.OK, None)
+        if src in self.rt.workers:
+            self._reply(src, Kind.OK, None)
 
     def _build(self, spec: dict[str, Any], binary: np.ndarray, *, version: int) -> None:
         """(Re)create the shard's tensors and optimizer from ``spec`` and ``binary`` (weights,
@@ -220,28 +261,81 @@ class ParameterServer:
         self.spec = {k: spec[k] for k in ("shard", "optimizer", "groups", "dtype")}
         self.version = version
 
+    def _state(self) -> tuple[dict[str, Any], np.ndarray]:
+        """The shard's whole state: a JSON-able spec (layout, optimizer, current hyper-parameters,
+        state table) and the bytes it describes (weights, then optimizer state)."""
+        assert self.optimizer is not None and self.weights is not None
+        tensors, scalars = state_entries(self.optimizer, {p: n for n, p in self.params.items()})
+        table, state_buf = pack_tensors(tensors)
+        spec = {
+            **self.spec,
+            "groups": [group_hparams(g) for g in self.optimizer.param_groups],
+            "state_table": table,
+            "state_scalars": scalars,
+        }
+        return spec, np.concatenate([self._weights_bytes().view(np.uint8), state_buf])
+
+    def transfer_state(self, slot: int) -> None:
+        """Send the whole shard state to server ``slot`` (a chain successor that has none)."""
+        spec, binary = self._state()
+        spec = {
+            **spec,
+            "binary_nbytes": int(binary.nbytes),
+            "last_seq": {str(r): q for r, q in self.last_seq.items()},
+        }
+        doc = wire.encode_json(spec)
+        cfg = self.rt.config
+        dest = self.rt.server_world_rank(slot)
+        what = f"server {self.index} sending its state to server {slot}"
+        header = Header(
+            Kind.INIT, self.rt.run, self.version, self.shard_index, 0, self.rt.view, doc.nbytes
+        )
+        reqs = wire.isend(
+            self.rt.world,
+            dest,
+            header,
+            doc,
+            tag=wire.TAG_HEADER,
+            data_tag=wire.TAG_DATA,
+            chunk_bytes=cfg.chunk_bytes,
+            what=what,
+        )
+        reqs += wire.isend_data(
+            self.rt.world,
+            dest,
+            binary,
+            data_tag=wire.TAG_DATA,
+            chunk_bytes=cfg.chunk_bytes,
+            what=what,
+        )
+        wire.wait_all(reqs, cfg.timeout, what)
+        events.emit(
+            cfg.run_dir,
+            "state_transfer",
+            role=f"server {self.index}",
+            to=f"server {slot}",
+            version=self.version,
+            nbytes=int(binary.nbytes),
+        )
+
     # ------------------------------------------------------------ snapshots
 
     def _snapshot(self) -> None:
         """Submit a snapshot of the current version (params, optimizer state, positions)."""
-        assert self.writer is not None and self.optimizer is not None and self.weights is not None
-        tensors, scalars = state_entries(self.optimizer, {p: n for n, p in self.params.items()})
-        table, state_buf = pack_tensors(tensors)
+        assert self.writer is not None
+        spec, payload = self._state()
         positions = {
             str(self.rt.worker_index(r)): p
             for r, p in self.positions.items()
             if r in self.rt.workers
         }
         meta = {
-            **self.spec,
+            **spec,
             "format": 1,
             "run_id": self.rt.run_id,
             "version": self.version,
-            "state_table": table,
-            "state_scalars": scalars,
             "positions": positions,
         }
-        payload = np.concatenate([self._weights_bytes().view(np.uint8), state_buf])
         self.writer.submit(self.version, meta, payload)
 
     def _ensure_writer(self) -> None:
@@ -311,7 +405,7 @@ class ParameterServer:
             self._reply_error(src, f"server {self.index} got a gradient before INIT")
             return
         grad_bytes = self.grads.numpy()
-        if header.nbytes != grad_bytes.nbytes or header.shard != self.index:
+        if header.nbytes != grad_bytes.nbytes or header.shard != self.shard_index:
             self._drop(header, src)
             self._reply_error(
                 src,
@@ -322,22 +416,112 @@ class ParameterServer:
             return
         self._recv(src, grad_bytes, "a gradient")
         if self._already_applied(header, src):
-            self._reply(src, Kind.WEIGHTS, self._weights_bytes(), aux=0)
+            self._answer(src, at_once=False)
             return
         staleness = max(self.version - header.version, 0)
+        self.staleness_sum += staleness
+        self.staleness_max = max(self.staleness_max, staleness)
+        hparams, self.new_hparams = self.new_hparams, None
+        update = Update(self.version + 1, src, header.seq, hparams, grad_bytes)
+        if self.link is None:
+            self.apply_update(update)
+            self._answer(src, at_once=True)
+        else:
+            update.grad = grad_bytes.copy()  # kept for re-sending until the tail commits it
+            at_once = self.link.submit(update, lambda: self.apply_update(update))
+            self._answer(src, at_once=at_once)
+        self.injector.at_step(self.version)
+
+    def _on_replay(self, header: Header, src: int) -> None:
+        """Apply a worker's gradient log, folded into one gradient (``stateless``), exactly once:
+        a log whose last sequence number this server has seen is not applied again."""
+        doc = wire.decode_json(self._recv_json(header, src))
+        if self.grads is None:
+            raise RuntimeError(f"server {self.index} got a gradient log before its shard state")
+        grad_bytes = self.grads.numpy()
+        self._recv(src, grad_bytes, "a folded gradient log")
+        if doc["last_seq"] <= self.last_seq.get(src, -1):
+            self._answer(src, at_once=False)
+            return
+        count = int(doc["count"])
+        hparams, self.new_hparams = self.new_hparams, None
+        update = Update(
+            self.version + count,
+            src,
+            int(doc["last_seq"]),
+            hparams,
+            grad_bytes,
+            count,
+            float(doc["lr_scale"]),
+            replay=True,
+        )
+        self.staleness_max = max(self.staleness_max, int(doc["max_age"]))
+        events.emit(
+            self.rt.config.run_dir,
+            "replayed",
+            role=f"server {self.index}",
+            worker=src,
+            count=count,
+            lr_scale=update.lr_scale,
+            version=update.version,
+        )
+        if self.link is None:
+            self.apply_update(update)
+            self._answer(src, at_once=True)
+        else:
+            update.grad = grad_bytes.copy()
+            self._answer(src, at_once=self.link.submit(update, lambda: self.apply_update(update)))
+
+    def apply_update(self, u: Update) -> None:
+        """Apply one update (a gradient and the hyper-parameters in force for it)."""
+        assert self.optimizer is not None and self.grads is not None
+        grad_bytes = self.grads.numpy().view(np.uint8).reshape(-1)
+        if u.grad.ctypes.data != grad_bytes.ctypes.data:
+            grad_bytes[:] = u.grad.view(np.uint8).reshape(-1)
+        if u.hparams is not None:
+            apply_hparams(self.optimizer, u.hparams)
+        lrs = [g.get("lr") for g in self.optimizer.param_groups]
+        if u.lr_scale != 1.0:
+            for g, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+                g["lr"] = lr * u.lr_scale
         t0 = time.perf_counter()
         self.optimizer.step()
         self.apply_seconds += time.perf_counter() - t0
-        self.version += 1
-        self.applied += 1
-        self.staleness_sum += staleness
-        self.staleness_max = max(self.staleness_max, staleness)
-        self.positions[src] = header.seq + 1
-        self.last_seq[src] = header.seq
+        if u.lr_scale != 1.0:
+            for g, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+                g["lr"] = lr
+        self.version = u.version
+        self.applied += u.count
+        if u.replay:
+            self.replayed += u.count
+        if u.src >= 0:
+            self.positions[u.src] = u.seq + 1
+            self.last_seq[u.src] = u.seq
         if self.writer is not None and self.version % self.rt.config.checkpoint_every == 0:
             self._snapshot()
-        self._reply(src, Kind.WEIGHTS, self._weights_bytes(), aux=staleness)
+
+    def _answer(self, src: int, *, at_once: bool) -> None:
+        """Reply to a push with the current weights: now, or (on a chain) once acknowledged."""
+        if self.link is None or at_once:
+            self.reply_weights(src)
+        else:
+            self.link.hold(src, self.version)
+
+    def reply_weights(self, dest: int) -> None:
+        self._reply(dest, Kind.WEIGHTS, self._weights_bytes())
+
+    def _on_forward(self, header: Header, src: int) -> None:
+        assert self.link is not None
+        self.link.on_forward(header, src, lambda out, what: self._recv(src, out, what))
         self.injector.at_step(self.version)
+
+    def _on_ack(self, header: Header, src: int) -> None:
+        assert self.link is not None
+        self.link.on_ack(header)
+
+    def _on_chain_stop(self, header: Header, src: int) -> None:
+        assert self.link is not None
+        self.link.pred_stopped = True
 
     def _already_applied(self, header: Header, src: int) -> bool:
         """A push retried after a recovery that the server had applied before: in sync mode its
@@ -356,6 +540,7 @@ class ParameterServer:
         groups = wire.decode_json(self._recv_json(header, src))
         if self.optimizer is not None:
             apply_hparams(self.optimizer, groups)
+            self.new_hparams = groups
 
     def _on_stats(self, header: Header, src: int) -> None:
         self._reply(src, Kind.JSON, wire.encode_json(self.stats()))
@@ -390,6 +575,7 @@ class ParameterServer:
             "server": self.index,
             "version": self.version,
             "applied": self.applied,
+            "replayed": self.replayed,
             "staleness_mean": self.staleness_sum / self.applied if self.applied else 0.0,
             "staleness_max": self.staleness_max,
             "dropped": self.dropped,

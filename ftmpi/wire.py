@@ -55,6 +55,17 @@ class Kind(IntEnum):
     STATE = 11  # worker -> server: reply is JSON (state table) followed by the raw state bytes
     SNAPSHOTS = 12  # worker -> server: reply JSON {"versions": [...]} of valid snapshots
     RESTORE = 13  # worker -> server: load snapshot header.version; reply JSON positions
+    FORWARD = 14  # server -> its chain successor: JSON update list, then the gradients
+    ACK = 15  # server -> its chain predecessor: updates up to header.version (aux: AckKind)
+    CHAIN_STOP = 16  # server -> its chain successor: every update has been forwarded; exit
+    REPLAY = 17  # worker -> server: JSON gradient log summary, then the gradients; reply WEIGHTS
+
+
+class AckKind(IntEnum):
+    """What an ACK confirms: the tail has applied the update, or the successor received it."""
+
+    COMMITTED = 0
+    RECEIVED = 1
 
 
 class CommTimeout(TimeoutError):

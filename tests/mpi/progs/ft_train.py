@@ -8,6 +8,7 @@ import argparse
 import hashlib
 import json
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from ftmpi.snapshot import list_versions, snapshot_path
 p = argparse.ArgumentParser()
 p.add_argument("steps", type=int)
 p.add_argument("--corrupt-at", type=int, default=0)
+p.add_argument("--step-sleep", type=float, default=0.0, help="seconds of extra work per step")
 args = p.parse_args()
 
 rt = ftmpi.init()
@@ -52,6 +54,7 @@ def train(state):
         opt.zero_grad()
         F.cross_entropy(model(xb), yb).backward()
         computed += 1
+        time.sleep(args.step_sleep)
         opt.step()
 
 
@@ -72,6 +75,8 @@ print(
             "position": opt.position,
             "applied": [s["applied"] for s in stats],
             "versions": [s["version"] for s in stats],
+            "replayed": [s["replayed"] for s in stats],
+            "stale": opt.stale_stats(),
         }
     ),
     flush=True,

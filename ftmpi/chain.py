@@ -1,0 +1,318 @@
+"""Chain replication of one shard (van Renesse & Schneider), the server side.
+
+A shard is held by a chain of server slots, head first (``Runtime.chains``). Workers talk to the
+head only. The head applies a pushed gradient and forwards it, with its version, the pushing
+worker's sequence number and any new hyper-parameters, to its successor; every server applies
+what it receives in version order and forwards it on; the tail acknowledges ``COMMITTED`` back up
+the chain, and each server forgets the updates it had kept for re-sending once they are
+committed. Replicas run the same optimizer on the same gradients, so they hold bit-identical
+weights and optimizer state.
+
+When the head answers a push (:meth:`ChainLink.may_reply`):
+
+- ``chain_ack = "tail"``: once the tail has applied it (``COMMITTED``). A step the worker saw
+  complete is on every live replica, so no failure of fewer than R servers loses it.
+- ``chain_ack = "next"``: once the successor has received it (``RECEIVED``), the paper's relaxed
+  mode. With ``replicate_every = N`` the head forwards in batches of N and answers the updates it
+  is still holding at once: if the head dies, at most the N - 1 updates of its unsent batch are
+  lost.
+
+Reconfiguration after a membership change (:meth:`ChainLink.reconfigure`), run by every server
+of the chain in the new view; predecessors and successors are recomputed from the live slots:
+
+- head died: the successor is head now; workers retry their push there, and it answers at once
+  if it already applied it (sync: the gradient's base version is behind; async: the sequence
+  number is not new).
+- middle died: its predecessor re-sends every update the tail has not committed; the receiver
+  skips versions it already has.
+- tail died: its predecessor is the tail; it commits everything it holds.
+- a replacement slot joins at the tail: its predecessor sends it the whole shard state first
+  (the message a worker's INIT uses), then forwards as usual.
+
+Every message of an older view is gone with its revoked communicator, so all in-flight forwards
+and acks are re-sent by these rules, never assumed delivered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ftmpi import wire
+from ftmpi.wire import AckKind, Header, Kind
+
+if TYPE_CHECKING:
+    from ftmpi.server import ParameterServer
+
+
+@dataclass
+class Update:
+    """One applied push, as forwarded down the chain."""
+
+    version: int
+    """The shard's version after this update."""
+    src: int
+    """World rank of the worker that pushed it (current view)."""
+    seq: int
+    """The worker's sequence number (its data position)."""
+    hparams: list[dict[str, Any]] | None
+    """Param-group hyper-parameters that took effect just before this update, if they changed."""
+    grad: np.ndarray = field(repr=False)
+    """The gradient's bytes."""
+    count: int = 1
+    """Gradients this update stands for (a replayed log folds many into one)."""
+    lr_scale: float = 1.0
+    """Factor applied to the learning rate for this update only."""
+    replay: bool = False
+    """Whether this update is a replayed gradient log."""
+
+    @property
+    def base(self) -> int:
+        """The version this update applies to."""
+        return self.version - self.count
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "src": self.src,
+            "seq": self.seq,
+            "hparams": self.hparams,
+            "count": self.count,
+            "lr_scale": self.lr_scale,
+            "replay": self.replay,
+        }
+
+
+class ChainLink:
+    """One server's place in its shard's chain: neighbours, un-committed updates, held replies."""
+
+    def __init__(self, server: ParameterServer) -> None:
+        self.server = server
+        self.rt = server.rt
+        self.pending: list[Update] = []
+        """Forwarded to the successor, not yet committed by the tail (re-sent after a failure)."""
+        self.unsent: list[Update] = []
+        """Applied here, waiting for a full batch of ``replicate_every`` (head only)."""
+        self.committed = 0
+        """Highest version the tail has applied, as far as this server knows."""
+        self.received = 0
+        """Highest version the successor has received (``next`` ack mode)."""
+        self.held: list[tuple[int, int]] = []
+        """(worker world rank, version) replies the head may not send yet."""
+        self.pred_stopped = False
+        """The predecessor has forwarded everything and stopped (``CHAIN_STOP``)."""
+
+    # ------------------------------------------------------------ topology
+
+    def _neighbours(self) -> tuple[int | None, int | None]:
+        """(predecessor, successor) slots among the live members of this chain."""
+        live = self.rt.live_chain(self.server.shard_index)
+        i = live.index(self.server.index)
+        return (live[i - 1] if i > 0 else None, live[i + 1] if i + 1 < len(live) else None)
+
+    @property
+    def pred(self) -> int | None:
+        return self._neighbours()[0]
+
+    @property
+    def succ(self) -> int | None:
+        return self._neighbours()[1]
+
+    @property
+    def is_head(self) -> bool:
+        return self.pred is None
+
+    def acked(self) -> int:
+        """Highest version the head may answer for under the configured ack mode."""
+        if self.succ is None:
+            return self.server.version
+        if self.rt.config.chain_ack == "next":
+            return max(self.received, self.committed)
+        return self.committed
+
+    # ------------------------------------------------------------- sending
+
+    def _send(self, slot: int, header: Header, payload: np.ndarray | None, what: str) -> None:
+        cfg = self.rt.config
+        wire.send(
+            self.rt.world,
+            self.rt.server_world_rank(slot),
+            header,
+            payload,
+            tag=wire.TAG_HEADER,
+            data_tag=wire.TAG_DATA,
+            chunk_bytes=cfg.chunk_bytes,
+            timeout=cfg.timeout,
+            what=f"server {self.server.index} {what}",
+        )
+
+    def _header(self, kind: Kind, version: int, nbytes: int = 0, aux: int = 0) -> Header:
+        s = self.server
+        return Header(kind, self.rt.run, version, s.shard_index, 0, self.rt.view, nbytes, aux)
+
+    def start_forward(self, updates: list[Update]) -> list[Any]:
+        """Start sending ``updates`` to the successor (kept for re-sending until committed);
+        returns the requests to complete with :meth:`finish`. No-op at the tail."""
+        succ = self.succ
+        if succ is None or not updates:
+            return []
+        self.pending += updates
+        cfg = self.rt.config
+        doc = wire.encode_json({"updates": [u.meta() for u in updates]})
+        grads = np.concatenate([u.grad for u in updates])
+        dest = self.rt.server_world_rank(succ)
+        what = f"server {self.server.index} forwarding updates to server {succ}"
+        reqs = wire.isend(
+            self.rt.world,
+            dest,
+            self._header(Kind.FORWARD, updates[0].version, doc.nbytes, len(updates)),
+            doc,
+            tag=wire.TAG_HEADER,
+            data_tag=wire.TAG_DATA,
+            chunk_bytes=cfg.chunk_bytes,
+            what=what,
+        )
+        reqs += wire.isend_data(
+            self.rt.world,
+            dest,
+            grads,
+            data_tag=wire.TAG_DATA,
+            chunk_bytes=cfg.chunk_bytes,
+            what=what,
+        )
+        return [reqs, doc, grads]
+
+    def forward_while(self, updates: list[Update], apply: Callable[[], None]) -> None:
+        """Forward ``updates`` to the successor while ``apply()`` applies them here. The local
+        apply happens even if the forward fails, so this server never holds (for re-sending) an
+        update it has not applied; the failure is raised afterwards."""
+        try:
+            started = self.start_forward(updates)
+        except wire.PeerFailure:
+            apply()
+            raise
+        apply()
+        self.finish(started)
+
+    def finish(self, started: list[Any]) -> None:
+        """Wait for a forward started by :meth:`start_forward`."""
+        if started:
+            wire.wait_all(started[0], self.rt.config.timeout, "forwarding updates down the chain")
+
+    def ack(self, kind: AckKind, version: int) -> None:
+        """Tell the predecessor (if any) about ``version``."""
+        pred = self.pred
+        if pred is not None:
+            self._send(pred, self._header(Kind.ACK, version, aux=int(kind)), None, "acknowledging")
+
+    # ---------------------------------------------------------------- head
+
+    def submit(self, update: Update, apply: Callable[[], None]) -> bool:
+        """Head: replicate ``update`` while ``apply()`` applies it locally. Returns True when the
+        worker may be answered at once (no successor, or the update waits in a batch)."""
+        every = self.rt.config.replicate_every
+        self.unsent.append(update)
+        batch: list[Update] = []
+        if len(self.unsent) >= every:
+            batch, self.unsent = self.unsent, []
+        self.forward_while(batch, apply)
+        return self.succ is None or not batch
+
+    def hold(self, worker: int, version: int) -> None:
+        """Head: answer ``worker`` once ``version`` is acknowledged (see :meth:`acked`)."""
+        self.held.append((worker, version))
+        self.release()
+
+    def release(self) -> None:
+        """Head: send every held reply whose version is acknowledged."""
+        if not self.held:
+            return
+        acked = self.acked()
+        ready = [h for h in self.held if h[1] <= acked]
+        self.held = [h for h in self.held if h[1] > acked]
+        for worker, _ in ready:
+            self.server.reply_weights(worker)
+
+    def flush(self) -> None:
+        """Head: forward a partial batch (at shutdown)."""
+        batch, self.unsent = self.unsent, []
+        self.finish(self.start_forward(batch))
+
+    # ------------------------------------------------------------- replica
+
+    def on_forward(self, header: Header, src: int, recv: Callable[[np.ndarray, str], None]) -> None:
+        """Apply a batch of updates from the predecessor and pass the new ones on."""
+        s = self.server
+        doc = np.empty(header.nbytes, dtype=np.uint8)
+        recv(doc, "forwarded updates")
+        metas = wire.decode_json(doc)["updates"]
+        nbytes = s.grads.numpy().nbytes if s.grads is not None else 0
+        grads = np.empty(nbytes * len(metas), dtype=np.uint8)
+        recv(grads, "forwarded gradients")
+        if s.grads is None:
+            raise RuntimeError(f"server {s.index} got updates before its shard state")
+        updates = [
+            Update(
+                m["version"], m["src"], m["seq"], m["hparams"], grads[i * nbytes : (i + 1) * nbytes]
+            )
+            for i, m in enumerate(metas)
+        ]
+        new = [u for u in updates if u.version > s.version]
+        if new and new[0].version != s.version + 1:
+            raise RuntimeError(
+                f"server {s.index} at version {s.version} was forwarded version "
+                f"{new[0].version}: an update is missing"
+            )
+        if self.rt.config.chain_ack == "next" and updates:
+            self.ack(AckKind.RECEIVED, updates[-1].version)
+        self.forward_while(new, lambda: [s.apply_update(u) for u in new])
+        if self.succ is None:
+            self.committed = s.version
+            self.ack(AckKind.COMMITTED, s.version)
+        elif updates and updates[-1].version <= self.committed:
+            # re-sent after a reconfiguration, and already committed downstream
+            self.ack(AckKind.COMMITTED, self.committed)
+
+    def on_ack(self, header: Header) -> None:
+        """Record an acknowledgement from the successor; pass commits up the chain."""
+        if header.aux == AckKind.RECEIVED:
+            self.received = max(self.received, header.version)
+        else:
+            self.committed = max(self.committed, header.version)
+            self.pending = [u for u in self.pending if u.version > header.version]
+            self.ack(AckKind.COMMITTED, header.version)
+        self.release()
+
+    # ----------------------------------------------------- reconfiguration
+
+    def reconfigure(self, rank_map: dict[int, int], respawned: list[int]) -> None:
+        """Re-establish the chain in a new view (see the module docstring)."""
+        self.held = []  # workers retry their pushes after a recovery
+        for u in self.pending + self.unsent:
+            u.src = rank_map.get(u.src, -1)
+        succ = self.succ
+        if succ is None:
+            self.pending = []
+            self.committed = self.server.version
+            self.ack(AckKind.COMMITTED, self.server.version)
+        elif succ in respawned:
+            self.pending = []
+            self.server.transfer_state(succ)
+            self.committed = self.server.version  # the new tail holds all of it now
+            self.ack(AckKind.COMMITTED, self.committed)
+        elif self.pending:
+            again, self.pending = self.pending, []
+            self.finish(self.start_forward(again))
+
+    def stop_successor(self) -> None:
+        """Tell the successor that every update has been forwarded."""
+        succ = self.succ
+        if succ is not None:
+            self._send(succ, self._header(Kind.CHAIN_STOP, self.server.version), None, "stopping")
+
+    def drained(self) -> bool:
+        """Nothing left to forward or to see committed, and the predecessor has stopped."""
+        return not self.unsent and not self.pending and (self.pred is None or self.pred_stopped)

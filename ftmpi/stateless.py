@@ -1,0 +1,153 @@
+"""Worker side of ``stateless`` (and ``chain+stateless``): training on while a shard has no server.
+
+While every server of a shard is down, workers keep computing: the shard's gradient of each step
+goes into a :class:`~ftmpi.gradlog.GradientLog` instead of to a server, and the shard's weights
+stay as they were (the other shards keep training). In sync mode the shard's leader (worker
+``shard % W``) logs the averaged gradient; in async mode every worker logs its own.
+
+When the coordinator has had the replacement spawned (``down_for`` after the failure), every
+worker runs :meth:`StaleTraining.rebuild`:
+
+1. the worker holding the freshest copy of the shard (highest version; lowest rank on ties) sends
+   it to the new server with a fresh optimizer state (nothing of the old server survives);
+2. every worker with a non-empty log sends it, folded under ``stale_policy``, as one update that
+   advances the shard's version by the number of gradients in it; a server never applies the same
+   log twice (its last sequence number is remembered);
+3. every worker pulls the rebuilt shard, so all hold the same weights again.
+
+With ``max_staleness = K`` a worker that has logged K gradients for a down shard stops and waits
+for the replacement instead of logging more.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from mpi4py import MPI
+
+from ftmpi import events
+from ftmpi.gradlog import GradientLog
+from ftmpi.sharding import Shard
+from ftmpi.wire import PeerFailure, wait_all
+
+if TYPE_CHECKING:
+    from ftmpi.client import ServerClient
+    from ftmpi.runtime import Runtime
+
+_WAKE_TAG = 7099  # never sent: probing it only notices a revoked communicator
+
+
+class StaleTraining:
+    """This worker's gradient logs and the rebuild protocol; see the module docstring."""
+
+    def __init__(self, rt: Runtime, client: ServerClient) -> None:
+        self.rt = rt
+        self.client = client
+        cfg = rt.config
+        self.logs = {
+            s.index: GradientLog(
+                s.index,
+                s.numel,
+                client.dtype,
+                memory_cap=cfg.stale_log_bytes,
+                spill_dir=cfg.stale_log_dir,
+                disk_cap=cfg.stale_log_disk_bytes,
+            )
+            for s in client.shards
+        }
+        self.down_at: dict[int, int] = {}
+        """Shard -> data position of the first step it had no server."""
+        self.logged = 0
+        """Gradients logged by this worker over the run."""
+        self.replayed = 0
+        """Gradients of this worker's logs acknowledged by a replacement."""
+
+    def down(self, shards: list[Shard]) -> list[Shard]:
+        """The shards among ``shards`` that have no live server."""
+        return [s for s in shards if not self.rt.live_chain(s.index)]
+
+    def log(self, shards: list[Shard], position: int) -> None:
+        """Log this step's gradient of each down shard (once per data position, so a retried
+        step does not log twice). Waits for the replacement past ``max_staleness``."""
+        rt = self.rt
+        sync = rt.config.mode == "sync"
+        for shard in shards:
+            first = self.down_at.setdefault(shard.index, position)
+            if rt.config.max_staleness and position - first >= rt.config.max_staleness:
+                self.wait_for_replacement(shard)
+            if sync and shard.index % rt.num_workers != rt.role_rank:
+                continue
+            log = self.logs[shard.index]
+            if log.entries and log.entries[-1].seq == position:
+                continue
+            log.append(
+                self.client.view(self.client.grads, shard),
+                seq=position,
+                base_version=self.client.versions[shard.index],
+                step=position,
+            )
+            self.logged += 1
+
+    def wait_for_replacement(self, shard: Shard) -> None:
+        """Block until a recovery starts (the coordinator revokes the world once the down time
+        has passed); raises ``PeerFailure`` so the step joins it and is retried."""
+        from ftmpi.membership import is_coordinator, spawn_due
+
+        rt = self.rt
+        deadline = time.monotonic() + rt.config.timeout + rt.config.down_for
+        events.emit(
+            rt.config.run_dir,
+            "staleness_wait",
+            role=f"worker {rt.role_rank}",
+            shard=shard.index,
+            max_staleness=rt.config.max_staleness,
+        )
+        while time.monotonic() < deadline:
+            if is_coordinator(rt) and spawn_due(rt):
+                rt.world.Revoke()
+                raise PeerFailure("replacement due", MPI.ERR_REVOKED)
+            try:
+                rt.world.Iprobe(source=MPI.ANY_SOURCE, tag=_WAKE_TAG)
+            except MPI.Exception as exc:
+                raise PeerFailure("waiting for a replacement", exc.Get_error_class()) from exc
+            time.sleep(0.01)
+        raise TimeoutError(
+            f"shard {shard.index} had no server for longer than timeout + down_for "
+            f"({rt.config.timeout + rt.config.down_for:g} s) while this worker waited at "
+            f"max_staleness={rt.config.max_staleness}"
+        )
+
+    def rebuild(self, shards: list[Shard], optimizer: str, groups: list[dict[str, Any]]) -> None:
+        """Rebuild ``shards`` on their new servers (every worker calls this; collective)."""
+        rt = self.rt
+        assert rt.backend is not None
+        for shard in shards:
+            versions = np.zeros(rt.num_workers, dtype=np.int64)
+            mine = np.array([self.client.versions[shard.index]], dtype=np.int64)
+            wait_all(
+                [rt.group.Iallgather(mine, versions)], rt.config.timeout, "agreeing on versions"
+            )
+            source = int(np.argmax(versions))  # lowest rank among the freshest
+            if rt.role_rank == source:
+                self.client.init_servers(optimizer, groups, {}, [shard])
+            rt.backend.barrier()
+            log = self.logs[shard.index]
+            if log.entries:
+                combined = log.combine(rt.config.stale_policy, self.client.position)
+                self.client.replay(shard, combined)
+                self.replayed += combined.count
+                events.emit(
+                    rt.config.run_dir,
+                    "log_replayed",
+                    role=f"worker {rt.role_rank}",
+                    shard=shard.index,
+                    count=combined.count,
+                    policy=rt.config.stale_policy,
+                    lr_scale=combined.lr_scale,
+                )
+                log.clear()
+            rt.backend.barrier()
+            self.client.pull([shard])
+            self.down_at.pop(shard.index, None)
