@@ -111,7 +111,10 @@ def injected_in(line: str) -> tuple[KillSpec, int | None] | None:
 
 def log_injected(run_dir: str, line: str) -> KillSpec | None:
     """Record a ``kill`` event (``source: launcher``) for an injected-failure line a rank
-    printed; returns its spec, or ``None`` for any other line."""
+    printed; returns its spec, or ``None`` for any other line. The event's time is when the
+    launcher read the line: it trails the death by the output-forwarding delay (milliseconds,
+    more on a loaded machine), so a ``kill`` event the dying rank logged itself is the one to
+    order against other events."""
     found = injected_in(line)
     if found is None:
         return None

@@ -11,9 +11,10 @@ rank prints as it dies (a kill the rank logged itself is counted once). A job th
 non-zero after its trainer wrote ``summary.json`` has finished training and is not relaunched.
 
 **Lost time** of a restart is the wall time from the failed job's exit to the relaunched job's
-first line of output (stdout or stderr): the time until the job runs again, which is MPI
-start-up plus the script's start-up. If the relaunched job prints nothing it is measured to its
-exit. Work redone from the snapshot onwards is not included (it shows as the rolled-back steps).
+first output (stdout or stderr, e.g. a progress bar): the time until the job runs again, which
+is MPI start-up plus the script's start-up. If the relaunched job prints nothing until it ends,
+it is measured to that output, or to its exit. Work redone from the snapshot onwards is not
+included (it shows as the rolled-back steps).
 
 Every attempt is recorded in ``<run_dir>/launcher.json`` as soon as it ends, so the record
 survives a launcher that is itself killed later.
@@ -39,7 +40,7 @@ from launch.kills import log_injected, logged_kills, remaining_schedule
 from launch.rundir import LAUNCHER_RECORD, is_finished
 
 LOST_TIME = (
-    "wall seconds from a failed job's exit to the relaunched job's first line of output "
+    "wall seconds from a failed job's exit to the relaunched job's first output "
     "(or its exit if it prints nothing)"
 )
 
@@ -181,15 +182,18 @@ def run_attempt(attempt: Attempt, env: Mapping[str, str], run_dir: str) -> None:
     lock = threading.Lock()
 
     def pump(src: IO[bytes], dst: IO[bytes]) -> None:
-        for line in iter(src.readline, b""):
+        pending = b""
+        while chunk := src.read1(1 << 16):  # type: ignore[attr-defined]
             with lock:
                 if attempt.first_output is None:
                     attempt.first_output = time.time()
-                text = line.decode(errors="replace")
-                if log_injected(run_dir, text) is not None:
-                    attempt.injected.append(text.strip())
-            dst.write(line)
+            dst.write(chunk)  # passed on at once: progress bars end lines with \r, not \n
             dst.flush()
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in (raw.decode(errors="replace") for raw in lines):
+                if log_injected(run_dir, line) is not None:
+                    with lock:
+                        attempt.injected.append(line.strip())
 
     threads = [
         threading.Thread(target=pump, args=(proc.stdout, sys.stdout.buffer), daemon=True),

@@ -35,7 +35,12 @@ def test_server_kill_is_survived_and_logged_in_order(tmp_path):
     assert res.returncode in (0, -9), res.stderr[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 40
     events = read_events(str(run_dir))
-    first = {}
+    kills = [e for e in events if e["event"] == "kill"]
+    assert [e["spec"] for e in kills if e.get("source") == "launcher"] == ["server:0@step=20"]
+    # the dying rank's own kill event if it logs one; else the launcher's, which is stamped
+    # when the launcher read the rank's last line
+    kill = next((e for e in kills if e.get("source") != "launcher"), kills[0])
+    first = {"kill": kill["time"]}
     for e in events:
         first.setdefault(e["event"], e["time"])
     assert first["kill"] <= first["failure_detected"] < first["replacement_ready"]

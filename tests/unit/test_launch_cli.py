@@ -168,7 +168,7 @@ def test_restart_loop_resumes_without_repeating_fired_kills(tmp_path, capfd):
     assert record["restarts"] == 1 and record["returncode"] == 0
     assert [a["returncode"] for a in record["attempts"]] == [5, 0]
     assert record["attempts"][1]["lost_seconds"] >= 0 and record["lost_seconds"] >= 0
-    assert "first line of output" in record["lost_time_definition"]
+    assert "first output" in record["lost_time_definition"]
     assert "after 1 restart(s)" in report.final_line()
 
 
