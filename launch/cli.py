@@ -15,6 +15,7 @@ other first argument is the launch form.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -163,7 +164,7 @@ def _plan(
     )
 
     def make_command(job_env: Mapping[str, str]) -> list[str]:
-        return build_command(JobSpec(**{**vars(spec), "env": job_env}))
+        return build_command(dataclasses.replace(spec, env=job_env))
 
     make_command(env)  # refuse a launcher/option mismatch now
     if not args.dry_run:

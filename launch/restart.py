@@ -212,8 +212,9 @@ def run_attempt(attempt: Attempt, env: Mapping[str, str], run_dir: str) -> None:
         attempt.ended = time.time()
         for t in threads:
             t.join(timeout=5)
-        with contextlib.suppress(ValueError):
-            signal.signal(signal.SIGTERM, previous)
+        if previous is not None:  # None: a handler not set from Python, left as it is
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGTERM, previous)
 
 
 def _forward_sigterm(proc: subprocess.Popen[bytes]) -> Any:
