@@ -301,6 +301,10 @@ class ServerClient:
         self._wait(reqs, f"sending {kind.name}")
         return doc
 
+    def snapshot_now(self) -> list[int]:
+        """Have every shard's server write a snapshot now; returns the versions, once durable."""
+        return [int(self.request_json(s, Kind.SNAPSHOT)["version"]) for s in self.shards]
+
     def restore_snapshots(self, *, allow_none: bool = False) -> dict[str, Any] | None:
         """Coordinator side of a checkpoint rollback (sync mode): every shard loads the newest
         version all shards have, so the model is consistent. Returns the version loaded and

@@ -132,7 +132,11 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._ftmpi_in_run = False
         self._ftmpi_warned_rollback = False
         self._ftmpi_injector = Injector(
-            parse_schedule(rt.config.kill), "worker", rt.role_rank, 0, rt.job_start
+            parse_schedule(rt.config.kill),
+            "worker",
+            rt.role_rank,
+            int(rt.late_joiner),  # a replacement carries out the next kill of its index
+            rt.job_start,
         )
         self._ftmpi_stale = (
             StaleTraining(rt, self._ftmpi_client) if rt.config.logs_gradients else None
@@ -181,6 +185,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._ftmpi_injector.at_step(self._ftmpi_position + 1)
+        if self._ftmpi_rt.checkpoint_requested:
+            self._checkpoint_on_signal()
         retry = self._ftmpi_should_sync and not self._ftmpi_synchronized
         while True:
             try:
@@ -309,6 +315,42 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 rt.world.Revoke()
             raise PeerFailure("replacement due", MPI.ERR_REVOKED)
 
+    def _checkpoint_on_signal(self) -> None:
+        """SIGUSR1 (e.g. Slurm's ``--signal``): worker 0 has every server write a snapshot of
+        the last completed step before this step starts, so the snapshot is consistent across
+        shards; the event ``signal_checkpoint`` is recorded once it is durable."""
+        from ftmpi.membership import is_coordinator
+
+        rt = self._ftmpi_rt
+        rt.checkpoint_requested = False
+        if not is_coordinator(rt):
+            return
+        if rt.config.strategy != "checkpoint":
+            print(
+                f"ftmpi: SIGUSR1 ignored: strategy={rt.config.strategy!r} writes no snapshots "
+                "(use strategy checkpoint)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        if not self._ftmpi_started:
+            return  # no step yet: the servers' initial snapshot is the newest state
+        versions = self._ftmpi_client.snapshot_now()
+        events.emit(
+            rt.config.run_dir,
+            "signal_checkpoint",
+            role=f"worker {rt.role_rank}",
+            version=min(versions),
+            position=self._ftmpi_position,
+            directory=rt.config.snapshot_dir,
+        )
+        print(
+            f"ftmpi: SIGUSR1: snapshot of step {self._ftmpi_position} written to "
+            f"{rt.config.snapshot_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+
     def _welcome(self) -> None:
         """Survivors' side of :meth:`_join`: worker 0 sends the training position."""
         from ftmpi.broadcast import broadcast_bytes
@@ -357,11 +399,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if position is None:
             return
         self._ftmpi_started = True
-        print(
-            f"ftmpi: resumed from the snapshot at step {position}",
-            file=sys.stderr,
-            flush=True,
-        )
+        if self._ftmpi_rt.role_rank == 0:
+            print(f"ftmpi: resumed from the snapshot at step {position}", file=sys.stderr)
 
     def _rollback(self, *, resume: bool = False) -> int | None:
         """Checkpoint strategy: the coordinator picks the newest snapshot every shard has and

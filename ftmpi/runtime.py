@@ -54,6 +54,8 @@ class Runtime:
     """Server slots that are down, and since when (``time.monotonic()`` on this rank)."""
     workers_down: list[float] = field(default_factory=list)
     """With ``respawn_workers``: when each dead worker that awaits a replacement died."""
+    checkpoint_requested: bool = False
+    """SIGUSR1 arrived (a batch system's warning before preemption or the time limit)."""
     late_joiner: bool = False
     """This worker was spawned to replace a dead one (it joins training in progress)."""
     backend: CollectiveBackend | None = None
@@ -174,6 +176,7 @@ def init(servers: int | None = None, mode: str | None = None, **options: Any) ->
         ulfm=ulfm_enabled(),
     )
     _RUNTIME = rt
+    _catch_checkpoint_signal(rt)
     if not rt.ulfm and world.Get_rank() == 0 and config.strategy != "none":
         print(
             "ftmpi: this MPI runs without ULFM fault tolerance (Open MPI 5 with `mpirun --with-ft "
@@ -204,6 +207,23 @@ def initial_chains(config: Config) -> list[list[int]]:
     """Shard ``k``'s chain: slots ``k*R .. k*R+R-1`` with chains of length R, else ``[k]``."""
     r = config.chain_length if config.chained else 1
     return [list(range(k * r, k * r + r)) for k in range(config.num_shards)]
+
+
+def _catch_checkpoint_signal(rt: Runtime) -> None:
+    """Turn SIGUSR1 (whose default action kills the process) into a checkpoint request that
+    the next ``step()`` carries out, unless the program installed its own handler."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGUSR1) is not signal.SIG_DFL:
+        return
+
+    def request(signum: int, frame: Any) -> None:
+        rt.checkpoint_requested = True
+
+    signal.signal(signal.SIGUSR1, request)
 
 
 def durable_state(config: Config) -> str:

@@ -119,6 +119,7 @@ class ParameterServer:
             Kind.ACK: self._on_ack,
             Kind.CHAIN_STOP: self._on_chain_stop,
             Kind.REPLAY: self._on_replay,
+            Kind.SNAPSHOT: self._on_snapshot,
         }
         while not self._done():
             try:
@@ -347,6 +348,17 @@ class ParameterServer:
                 keep=cfg.checkpoint_keep,
                 asynchronous=bool(cfg.async_checkpoint),
             )
+
+    def _on_snapshot(self, header: Header, src: int) -> None:
+        """Write a snapshot of the current version now and reply once it is durable."""
+        if self.optimizer is None:
+            self._reply_error(src, f"server {self.index} has no state yet (no INIT)")
+            return
+        self._ensure_writer()
+        assert self.writer is not None
+        self._snapshot()
+        self.writer.flush()
+        self._reply(src, Kind.JSON, wire.encode_json({"version": self.version}))
 
     def _on_snapshots(self, header: Header, src: int) -> None:
         """Reply with the versions of this shard's snapshots that verify."""

@@ -59,6 +59,7 @@ class Kind(IntEnum):
     ACK = 15  # server -> its chain predecessor: updates up to header.version (aux: AckKind)
     CHAIN_STOP = 16  # server -> its chain successor: every update has been forwarded; exit
     REPLAY = 17  # worker -> server: JSON gradient log summary, then the gradients; reply WEIGHTS
+    SNAPSHOT = 18  # worker -> server: write a snapshot now; reply JSON {"version"} once durable
 
 
 class AckKind(IntEnum):

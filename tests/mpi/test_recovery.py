@@ -115,3 +115,25 @@ def test_trainer_event_log_shows_kill_detection_recovery(mpi, tmp_path):
     assert (
         kinds.index("failure_detected") < kinds.index("replacement_ready") < kinds.index("rollback")
     )
+
+
+def test_sigusr1_snapshot_then_resume_is_bit_exact(mpi, tmp_path):
+    """A batch system's SIGUSR1 writes a snapshot of the last completed step; a relaunch with
+    FTMPI_RESUME=1 starts there and ends with the weights of an uninterrupted run."""
+    env = {**CKPT, "FTMPI_CHECKPOINT_EVERY": "1000"}  # only the initial and the signal's
+    ref, _, _ = train(mpi, tmp_path, "ref", env=env)
+    _, run_dir, res = train(
+        mpi, tmp_path, "first", steps=40, env=env, extra=["--usr1-at", "25"]
+    )
+    assert "SIGUSR1: snapshot of step 25" in res.stderr
+    signal = [e for e in read_events(str(run_dir)) if e["event"] == "signal_checkpoint"]
+    assert [(e["version"], e["position"]) for e in signal] == [(25, 25)]
+    again, _, res = train(
+        mpi,
+        tmp_path,
+        "again",
+        env={**env, "FTMPI_RESUME": "1", "FTMPI_CHECKPOINT_DIR": str(run_dir / "checkpoints")},
+    )
+    assert "resumed from the snapshot at step 25" in res.stderr
+    assert [r["first_step"] for r in again] == [25, 25] and again[0]["computed"] == 35
+    assert again[0]["weights"] == again[1]["weights"] == ref[0]["weights"]

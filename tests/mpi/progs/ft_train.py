@@ -1,13 +1,17 @@
 """A small fault-tolerance workload: an MLP with dropout on synthetic data, trained with
 ftmpi.run so rollbacks replay the same batches. Worker 0 prints one JSON line at the end.
 
-    ft_train.py STEPS [--corrupt-at STEP]   (--corrupt-at: worker 0 truncates the newest snapshot)
+    ft_train.py STEPS [--corrupt-at STEP] [--usr1-at STEP] [--step-sleep S]
+
+--corrupt-at: worker 0 truncates the newest snapshot; --usr1-at: worker 0 sends itself SIGUSR1
+(a checkpoint request); --step-sleep: extra seconds per step (to span a server's down time).
 """
 
 import argparse
 import hashlib
 import json
 import os
+import signal
 import time
 
 import torch
@@ -20,6 +24,7 @@ from ftmpi.snapshot import list_versions, snapshot_path
 p = argparse.ArgumentParser()
 p.add_argument("steps", type=int)
 p.add_argument("--corrupt-at", type=int, default=0)
+p.add_argument("--usr1-at", type=int, default=0, help="worker 0 sends itself SIGUSR1 here")
 p.add_argument("--step-sleep", type=float, default=0.0, help="seconds of extra work per step")
 args = p.parse_args()
 
@@ -50,6 +55,8 @@ def train(state):
             d = rt.config.snapshot_dir
             newest = snapshot_path(d, 0, list_versions(d, 0)[-1])
             os.truncate(newest, os.path.getsize(newest) // 2)
+        if args.usr1_at and step == args.usr1_at and me == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
         torch.manual_seed(step_seed(0, step, me))
         opt.zero_grad()
         F.cross_entropy(model(xb), yb).backward()
@@ -59,6 +66,7 @@ def train(state):
 
 
 state = ftmpi.TrainingState(opt, batches)
+first_step = batches.step  # > 0 when the run resumed from a snapshot
 train(state)
 h = hashlib.sha256()
 for _, t in sorted(model.state_dict().items()):
@@ -73,6 +81,7 @@ print(
             "rollbacks": state.rollbacks,
             "computed": computed,
             "position": opt.position,
+            "first_step": first_step,
             "applied": [s["applied"] for s in stats],
             "versions": [s["version"] for s in stats],
             "replayed": [s["replayed"] for s in stats],

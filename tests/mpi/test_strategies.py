@@ -1,0 +1,150 @@
+"""Chain replication, stateless servers and worker deaths under real SIGKILLs (ULFM).
+
+Every run is tests/mpi/progs/ft_train.py (an MLP with dropout, SGD with momentum, batches and
+dropout masks fixed by the step), so a run with a failure can be compared bit for bit with the
+same run without one.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ftmpi.events import read_events
+from tests.conftest import PROGS
+
+pytestmark = pytest.mark.mpi
+
+PROG = str(PROGS / "ft_train.py")
+STEPS = 60
+
+
+def train(mpi, tmp_path, name, *, workers=2, servers=3, env=None, extra=(), reports=None):
+    """Run ft_train.py; return the workers' reports (sorted by worker) and the run directory."""
+    run_dir = tmp_path / name
+    full_env = {
+        "FTMPI_SERVERS": str(servers),
+        "FTMPI_RUN_DIR": str(run_dir),
+        "FTMPI_BACKEND": "mpi",
+        **(env or {}),
+    }
+    expect = workers if reports is None else reports
+    res = mpi(
+        workers + servers,
+        [PROG, str(STEPS), *extra],
+        env=full_env,
+        timeout=240,
+        exit_hang_after=expect if "FTMPI_KILL" in full_env else 0,
+    )
+    assert res.returncode in (0, -9), res.stderr[-3000:]
+    got = sorted(res.json_lines(), key=lambda r: r["worker"])
+    assert len(got) == expect, res.stdout + res.stderr[-2000:]
+    return got, run_dir
+
+
+def order(run_dir, *kinds):
+    """Assert the first event of each kind appears in this order in the run's event log."""
+    seen = [e["event"] for e in read_events(str(run_dir))]
+    first = [seen.index(k) for k in kinds]
+    assert first == sorted(first), (kinds, seen)
+
+
+CHAIN = {"FTMPI_STRATEGY": "chain", "FTMPI_CHAIN_LENGTH": "3"}
+
+
+@pytest.fixture(scope="module")
+def chain_reference(tmp_path_factory):
+    """The chain run without failures (computed once for the module)."""
+    from tests.conftest import run_mpi
+
+    ref, _ = train(run_mpi, tmp_path_factory.mktemp("chain"), "ref", env=CHAIN)
+    return ref
+
+
+@pytest.mark.parametrize("victim", ["0", "1", "2"], ids=["head", "middle", "tail"])
+def test_chain_tail_ack_loses_nothing(mpi, tmp_path, chain_reference, victim):
+    got, run_dir = train(
+        mpi, tmp_path, "kill", env={**CHAIN, "FTMPI_KILL": f"server:{victim}@step=37"}
+    )
+    assert got[0]["weights"] == got[1]["weights"] == chain_reference[0]["weights"]
+    assert got[0]["versions"] == [STEPS] and got[0]["computed"] == STEPS
+    order(run_dir, "failure_detected", "view_change", "replacement_ready", "state_transfer")
+    transfers = [e for e in read_events(str(run_dir)) if e["event"] == "state_transfer"]
+    assert transfers[-1]["to"] == f"server {victim}" and transfers[-1]["version"] >= 37
+
+
+def test_chain_next_ack_every_n_loses_at_most_n_minus_1(mpi, tmp_path):
+    every = 5
+    env = {**CHAIN, "FTMPI_CHAIN_ACK": "next", "FTMPI_REPLICATE_EVERY": str(every)}
+    got, _ = train(mpi, tmp_path, "kill", env={**env, "FTMPI_KILL": "server:0@step=38"})
+    assert got[0]["weights"] == got[1]["weights"]
+    lost = STEPS - got[0]["versions"][0]
+    assert 0 <= lost <= every - 1, got[0]
+
+
+def test_chain_async_head_kill(mpi, tmp_path):
+    env = {**CHAIN, "FTMPI_MODE": "async", "FTMPI_KILL": "server:0@step=50"}
+    got, run_dir = train(mpi, tmp_path, "kill", env=env)
+    # every push of both workers applied exactly once, across the failover
+    assert got[0]["versions"] == [2 * STEPS], got
+    order(run_dir, "failure_detected", "replacement_ready")
+
+
+STATELESS = {"FTMPI_STRATEGY": "stateless", "FTMPI_DOWN_FOR": "1.5"}
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_stateless_applies_every_logged_gradient_once(mpi, tmp_path, mode):
+    env = {**STATELESS, "FTMPI_MODE": mode, "FTMPI_KILL": "server:0@step=20"}
+    got, run_dir = train(mpi, tmp_path, "kill", servers=1, env=env, extra=["--step-sleep", "0.03"])
+    pushes_per_step = 1 if mode == "sync" else 2
+    logged = sum(r["stale"]["logged"] for r in got)
+    # workers kept computing while the server was down ...
+    assert all(r["computed"] == STEPS for r in got)
+    assert logged > 0 and sum(r["stale"]["replayed"] for r in got) == logged
+    # ... and every gradient computed was applied once: the version counts gradients
+    assert got[0]["versions"] == [pushes_per_step * STEPS], got
+    assert got[0]["replayed"] == [logged]
+    order(run_dir, "failure_detected", "replacement_ready", "log_replayed")
+    if mode == "sync":
+        assert got[0]["weights"] == got[1]["weights"]
+
+
+def test_chain_plus_stateless_rebuilds_a_lost_chain_from_the_workers(mpi, tmp_path):
+    env = {
+        "FTMPI_STRATEGY": "chain+stateless",
+        "FTMPI_CHAIN_LENGTH": "1",
+        "FTMPI_DOWN_FOR": "1.5",
+        "FTMPI_KILL": "server:1@step=20",
+    }
+    got, run_dir = train(mpi, tmp_path, "kill", servers=2, env=env, extra=["--step-sleep", "0.03"])
+    assert got[0]["weights"] == got[1]["weights"]
+    assert got[0]["versions"] == [STEPS, STEPS]
+    assert got[0]["replayed"][1] > 0 and got[0]["replayed"][0] == 0
+    order(run_dir, "failure_detected", "replacement_ready", "log_replayed")
+
+
+def test_two_server_kills_paper_schedule(mpi, tmp_path):
+    """The paper's schedule in steps: kill, back, kill the replacement, back."""
+    env = {**STATELESS, "FTMPI_KILL": "server:0@step=15,server:0@step=40"}
+    got, run_dir = train(mpi, tmp_path, "kill", servers=1, env=env, extra=["--step-sleep", "0.03"])
+    assert got[0]["versions"] == [STEPS]
+    kinds = [e["event"] for e in read_events(str(run_dir))]
+    assert kinds.count("replacement_joined") == 2, kinds
+
+
+def test_worker_kill_survivors_continue(mpi, tmp_path):
+    env = {"FTMPI_KILL": "worker:1@step=20"}
+    got, run_dir = train(mpi, tmp_path, "kill", servers=1, env=env, reports=1)
+    assert got[0]["workers"] == 1 and got[0]["position"] == STEPS
+    assert got[0]["versions"] == [STEPS]
+    changes = [e for e in read_events(str(run_dir)) if e["event"] == "view_change"]
+    assert changes and changes[0]["failed_workers"] == [1]
+
+
+def test_worker_kill_with_respawn_restores_the_worker_count(mpi, tmp_path):
+    env = {"FTMPI_KILL": "worker:1@step=20", "FTMPI_RESPAWN_WORKERS": "1"}
+    got, run_dir = train(mpi, tmp_path, "kill", servers=1, env=env)
+    assert [r["workers"] for r in got] == [2, 2]
+    assert got[0]["weights"] == got[1]["weights"] and got[0]["versions"] == [STEPS]
+    joined = [e for e in read_events(str(run_dir)) if e["event"] == "worker_joined"]
+    assert len(joined) == 1 and 20 <= joined[0]["position"] <= STEPS
