@@ -81,7 +81,9 @@ def test_failure_injection_job_survives_a_server_kill(slurm):
     fields, out = finish(slurm, job, 170)
     assert fields["JobState"] == "COMPLETED", out[-4000:]
     assert "injected failure: server:0@step=25" in out
-    kinds = [e["event"] for e in read_events(str(run_dir(slurm, job)))]
+    events = read_events(str(run_dir(slurm, job)))
+    assert [e["spec"] for e in events if e["event"] == "kill"] == ["server:0@step=25"], events
+    kinds = [e["event"] for e in events]
     for before, after in [
         ("failure_detected", "replacement_ready"),
         ("replacement_ready", "restored"),
@@ -115,7 +117,30 @@ def test_usr1_checkpoints_requeues_and_the_rerun_resumes(slurm):
     assert version > 0
     resumed = [e for e in events if e["event"] == "resumed"]
     assert resumed, f"the re-run did not resume:\n{out[-4000:]}"
-    assert resumed_steps(resumed[0]) == {version}, (resumed[0], version)
+    assert {p for e in resumed for p in resumed_steps(e)} == {version}, (resumed, version)
+
+
+@pytest.mark.timeout(180)
+def test_srun_job_restarts_from_durable_state_after_a_rank_death(slurm):
+    """Without ULFM (srun --mpi=pmix) a server death ends the MPI job; ftmpi-run starts it
+    again inside the allocation and it resumes from the newest snapshot."""
+    job = submit(
+        slurm,
+        "train-srun.sbatch",
+        TRAINER_ARGS=f"{QUICK} --steps 40",
+        FTMPI_KILL="server:0@step=25",
+        FTMPI_CHECKPOINT_EVERY="10",
+    )
+    fields, out = finish(slurm, job, 170)
+    assert fields["JobState"] == "COMPLETED", out[-4000:]
+    assert "srun --mpi=pmix" in out
+    launcher = json.loads((run_dir(slurm, job) / "launcher.json").read_text())
+    assert launcher["restarts"] >= 1, launcher
+    events = read_events(str(run_dir(slurm, job)))
+    resumed = [e for e in events if e["event"] == "resumed"]
+    assert resumed and resumed_steps(resumed[0]) == {20}, resumed
+    summary = json.loads((run_dir(slurm, job) / "summary.json").read_text())
+    assert summary["steps"] == 40
 
 
 def resumed_steps(event: dict) -> set[int]:
