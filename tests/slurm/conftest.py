@@ -1,4 +1,4 @@
-"""The ``slurm`` fixture: a real single-node Slurm cluster for the whole test session.
+"""The ``slurm`` fixture: a real single-node Slurm cluster shared by the tests in this package.
 
 Installs munge and Slurm with apt-get when they are missing (nothing runs when they are
 present), starts the cluster in a temporary directory, yields it (``slurm.env`` holds
@@ -21,7 +21,7 @@ from tests.slurm.cluster import SlurmCluster, SlurmError
 from tests.slurm.install import ensure_slurm
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def slurm() -> Iterator[SlurmCluster]:
     if os.geteuid() != 0:
         pytest.fail("the Slurm tests start slurmctld/slurmd as SlurmUser=root: run them as root")

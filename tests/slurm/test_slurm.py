@@ -97,7 +97,7 @@ def test_failure_injection_job_survives_a_server_kill(slurm):
 
 @pytest.mark.timeout(240)
 def test_usr1_checkpoints_requeues_and_the_rerun_resumes(slurm):
-    job = submit(slurm, "train.sbatch", TRAINER_ARGS=f"{QUICK} --duration 20 --eval-every 10")
+    job = submit(slurm, "train.sbatch", TRAINER_ARGS=f"{QUICK} --duration 15 --eval-every 10")
     metrics = run_dir(slurm, job) / "metrics.jsonl"
     slurm.wait_job(
         job,
