@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 ROLES = ("server", "worker", "head", "tail")
@@ -130,28 +131,82 @@ def check_schedule(
             )
 
 
-def die(reason: str) -> None:
-    """SIGKILL this process now (after flushing what it printed)."""
+def die(reason: str, *, spec: KillSpec | None = None, run_dir: str = "") -> None:
+    """Record the kill (event ``kill``), then SIGKILL this process now."""
     print(f"ftmpi: injected failure: {reason} (pid {os.getpid()})", file=sys.stderr, flush=True)
     sys.stdout.flush()
+    if spec is not None:
+        from ftmpi import events
+
+        events.emit(run_dir, "kill", spec=str(spec), source="rank")
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+ChainPosition = Callable[[], tuple[int, bool, bool]]
+"""() -> (shard, is_head, is_tail) of a chain member at this moment."""
+
+
 class Injector:
-    """The kill specs this process (``role`` ``index``, incarnation ``incarnation``) carries out."""
+    """The kill specs this process carries out.
+
+    ``role``/``index`` specs (``server:1``, ``worker:0``) name a rank slot: the slot's n-th
+    spec is carried out by its n-th incarnation (``incarnation``; a replacement takes the next).
+    ``head``/``tail`` specs name a position in shard ``index``'s chain: whichever server holds it
+    when the spec's time or step comes dies, once per run (a spec already in the run's event log
+    as a ``kill`` is not carried out again). A time already past when a replacement starts is
+    carried out at once for slot specs, never for position specs.
+    """
 
     def __init__(
-        self, specs: list[KillSpec], role: str, index: int, incarnation: int, job_start: float
+        self,
+        specs: list[KillSpec],
+        role: str,
+        index: int,
+        incarnation: int,
+        job_start: float,
+        *,
+        run_dir: str = "",
+        chain_position: ChainPosition | None = None,
     ) -> None:
+        self.run_dir = run_dir
+        self.chain_position = chain_position
         mine = [s for s in specs if s.role == role and s.index == index]
         self.spec = mine[incarnation] if incarnation < len(mine) else None
+        self.positional = [s for s in specs if s.role in ("head", "tail")] if chain_position else []
         if self.spec is not None and self.spec.seconds is not None:
-            delay = max(0.0, job_start + self.spec.seconds - time.time())
-            timer = threading.Timer(delay, die, args=(f"{self.spec} (by time)",))
-            timer.daemon = True
-            timer.start()
+            self._timer(max(0.0, job_start + self.spec.seconds - time.time()), self.spec)
+        for s in self.positional:
+            if s.seconds is not None and job_start + s.seconds > time.time():
+                self._timer(job_start + s.seconds - time.time(), s)
+
+    def _timer(self, delay: float, spec: KillSpec) -> None:
+        timer = threading.Timer(delay, self._fire, args=(spec, "by time"))
+        timer.daemon = True
+        timer.start()
+
+    def _holds(self, spec: KillSpec) -> bool:
+        if spec.role not in ("head", "tail"):
+            return True
+        assert self.chain_position is not None
+        shard, head, tail = self.chain_position()
+        return shard == spec.index and (head if spec.role == "head" else tail)
+
+    def _fire(self, spec: KillSpec, how: str) -> None:
+        if not self._holds(spec):
+            return
+        if spec.role in ("head", "tail") and self._fired_before(spec):
+            return
+        die(f"{spec} ({how})", spec=spec, run_dir=self.run_dir)
+
+    def _fired_before(self, spec: KillSpec) -> bool:
+        from ftmpi.events import read_events
+
+        return any(
+            e["event"] == "kill" and e.get("spec") == str(spec) for e in read_events(self.run_dir)
+        )
 
     def at_step(self, step: int) -> None:
-        """Called with the step just reached; dies if the schedule says so."""
-        if self.spec is not None and self.spec.step is not None and step == self.spec.step:
-            die(f"{self.spec}")
+        """Called with the step (or server version) just reached; dies if the schedule says so."""
+        for spec in [self.spec, *self.positional]:
+            if spec is not None and spec.step is not None and step == spec.step:
+                self._fire(spec, f"step {step}")

@@ -105,10 +105,6 @@ def recover(rt: Runtime, *, blocking_strategy: bool, reason: str) -> Recovery:
         rt.down_since[j] = detected
     if rt.config.respawn_workers:
         rt.workers_down += [detected] * len(result.failed_workers)
-    if result.failed_servers or result.failed_workers:
-        # an older spawn's inter-communicator may hold the dead rank: it can no longer be
-        # disconnected collectively, so it is left alone
-        rt.intercomms.clear()
     _install(rt, new)
     events.emit(
         rt.config.run_dir,
@@ -154,6 +150,7 @@ def _install(rt: Runtime, world: MPI.Comm) -> None:
     rt.world = world
     rt.group = world.Split(color=int(rt.is_server), key=world.Get_rank())
     rt.group.Set_errhandler(MPI.ERRORS_RETURN)
+    rt.comms += [world, rt.group]  # freed at exit (see runtime.release)
     rt.view += 1
 
 

@@ -27,7 +27,7 @@ import json
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -50,6 +50,8 @@ from ftmpi.sharding import ParamInfo, Shard, plan_shards
 from ftmpi.stateless import StaleTraining
 from ftmpi.timing import PhaseTimes
 from ftmpi.wire import PeerFailure
+
+T = TypeVar("T")
 
 
 class ReduceOp(enum.Enum):
@@ -137,6 +139,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             rt.role_rank,
             int(rt.late_joiner),  # a replacement carries out the next kill of its index
             rt.job_start,
+            run_dir=rt.config.run_dir,
         )
         self._ftmpi_stale = (
             StaleTraining(rt, self._ftmpi_client) if rt.config.logs_gradients else None
@@ -293,6 +296,16 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 self._ftmpi_stale.log(down, self._ftmpi_position)
         return [s for s in shards if s not in down]
 
+    def _surviving(self, request: Callable[[], T]) -> T:
+        """Run a request to the servers outside ``step()``; after a rank death, join the
+        recovery and ask again (``stateless``: once every shard is back and replayed)."""
+        while True:
+            self._settle()
+            try:
+                return request()
+            except PeerFailure as exc:
+                self._recover(str(exc))
+
     def _settle(self) -> None:
         """``stateless``: wait until every shard has a server again and its log is replayed, so
         what follows sees every gradient computed so far. Collective while a shard is down."""
@@ -447,16 +460,14 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         """Counters from every server (updates applied, staleness, dropped messages)."""
         if not self._ftmpi_started:
             return []
-        self._settle()
-        return self._ftmpi_client.stats()
+        return self._surviving(self._ftmpi_client.stats)
 
     @torch.no_grad()
     def pull(self) -> None:
         """Load the servers' current weights into the model (e.g. before evaluating in async
         mode, where this worker's copy may lag)."""
         if self._ftmpi_started:
-            self._settle()
-            self._ftmpi_client.pull(self._ftmpi_shards)
+            self._surviving(lambda: self._ftmpi_client.pull(self._ftmpi_shards))
             self._scatter_weights()
 
     def state_dict(self) -> dict[str, Any]:
@@ -467,10 +478,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         for ``torch.save`` and a later ``load_state_dict``.
         """
         if self._ftmpi_started and self._ftmpi_rt.num_servers:
-            self._settle()
             by_name = {self._ftmpi_names[p]: p for p in self._ftmpi_params}
             self.state.clear()
-            for tensors, scalars in self._ftmpi_client.fetch_state():
+            for tensors, scalars in self._surviving(self._ftmpi_client.fetch_state):
                 load_state_entries(self, by_name, tensors, scalars)
         return super(self.__class__, self).state_dict()  # type: ignore[misc]
 

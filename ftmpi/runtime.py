@@ -69,6 +69,8 @@ class Runtime:
     """Per shard, its server slots in chain order (head first). One slot per shard unless the
     strategy replicates shards on chains; a replacement is appended at the tail."""
     intercomms: list[Any] = field(default_factory=list, repr=False)
+    comms: list[Any] = field(default_factory=list, repr=False)
+    """Every communicator ftmpi created on this process (all views), freed at exit."""
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -175,6 +177,7 @@ def init(servers: int | None = None, mode: str | None = None, **options: Any) ->
         chains=initial_chains(config),
         ulfm=ulfm_enabled(),
     )
+    rt.comms += [world, group]
     _RUNTIME = rt
     _catch_checkpoint_signal(rt)
     if not rt.ulfm and world.Get_rank() == 0 and config.strategy != "none":
@@ -199,6 +202,7 @@ def _start_worker(rt: Runtime) -> None:
 
     rt.local = rt.group.Split_type(MPI.COMM_TYPE_SHARED, key=rt.group.Get_rank())
     rt.local.Set_errhandler(MPI.ERRORS_RETURN)
+    rt.comms.append(rt.local)
     rt.backend = MPIBackend(rt.group, rt.config.timeout) if rt.late_joiner else select_backend(rt)
     atexit.register(shutdown)
 
@@ -269,6 +273,7 @@ def _run_server_and_exit(rt: Runtime) -> None:
     except Exception as exc:  # the server's failure ends this rank, loudly
         print(f"ftmpi server {rt.server_index} (rank {rt.world_rank}): {exc}", file=sys.stderr)
         code = 1
+    release(rt)
     sys.stdout.flush()
     sys.stderr.flush()
     sys.exit(code)
@@ -305,6 +310,51 @@ def shutdown() -> None:
                 timeout=rt.config.timeout,
                 what=f"stopping server {s}",
             )
+    release(rt)
+
+
+def release(rt: Runtime) -> None:
+    """Prepare this process for ``MPI_Finalize`` after failures (all roles, at exit).
+
+    First a barrier of the current view, so no rank finalizes while a peer still talks to it.
+    Then every communicator ftmpi created is freed (a local operation in Open MPI). Open MPI's
+    finalize runs a disconnect handshake with every peer of every communicator that still spans
+    more than one job (the original job and re-spawned servers); a communicator of an older view
+    may hold a dead rank, and the handshake would wait for it forever (fault tolerance is off by
+    then). With them freed no such handshake is left. Open MPI's finalize also runs a runtime
+    fence over this process's original job, which can hang when a rank of that job died; after
+    the barrier every live rank has finished its MPI traffic, so that fence is skipped.
+    """
+    if not rt.ulfm or rt.view == 0:
+        return
+    from mpi4py import MPI
+
+    from ftmpi.wire import CommTimeout, PeerFailure, ServerDown, wait_all
+
+    with contextlib.suppress(PeerFailure, CommTimeout, MPI.Exception, ServerDown):
+        wait_all([rt.world.Ibarrier()], rt.config.timeout, "the exit barrier")
+    seen = set()
+    for comm in reversed([*rt.comms, *rt.intercomms]):
+        if id(comm) in seen or comm == MPI.COMM_NULL:
+            continue
+        seen.add(id(comm))
+        with contextlib.suppress(MPI.Exception):
+            comm.Free()
+    rt.comms.clear()
+    rt.intercomms.clear()
+    if os.environ.get("FTMPI_SKIP_FENCE", "1") == "1":
+        _skip_finalize_fence()
+
+
+def _skip_finalize_fence() -> None:
+    """Set Open MPI's ``ompi_async_mpi_finalize`` (no MCA parameter exists for it in Open MPI 5)."""
+    import ctypes
+
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "/libmpi.so" in line}
+    for path in paths:
+        with contextlib.suppress(OSError, ValueError):
+            ctypes.c_bool.in_dll(ctypes.CDLL(path), "ompi_async_mpi_finalize").value = True
 
 
 def rank() -> int:

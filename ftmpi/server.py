@@ -93,8 +93,15 @@ class ParameterServer:
             self.index,
             rt.incarnations[self.index],
             rt.job_start,
+            run_dir=rt.config.run_dir,
+            chain_position=self._chain_position,
         )
         torch.set_num_threads(rt.config.server_threads)
+
+    def _chain_position(self) -> tuple[int, bool, bool]:
+        """(shard, is head, is tail) of this server now, for ``head``/``tail`` kill specs."""
+        live = self.rt.live_chain(self.shard_index)
+        return self.shard_index, live[:1] == [self.index], live[-1:] == [self.index]
 
     # ----------------------------------------------------------------- loop
 

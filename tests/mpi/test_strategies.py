@@ -18,7 +18,15 @@ PROG = str(PROGS / "ft_train.py")
 STEPS = 60
 
 
-def train(mpi, tmp_path, name, *, workers=2, servers=3, env=None, extra=(), reports=None):
+# Open MPI's mpirun exits 137 when a re-spawned rank is SIGKILLed, even though the job goes on
+# and finishes (open-mpi/ompi#13325; README, known limitations): accepted where a schedule kills
+# a replacement.
+KILLED_REPLACEMENT = 137
+
+
+def train(
+    mpi, tmp_path, name, *, workers=2, servers=3, env=None, extra=(), reports=None, codes=(0,)
+):
     """Run ft_train.py; return the workers' reports (sorted by worker) and the run directory."""
     run_dir = tmp_path / name
     full_env = {
@@ -35,17 +43,19 @@ def train(mpi, tmp_path, name, *, workers=2, servers=3, env=None, extra=(), repo
         timeout=240,
         exit_hang_after=expect if "FTMPI_KILL" in full_env else 0,
     )
-    assert res.returncode in (0, -9), res.stderr[-3000:]
+    assert res.returncode in (*codes, -9), res.stderr[-3000:]
     got = sorted(res.json_lines(), key=lambda r: r["worker"])
     assert len(got) == expect, res.stdout + res.stderr[-2000:]
     return got, run_dir
 
 
 def order(run_dir, *kinds):
-    """Assert the first event of each kind appears in this order in the run's event log."""
+    """Assert the run's event log holds ``kinds`` in this order (each after the previous)."""
     seen = [e["event"] for e in read_events(str(run_dir))]
-    first = [seen.index(k) for k in kinds]
-    assert first == sorted(first), (kinds, seen)
+    at = 0
+    for k in kinds:
+        assert k in seen[at:], (kinds, seen)
+        at = seen.index(k, at) + 1
 
 
 CHAIN = {"FTMPI_STRATEGY": "chain", "FTMPI_CHAIN_LENGTH": "3"}
@@ -126,7 +136,15 @@ def test_chain_plus_stateless_rebuilds_a_lost_chain_from_the_workers(mpi, tmp_pa
 def test_two_server_kills_paper_schedule(mpi, tmp_path):
     """The paper's schedule in steps: kill, back, kill the replacement, back."""
     env = {**STATELESS, "FTMPI_KILL": "server:0@step=15,server:0@step=40"}
-    got, run_dir = train(mpi, tmp_path, "kill", servers=1, env=env, extra=["--step-sleep", "0.03"])
+    got, run_dir = train(
+        mpi,
+        tmp_path,
+        "kill",
+        servers=1,
+        env=env,
+        extra=["--step-sleep", "0.03"],
+        codes=(0, KILLED_REPLACEMENT),
+    )
     assert got[0]["versions"] == [STEPS]
     kinds = [e["event"] for e in read_events(str(run_dir))]
     assert kinds.count("replacement_joined") == 2, kinds
