@@ -212,6 +212,11 @@ def rebuild_backend(rt: Runtime, *, workers_changed: bool) -> None:
     """
     from ftmpi import events
 
+    # the node-local worker communicator changes with the workers (a joining worker's
+    # ftmpi.init() takes part in this split)
+    rt.local = rt.group.Split_type(MPI.COMM_TYPE_SHARED, key=rt.group.Get_rank())
+    rt.local.Set_errhandler(MPI.ERRORS_RETURN)
+    rt.comms.append(rt.local)
     if isinstance(rt.backend, HorovodBackend):
         events.emit(
             rt.config.run_dir,

@@ -170,6 +170,7 @@ class Injector:
     ) -> None:
         self.run_dir = run_dir
         self.chain_position = chain_position
+        self._last_step = 0
         mine = [s for s in specs if s.role == role and s.index == index]
         self.spec = mine[incarnation] if incarnation < len(mine) else None
         self.positional = [s for s in specs if s.role in ("head", "tail")] if chain_position else []
@@ -206,7 +207,10 @@ class Injector:
         )
 
     def at_step(self, step: int) -> None:
-        """Called with the step (or server version) just reached; dies if the schedule says so."""
+        """Called with the step (or server version) just reached; dies if the schedule says so.
+        A spec's step counts as reached when it is passed (a replayed gradient log advances a
+        server's version by many at once)."""
+        last, self._last_step = self._last_step, step
         for spec in [self.spec, *self.positional]:
-            if spec is not None and spec.step is not None and step == spec.step:
-                self._fire(spec, f"step {step}")
+            if spec is not None and spec.step is not None and last < spec.step <= step:
+                self._fire(spec, f"step {spec.step}")

@@ -490,6 +490,7 @@ class ParameterServer:
         else:
             update.grad = grad_bytes.copy()
             self._answer(src, at_once=self.link.submit(update, lambda: self.apply_update(update)))
+        self.injector.at_step(self.version)
 
     def apply_update(self, u: Update) -> None:
         """Apply one update (a gradient and the hyper-parameters in force for it)."""

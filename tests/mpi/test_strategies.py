@@ -160,9 +160,12 @@ def test_worker_kill_survivors_continue(mpi, tmp_path):
 
 
 def test_worker_kill_with_respawn_restores_the_worker_count(mpi, tmp_path):
+    ref, _ = train(mpi, tmp_path, "ref", servers=1)
     env = {"FTMPI_KILL": "worker:1@step=20", "FTMPI_RESPAWN_WORKERS": "1"}
     got, run_dir = train(mpi, tmp_path, "kill", servers=1, env=env)
     assert [r["workers"] for r in got] == [2, 2]
-    assert got[0]["weights"] == got[1]["weights"] and got[0]["versions"] == [STEPS]
+    # the replacement takes worker 1's place and data position: nothing of the run changes
+    assert got[0]["weights"] == got[1]["weights"] == ref[0]["weights"]
+    assert got[0]["versions"] == [STEPS] and got[1]["first_step"] == 19
     joined = [e for e in read_events(str(run_dir)) if e["event"] == "worker_joined"]
     assert len(joined) == 1 and 20 <= joined[0]["position"] <= STEPS
