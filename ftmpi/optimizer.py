@@ -242,7 +242,15 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def _recover(self, reason: str) -> bool:
         """Join the survivors' recovery. Returns True to retry the step; returns False (or
-        raises :class:`ftmpi.Rollback` inside :func:`ftmpi.run`) after a rollback."""
+        raises :class:`ftmpi.Rollback` inside :func:`ftmpi.run`) after a rollback. A failure
+        during the recovery itself (e.g. a replacement dying) starts it over."""
+        while True:
+            try:
+                return self._recover_once(reason)
+            except PeerFailure as exc:
+                reason = str(exc)
+
+    def _recover_once(self, reason: str) -> bool:
         from ftmpi.backends import rebuild_backend
         from ftmpi.membership import recover
 
