@@ -97,6 +97,10 @@ class Config:
     """Directory for metrics, manifest and events; empty disables run-directory output."""
     seed: int = 0
     """Base seed recorded in the manifest and used by ftmpi's samplers."""
+    deterministic: int = 0
+    """1: ``torch.use_deterministic_algorithms(True)`` on every rank (plus the cuDNN/cuBLAS
+    settings it needs), and the run's remaining sources of non-bit-exactness are warned about
+    and recorded in the manifest (see :mod:`ftmpi.repro`). 0: torch's defaults."""
     extra: Mapping[str, str] = field(default_factory=dict, compare=False)
     """Unrecognised ``FTMPI_*`` variables, kept for the manifest."""
 
@@ -151,7 +155,7 @@ class Config:
         for name in ("max_staleness", "stale_log_bytes", "stale_log_disk_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
-        for name in ("respawn_workers", "resume"):
+        for name in ("respawn_workers", "resume", "deterministic"):
             if getattr(self, name) not in (0, 1):
                 raise ConfigError(f"{name}={getattr(self, name)} must be 0 or 1")
         if self.chained and self.servers % self.chain_length:
@@ -181,11 +185,6 @@ class Config:
         if self.strategy != "none" and self.servers == 0:
             raise ConfigError(
                 f"strategy={self.strategy!r} needs parameter servers; set servers >= 1"
-            )
-        if self.strategy == "checkpoint" and self.mode == "async":
-            raise ConfigError(
-                "strategy='checkpoint' supports mode='sync' only in this version (async recovery "
-                "is not yet reliable); use mode='sync'"
             )
         if self.strategy == "checkpoint" and not (self.checkpoint_dir or self.run_dir):
             raise ConfigError("strategy='checkpoint' needs checkpoint_dir or run_dir for snapshots")
