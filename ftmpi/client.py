@@ -306,17 +306,30 @@ class ServerClient:
         return [int(self.request_json(s, Kind.SNAPSHOT)["version"]) for s in self.shards]
 
     def restore_snapshots(self, *, allow_none: bool = False) -> dict[str, Any] | None:
-        """Coordinator side of a checkpoint rollback (sync mode): every shard loads the newest
-        version all shards have, so the model is consistent. Returns the version loaded and
-        every worker's data position (the version: one update per step); with ``allow_none``,
-        None when no shard has any snapshot."""
+        """Coordinator side of a checkpoint rollback; returns the versions loaded and every
+        worker's data position (with ``allow_none``: None when no shard has any snapshot).
+
+        Sync mode: every shard loads the newest version all shards have, so the model is a
+        consistent cut (one update per step: the version is every worker's position). Async
+        mode has no consistent cut to return to: each shard loads its own newest valid
+        snapshot, and each worker resumes at the smallest position any shard recorded for it,
+        so no batch goes unused (a shard that was ahead sees some gradients again)."""
         have = [set(self.request_json(s, Kind.SNAPSHOTS)["versions"]) for s in self.shards]
         if allow_none and not any(have):
             return None
-        common = set.intersection(*have)
-        if not common:
-            raise RuntimeError("no snapshot version is valid on every shard; cannot roll back")
-        v = max(common)
-        for s in self.shards:
-            self.request_json(s, Kind.RESTORE, v)
-        return {"version": v, "positions": {str(w): v for w in range(self.rt.num_workers)}}
+        if self.rt.config.mode == "sync":
+            common = set.intersection(*have)
+            if not common:
+                raise RuntimeError("no snapshot version is valid on every shard; cannot roll back")
+            versions = [max(common)] * len(self.shards)
+        else:
+            if not all(have):
+                raise RuntimeError("a shard has no valid snapshot; cannot roll back")
+            versions = [max(h) for h in have]
+        positions: dict[str, int] = {}
+        for s, v in zip(self.shards, versions, strict=True):
+            doc = self.request_json(s, Kind.RESTORE, v)
+            for w in range(self.rt.num_workers):
+                p = int(doc["positions"].get(str(w), 0)) if self.rt.config.mode == "async" else v
+                positions[str(w)] = min(positions.get(str(w), p), p)
+        return {"versions": versions, "positions": positions}

@@ -393,7 +393,12 @@ class ParameterServer:
             self._reply_error(src, f"{snap.path} holds shard {snap.meta['shard']['index']}")
             return
         self._build(snap.meta, snap.payload, version=snap.version)
-        self.positions = {}
+        workers = self.rt.workers
+        self.positions = {
+            workers[int(w)]: int(p)
+            for w, p in snap.meta["positions"].items()
+            if int(w) < len(workers)
+        }
         self.last_seq = {}
         self._ensure_writer()
         events.emit(

@@ -122,9 +122,7 @@ def test_sigusr1_snapshot_then_resume_is_bit_exact(mpi, tmp_path):
     FTMPI_RESUME=1 starts there and ends with the weights of an uninterrupted run."""
     env = {**CKPT, "FTMPI_CHECKPOINT_EVERY": "1000"}  # only the initial and the signal's
     ref, _, _ = train(mpi, tmp_path, "ref", env=env)
-    _, run_dir, res = train(
-        mpi, tmp_path, "first", steps=40, env=env, extra=["--usr1-at", "25"]
-    )
+    _, run_dir, res = train(mpi, tmp_path, "first", steps=40, env=env, extra=["--usr1-at", "25"])
     assert "SIGUSR1: snapshot of step 25" in res.stderr
     signal = [e for e in read_events(str(run_dir)) if e["event"] == "signal_checkpoint"]
     assert [(e["version"], e["position"]) for e in signal] == [(25, 25)]
@@ -137,3 +135,13 @@ def test_sigusr1_snapshot_then_resume_is_bit_exact(mpi, tmp_path):
     assert "resumed from the snapshot at step 25" in res.stderr
     assert [r["first_step"] for r in again] == [25, 25] and again[0]["computed"] == 35
     assert again[0]["weights"] == again[1]["weights"] == ref[0]["weights"]
+
+
+def test_checkpoint_async_server_kill_rolls_back_and_finishes(mpi, tmp_path):
+    env = {**CKPT, "FTMPI_MODE": "async", "FTMPI_KILL": "server:1@step=57"}
+    got, run_dir, _ = train(mpi, tmp_path, "kill", env=env)
+    # every worker rewound to the smallest position a shard's snapshot recorded for it
+    assert [r["rollbacks"] for r in got] == [1, 1] and [r["position"] for r in got] == [60, 60]
+    assert all(r["computed"] > 60 for r in got)  # the rewound steps were computed again
+    rollbacks = [e for e in read_events(str(run_dir)) if e["event"] == "rollback"]
+    assert len(rollbacks) == 2 and all(0 < e["position"] < 60 for e in rollbacks)
