@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ftmpi.config import Config
+from ftmpi.resources import start_from_env as start_resource_sampler
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -141,6 +142,7 @@ def init(servers: int | None = None, mode: str | None = None, **options: Any) ->
     if _RUNTIME is not None:
         return _RUNTIME
     config = Config.from_env(servers=servers, mode=mode, **options)
+    start_resource_sampler(config.run_dir)  # FTMPI_SAMPLE_RESOURCES=<seconds>
 
     from mpi4py import MPI
 
