@@ -25,6 +25,7 @@ import enum
 import importlib.util
 import json
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -145,6 +146,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             StaleTraining(rt, self._ftmpi_client) if rt.config.logs_gradients else None
         )
         self._ftmpi_times = PhaseTimes()
+        self._ftmpi_failed_at: float | None = None
+        """Wall time of the first failure seen since the last completed step."""
         self._ftmpi_synchronized = False
         self._ftmpi_should_sync = True
         if rt.late_joiner:
@@ -196,9 +199,20 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 self._data_path(allreduce=retry or self._ftmpi_rt.num_servers == 0)
                 break
             except PeerFailure as exc:
+                if self._ftmpi_failed_at is None:
+                    self._ftmpi_failed_at = time.time()
                 if not self._recover(str(exc)):
                     return loss  # rolled back outside ftmpi.run: this step is dropped
                 retry = True
+        if self._ftmpi_failed_at is not None:  # first step completed since a failure
+            events.emit(
+                self._ftmpi_rt.config.run_dir,
+                "step_resumed",
+                role=f"worker {self._ftmpi_rt.role_rank}",
+                position=self._ftmpi_position + 1,
+                idle_s=round(time.time() - self._ftmpi_failed_at, 6),
+            )
+            self._ftmpi_failed_at = None
         self._ftmpi_synchronized = False
         self._ftmpi_position += 1
         self._ftmpi_client.position = self._ftmpi_position
