@@ -7,12 +7,12 @@ runs through ``ftmpi-run`` twice with 2 workers:
   strategy ``none`` measured in the same invocation (runs interleaved over ``--repeats`` so
   machine noise hits all alike; medians reported);
 - with ``server:0`` (the chain head; replacements come 2 s after a death, except for
-  ``checkpoint``, whose workers wait for it anyway) SIGKILLed at step ``--kill-at``, to get from the run's event
-  log: **failover** (the kill to the first update applied after it: the first completed step for
-  strategies whose steps reach a server, the replay of the gradient log for ``stateless``),
-  **idle** (seconds workers spent inside recoveries, summed over worker 0's ``step_resumed``
-  events), and **updates lost** (steps a rollback rewound, or steps whose update never reached
-  the final weights: steps minus the shard's final version).
+  ``checkpoint``, whose workers wait for it anyway) SIGKILLed at step ``--kill-at``, to get
+  from the run's event log: **failover** (the kill to the first update applied after it: the
+  first completed step for strategies whose steps reach a server, the replay of the gradient
+  log for ``stateless``), **idle** (seconds workers spent inside recoveries, summed over worker
+  0's ``step_resumed`` events), and **updates lost** (steps a rollback rewound, or steps whose
+  update never reached the final weights: steps minus the shard's final version).
 
 Chains run 3 server ranks per shard: with 2 workers that is 5 ranks on this machine's 2 cores
 (oversubscribed; the table says how many ranks each row ran).
