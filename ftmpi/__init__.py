@@ -15,6 +15,7 @@ from typing import Any
 
 from ftmpi.config import Config, ConfigError
 from ftmpi.loop import Rollback, TrainingState, run
+from ftmpi.repro import seed_step
 from ftmpi.runtime import Runtime, init, local_rank, local_size, rank, runtime, shutdown, size
 
 _LAZY = {  # names whose modules import mpi4py.MPI (which initialises MPI)
@@ -58,6 +59,7 @@ __all__ = [
     "rank",
     "run",
     "runtime",
+    "seed_step",
     "shutdown",
     "size",
 ]

@@ -29,6 +29,8 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from ftmpi.repro import seed_step
+
 T = TypeVar("T")
 
 
@@ -41,12 +43,23 @@ class Rollback(Exception):
 
 
 class TrainingState:
-    """The objects ftmpi rewinds on a rollback: the optimizer's position and the batches."""
+    """The objects ftmpi rewinds on a rollback: the optimizer's position and the batches.
 
-    def __init__(self, optimizer: Any, batches: Any = None, **extra: Any) -> None:
+    With ``reseed=True`` (the default) and batches that take an ``on_step`` hook
+    (:class:`ftmpi.sampler.ShardedBatches`), every batch reseeds torch, numpy and ``random``
+    from ``(batches.seed, step, batches.worker)`` before it is returned (:func:`ftmpi.seed_step`),
+    so dropout masks and other draws of a step are the same after a rollback, resume or replay.
+    """
+
+    def __init__(
+        self, optimizer: Any, batches: Any = None, *, reseed: bool = True, **extra: Any
+    ) -> None:
         self.optimizer = optimizer
         self.batches = batches
         self.rollbacks = 0
+        self.reseed = bool(reseed and batches is not None and hasattr(batches, "on_step"))
+        if self.reseed:
+            batches.on_step = functools.partial(seed_step, seed=batches.seed, worker=batches.worker)
         self.__dict__.update(extra)
         position = getattr(optimizer, "position", 0)
         if batches is not None and position:  # a resumed run starts where its snapshot was

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ftmpi.config import Config
+from ftmpi.repro import apply_deterministic, warn_caveats
 from ftmpi.resources import start_from_env as start_resource_sampler
 
 if TYPE_CHECKING:
@@ -142,6 +143,7 @@ def init(servers: int | None = None, mode: str | None = None, **options: Any) ->
     if _RUNTIME is not None:
         return _RUNTIME
     config = Config.from_env(servers=servers, mode=mode, **options)
+    apply_deterministic(config)
     start_resource_sampler(config.run_dir)  # FTMPI_SAMPLE_RESOURCES=<seconds>
 
     from mpi4py import MPI
@@ -206,6 +208,8 @@ def _start_worker(rt: Runtime) -> None:
     rt.local.Set_errhandler(MPI.ERRORS_RETURN)
     rt.comms.append(rt.local)
     rt.backend = MPIBackend(rt.group, rt.config.timeout) if rt.late_joiner else select_backend(rt)
+    if rt.role_rank == 0:
+        warn_caveats(rt.config, backend=rt.backend.name, workers=rt.num_workers)
     atexit.register(shutdown)
 
 

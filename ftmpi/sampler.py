@@ -22,7 +22,7 @@ bit stream; ``permutation`` is stable across numpy versions in practice).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from typing import Any
 
@@ -148,6 +148,9 @@ class ShardedBatches:
     To deliberately change the layout (e.g. a different number of workers), construct a new
     instance with ``start_step`` instead.
 
+    ``on_step``, if set, is called with each step just before its batch is returned;
+    :class:`ftmpi.TrainingState` sets it to reseed the RNGs for that step (:mod:`ftmpi.repro`).
+
     Raises:
         ValueError: On construction, for mismatched ``x``/``y`` lengths or invalid arguments
             (see :func:`batch_indices`).
@@ -179,6 +182,7 @@ class ShardedBatches:
         self.y = y
         self._perm_epoch: int | None = None
         self._perm: torch.Tensor | None = None
+        self.on_step: Callable[[int], object] | None = None
 
     @property
     def epoch(self) -> int:
@@ -209,6 +213,8 @@ class ShardedBatches:
         step = self.step
         idx = self.indices(step)
         self.step = step + 1
+        if self.on_step is not None:
+            self.on_step(step)
         return step, self.x[idx], self.y[idx]
 
     def state_dict(self) -> dict[str, Any]:
