@@ -19,6 +19,7 @@ unreadable value ends the thread with a one-line warning on standard error.
 from __future__ import annotations
 
 import csv
+import importlib
 import os
 import sys
 import threading
@@ -67,9 +68,7 @@ def start_from_env(run_dir: str) -> bool:
 
 
 def _current_role() -> str:
-    from ftmpi import runtime
-
-    rt = runtime._RUNTIME
+    rt = importlib.import_module("ftmpi.runtime")._RUNTIME  # ftmpi.runtime is also a function
     if rt is None:
         return "starting"
     return f"server {rt.server_index}" if rt.is_server else "worker"  # no MPI call off-thread
