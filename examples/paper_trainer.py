@@ -12,7 +12,6 @@ prints a results table at the end.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import time
@@ -24,10 +23,13 @@ from tqdm import tqdm
 
 import ftmpi
 from ftmpi.datasets import load_dataset
-from ftmpi.manifest import build_manifest, write_json_atomic
+from ftmpi.manifest import record_outcome, weights_sha256, write_json_atomic, write_manifest
 from ftmpi.metrics import MetricsWriter
 from ftmpi.models import PaperCNN
-from ftmpi.sampler import ShardedBatches, step_seed
+from ftmpi.sampler import ShardedBatches
+
+OUTCOME = ("weights_sha256", "final_test_accuracy", "final_loss", "steps", "wall_seconds")
+"""Summary fields also recorded as the manifest's outcome."""
 
 OPTIMIZERS = {
     "sgd": lambda ps, a: torch.optim.SGD(ps, lr=a.lr, momentum=a.momentum),
@@ -101,26 +103,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     lead = me == 0
     metrics = None
     run_dir = args.run_dir or rt.config.run_dir or os.path.join("runs", rt.run_id)
+    write_manifest(  # every worker takes part (their hosts are gathered); worker 0 writes
+        rt,
+        run_dir,
+        data={
+            "spec": args.data,
+            "name": data.name,
+            "sha256": data.content_hash(),
+            "train": len(data.train_y),
+            "test": len(data.test_y),
+        },
+        extra={"trainer": vars(args)},
+    )
     if lead:
         metrics = MetricsWriter(run_dir)
-        write_json_atomic(
-            os.path.join(run_dir, "manifest.json"),
-            build_manifest(
-                rt.config,
-                run_id=rt.run_id,
-                num_workers=workers,
-                num_servers=rt.num_servers,
-                backend=rt.backend.name if rt.backend else "none",
-                data={
-                    "spec": args.data,
-                    "name": data.name,
-                    "sha256": data.content_hash(),
-                    "train": len(data.train_y),
-                    "test": len(data.test_y),
-                },
-                extra={"trainer": vars(args)},
-            ),
-        )
 
     bar = tqdm(
         total=None if args.duration else args.steps,
@@ -136,7 +132,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     def train(state: ftmpi.TrainingState) -> None:
         while not _done(args, state.batches.step, start, rt):
             step, x, y = next(state.batches)
-            torch.manual_seed(step_seed(seed, step, me))  # dropout masks replay exactly
             t0 = time.perf_counter()
             opt.zero_grad()
             loss = F.cross_entropy(model(x), y)
@@ -159,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                     rt.config.mode,
                 )
 
-    train(ftmpi.TrainingState(opt, batches))
+    train(ftmpi.TrainingState(opt, batches))  # reseeds the RNGs at every step (ftmpi.repro)
     train_seconds, timed_steps, loss_value = (
         clock["train_seconds"],
         clock["timed_steps"],
@@ -188,10 +183,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "final_test_accuracy": final["test_accuracy"],
         "final_loss": final["loss"],
         "applied": final.get("applied"),
-        "weights_sha256": weights_hash(model),
+        "weights_sha256": weights_sha256(model),
         "step_times_ms": opt.step_times(),
     }
     write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
+    record_outcome(
+        run_dir,
+        {
+            **{k: summary[k] for k in OUTCOME},
+            "best_test_accuracy": max(r["test_accuracy"] for r in metrics.records),
+        },
+    )
     metrics.close()
     print_table(metrics.records, summary)
     return summary
@@ -238,15 +240,6 @@ def _record(
         staleness_mean=round(max((s["staleness_mean"] for s in stats), default=0.0), 3),
         staleness_max=max((s["staleness_max"] for s in stats), default=0),
     )
-
-
-def weights_hash(model: torch.nn.Module) -> str:
-    """SHA-256 of the model's parameters and buffers, in name order."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def print_table(records: list[dict[str, Any]], summary: dict[str, Any]) -> None:

@@ -1,8 +1,15 @@
 """The run manifest: what produced a run, written to ``<run_dir>/manifest.json`` by worker 0.
 
-It records the configuration (every ``FTMPI_*`` setting), seeds, software versions, the training
-script's content hash and git commit, the data's content hash and the rank layout. The file is
-written atomically (temporary name, fsync, rename), so a reader never sees half a manifest.
+It records the configuration (every ``FTMPI_*`` setting), seeds and the RNG policy, software
+versions (Python, torch, numpy, mpi4py, the MPI library, Horovod and its build flags), the CPU
+and GPU models, the rank layout with each worker's host, the training script's content hash and
+git commit (dirty flag, diff hash), the data's content hash, the determinism settings and their
+caveats, and the failure schedule. :func:`record_outcome` adds, at the end, the failures that
+happened (from ``events.jsonl``) and the outcome (final weights hash, accuracy).
+
+Files are written atomically (temporary name, fsync, rename), so a reader never sees half a
+manifest. :func:`read_manifest` refuses a manifest of a newer :data:`FORMAT_VERSION` with a
+message naming both versions; older versions are read as they are (missing sections are absent).
 """
 
 from __future__ import annotations
@@ -18,11 +25,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ftmpi.config import Config
+from ftmpi.events import read_events
+from ftmpi.repro import determinism_record, rng_policy
 
-FORMAT_VERSION = 1
+if TYPE_CHECKING:
+    import torch
+
+    from ftmpi.runtime import Runtime
+
+MANIFEST = "manifest.json"
+
+FORMAT_VERSION = 2
+"""2: rng, determinism, layout hosts, cpu/gpu models, Horovod build flags, failures, outcome."""
+
+ENVIRONMENT = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUBLAS_WORKSPACE_CONFIG", "PYTHONHASHSEED")
+"""Non-``FTMPI_*`` variables that change numerics or threading, recorded when set."""
 
 
 def _version(dist: str) -> str | None:
@@ -46,8 +66,67 @@ def software_versions() -> dict[str, Any]:
     if "mpi4py.MPI" in sys.modules:
         from mpi4py import MPI
 
-        out["mpi_library"] = MPI.Get_library_version().splitlines()[0].strip()
+        out["mpi_library"] = MPI.Get_library_version().splitlines()[0].strip("\x00 \t")
+        out["mpi_standard"] = "{}.{}".format(*MPI.Get_version())
+    if out["horovod"]:
+        out["horovod_build"] = horovod_build()
     return out
+
+
+def horovod_build() -> dict[str, bool] | str:
+    """Horovod's build flags (``mpi_built``, ``gloo_built``, ``nccl_built``, ...), or the
+    reason they could not be read."""
+    try:
+        import horovod.torch as hvd
+    except Exception as exc:  # a broken install must not stop the run
+        return f"unavailable: {type(exc).__name__}: {exc}"
+    names = ("mpi_built", "gloo_built", "nccl_built", "cuda_built", "rocm_built", "ccl_built")
+    return {n: bool(getattr(hvd, n)()) for n in names if hasattr(hvd, n)}
+
+
+def cpu_model() -> str:
+    """The CPU model from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "cpu model"):
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_info() -> list[dict[str, Any]]:
+    """Every visible CUDA device's name and capability, with the CUDA and cuDNN versions."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [
+        {
+            "index": i,
+            "name": torch.cuda.get_device_name(i),
+            "capability": ".".join(map(str, torch.cuda.get_device_capability(i))),
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+        }
+        for i in range(torch.cuda.device_count())
+    ]
+
+
+def host_info() -> dict[str, Any]:
+    """This host: name, platform, CPU model and count, GPUs, torch threads."""
+    import torch
+
+    return {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "gpus": gpu_info(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -92,8 +171,12 @@ def build_manifest(
     script: str | None = None,
     data: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    layout: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Collect the manifest of this run (no I/O except reading the script and git)."""
+    """Collect the manifest of this run (no I/O except reading the script, git and /proc).
+
+    ``layout`` (from :func:`rank_layout`) replaces the plain role table built from the counts.
+    """
     script = script or (sys.argv[0] if sys.argv and sys.argv[0] else None)
     script_info: dict[str, Any] = {}
     if script and os.path.isfile(script):
@@ -108,24 +191,123 @@ def build_manifest(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "extra"},
         "ftmpi_env": {k: v for k, v in os.environ.items() if k.startswith("FTMPI_")},
+        "environment": {k: os.environ[k] for k in ENVIRONMENT if k in os.environ},
         "seed": config.seed,
+        "rng": rng_policy(config.seed),
+        "determinism": determinism_record(config, backend=backend, workers=num_workers),
         "argv": sys.argv,
+        "python": sys.executable,
+        "cwd": os.getcwd(),
         "versions": software_versions(),
-        "host": {
-            "hostname": socket.gethostname(),
-            "platform": platform.platform(),
-            "cpu": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-        },
+        "host": host_info(),
         "layout": {
-            "workers": list(range(num_workers)),
-            "servers": list(range(num_workers, num_workers + num_servers)),
+            **(
+                layout
+                or {
+                    "workers": list(range(num_workers)),
+                    "servers": list(range(num_workers, num_workers + num_servers)),
+                }
+            ),
             "backend": backend,
         },
         "script": script_info,
         "data": data or {},
+        "failures": {"schedule": config.kill},
         **(extra or {}),
     }
+
+
+def rank_layout(rt: Runtime) -> dict[str, Any]:
+    """Every worker's world rank and host (one ``allgather`` of host names among the workers:
+    collective, so every worker calls it), the servers' world ranks and the shard chains.
+    Server hosts are not gathered (servers are serving by then)."""
+    hosts = rt.group.allgather(socket.gethostname())
+    return {
+        "workers": [
+            {"worker": i, "world_rank": r, "host": h}
+            for i, (r, h) in enumerate(zip(rt.workers, hosts, strict=True))
+        ],
+        "servers": [{"server": s, "world_rank": r} for s, r in enumerate(rt.servers)],
+        "chains": rt.chains,
+        "hosts": sorted(set(hosts)),
+    }
+
+
+def write_manifest(
+    rt: Runtime,
+    run_dir: str,
+    *,
+    data: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    script: str | None = None,
+) -> dict[str, Any] | None:
+    """Gather the rank layout (collective: every worker calls this) and, on worker 0, write
+    ``<run_dir>/manifest.json``; returns the manifest there, ``None`` on other workers.
+
+    A worker spawned to replace a dead one returns ``None`` at once (the run's manifest exists).
+    A relaunch of the same run (``ftmpi-run --max-restarts``) rewrites the manifest and keeps
+    the first attempt's failure schedule, counting the restarts in ``restarts``.
+    """
+    if rt.late_joiner:
+        return None
+    layout = rank_layout(rt)
+    if rt.role_rank != 0:
+        return None
+    doc = build_manifest(
+        rt.config,
+        run_id=rt.run_id,
+        num_workers=rt.num_workers,
+        num_servers=rt.num_servers,
+        backend=rt.backend.name if rt.backend else "none",
+        script=script,
+        data=data,
+        extra=extra,
+        layout=layout,
+    )
+    path = Path(run_dir) / MANIFEST
+    if path.exists():
+        earlier = read_manifest(path)
+        if earlier.get("run_id") == rt.run_id:
+            doc["failures"] = earlier.get("failures", doc["failures"])
+            doc["restarts"] = int(earlier.get("restarts", 0)) + 1
+    write_json_atomic(path, doc)
+    return doc
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's parameters and buffers (names and raw bytes, in name order)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def failures_happened(run_dir: str) -> dict[str, Any]:
+    """The failures a run's ``events.jsonl`` records: each distinct kill (spec, source, time;
+    a kill logged by the dying rank and by the launcher counts once) and every event kind's
+    count."""
+    kills: dict[tuple[Any, str], dict[str, Any]] = {}
+    counts: dict[str, int] = {}
+    for e in read_events(run_dir):
+        kind = str(e.get("event"))
+        counts[kind] = counts.get(kind, 0) + 1
+        if kind == "kill" and "spec" in e:
+            key = (e.get("pid"), str(e["spec"]))
+            kills.setdefault(key, {"spec": e["spec"], "time": e.get("time")})
+    return {"kills": [k["spec"] for k in kills.values()], "events": dict(sorted(counts.items()))}
+
+
+def record_outcome(run_dir: str, outcome: dict[str, Any]) -> dict[str, Any]:
+    """Add ``outcome`` (e.g. ``weights_sha256``, ``final_test_accuracy``, ``steps``) and the
+    failures that happened to ``<run_dir>/manifest.json``; return the updated manifest.
+    Raises ``FileNotFoundError`` if the run has no manifest yet."""
+    path = Path(run_dir) / MANIFEST
+    doc = read_manifest(path)
+    doc["failures"] = {**doc.get("failures", {}), "happened": failures_happened(run_dir)}
+    doc["outcome"] = outcome
+    write_json_atomic(path, doc)
+    return doc
 
 
 def write_json_atomic(path: str | os.PathLike[str], doc: dict[str, Any]) -> None:
@@ -150,10 +332,15 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a manifest; refuse one written by a newer ftmpi format with a clear error."""
     with open(path) as f:
         doc = json.load(f)
-    version = doc.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    version = doc.get("format_version") if isinstance(doc, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool):
         raise ValueError(
-            f"{path}: manifest format_version={version!r} is newer than this ftmpi understands "
+            f"{path}: not an ftmpi manifest (format_version={version!r}, expected an integer "
+            f"<= {FORMAT_VERSION}); pass the manifest.json a run wrote"
+        )
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: manifest format_version={version} is newer than this ftmpi understands "
             f"({FORMAT_VERSION}); upgrade ftmpi to read it"
         )
     return doc
