@@ -42,6 +42,7 @@ from ftmpi.optim_state import (
     state_entries,
     unpack_tensors,
 )
+from ftmpi.repro import rng_policy
 from ftmpi.runtime import Runtime
 from ftmpi.sharding import Shard
 from ftmpi.snapshot import (
@@ -343,6 +344,7 @@ class ParameterServer:
             "run_id": self.rt.run_id,
             "version": self.version,
             "positions": positions,
+            "rng": rng_policy(self.rt.config.seed),
         }
         self.writer.submit(self.version, meta, payload)
 
