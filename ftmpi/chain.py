@@ -165,23 +165,9 @@ class ChainLink:
         grads = np.concatenate([u.grad for u in updates])
         dest = self.rt.server_world_rank(succ)
         what = f"server {self.server.index} forwarding updates to server {succ}"
-        reqs = wire.isend(
-            self.rt.world,
-            dest,
-            self._header(Kind.FORWARD, updates[0].version, doc.nbytes, len(updates)),
-            doc,
-            tag=wire.TAG_HEADER,
-            data_tag=wire.TAG_DATA,
-            chunk_bytes=cfg.chunk_bytes,
-            what=what,
-        )
-        reqs += wire.isend_data(
-            self.rt.world,
-            dest,
-            grads,
-            data_tag=wire.TAG_DATA,
-            chunk_bytes=cfg.chunk_bytes,
-            what=what,
+        header = self._header(Kind.FORWARD, updates[0].version, doc.nbytes, len(updates))
+        reqs = wire.isend_request(
+            self.rt.world, dest, header, doc, grads, chunk_bytes=cfg.chunk_bytes, what=what
         )
         return [reqs, doc, grads]
 

@@ -65,6 +65,19 @@ class ServerClient:
             what=f"sending to server {shard.index}",
         )
 
+    def _isend_request(
+        self, shard: Shard, header: Header, doc: np.ndarray, data: np.ndarray
+    ) -> list[MPI.Request]:
+        return wire.isend_request(
+            self.rt.world,
+            self._server(shard),
+            header,
+            doc,
+            data,
+            chunk_bytes=self.rt.config.chunk_bytes,
+            what=f"sending {Kind(header.kind).name} to server {shard.index}",
+        )
+
     def _wait(self, reqs: list[MPI.Request], what: str) -> None:
         wire.wait_all(reqs, self.rt.config.timeout, what)
 
@@ -148,15 +161,7 @@ class ServerClient:
             doc = wire.encode_json(spec)
             keep += [doc, binary]
             header = self._header(Kind.INIT, shard, doc.nbytes, self.versions[shard.index])
-            reqs += self._isend(shard, header, doc)
-            reqs += wire.isend_data(
-                self.rt.world,
-                self._server(shard),
-                binary,
-                data_tag=wire.TAG_DATA,
-                chunk_bytes=self.rt.config.chunk_bytes,
-                what=f"sending initial weights to server {shard.index}",
-            )
+            reqs += self._isend_request(shard, header, doc, binary)
             self._sent_hparams[shard.index] = json.dumps(groups, sort_keys=True)
         for shard in shards:
             self._recv_reply(shard, Kind.OK, None)
@@ -238,15 +243,7 @@ class ServerClient:
             }
         )
         grad = combined.grad.numpy()
-        reqs = self._isend(shard, self._header(Kind.REPLAY, shard, doc.nbytes), doc)
-        reqs += wire.isend_data(
-            self.rt.world,
-            self._server(shard),
-            grad,
-            data_tag=wire.TAG_DATA,
-            chunk_bytes=self.rt.config.chunk_bytes,
-            what=f"sending a gradient log to server {shard.index}",
-        )
+        reqs = self._isend_request(shard, self._header(Kind.REPLAY, shard, doc.nbytes), doc, grad)
         header, _ = self._recv_reply(shard, Kind.WEIGHTS, self.view(self.weights, shard).numpy())
         self.versions[shard.index] = header.version
         self._wait(reqs, "replaying a gradient log")

@@ -155,6 +155,11 @@ class Config:
         for name in ("max_staleness", "stale_log_bytes", "stale_log_disk_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.chain_ack == "tail" and self.replicate_every != 1:
+            raise ConfigError(
+                f"replicate_every={self.replicate_every} needs chain_ack='next': with 'tail' a "
+                "push commits only when the tail has it, so every update is forwarded at once"
+            )
         for name in ("respawn_workers", "resume", "deterministic"):
             if getattr(self, name) not in (0, 1):
                 raise ConfigError(f"{name}={getattr(self, name)} must be 0 or 1")

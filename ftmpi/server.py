@@ -299,23 +299,8 @@ class ParameterServer:
         header = Header(
             Kind.INIT, self.rt.run, self.version, self.shard_index, 0, self.rt.view, doc.nbytes
         )
-        reqs = wire.isend(
-            self.rt.world,
-            dest,
-            header,
-            doc,
-            tag=wire.TAG_HEADER,
-            data_tag=wire.TAG_DATA,
-            chunk_bytes=cfg.chunk_bytes,
-            what=what,
-        )
-        reqs += wire.isend_data(
-            self.rt.world,
-            dest,
-            binary,
-            data_tag=wire.TAG_DATA,
-            chunk_bytes=cfg.chunk_bytes,
-            what=what,
+        reqs = wire.isend_request(
+            self.rt.world, dest, header, doc, binary, chunk_bytes=cfg.chunk_bytes, what=what
         )
         wire.wait_all(reqs, cfg.timeout, what)
         events.emit(

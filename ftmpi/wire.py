@@ -232,6 +232,34 @@ def isend_data(
         return [comm.Isend(c, dest=dest, tag=data_tag) for c in chunks(payload, chunk_bytes)]
 
 
+def isend_request(
+    comm: MPI.Comm,
+    dest: int,
+    header: Header,
+    doc: np.ndarray,
+    data: np.ndarray,
+    *,
+    chunk_bytes: int,
+    what: str,
+) -> list[MPI.Request]:
+    """Start sending a request carrying a JSON document and raw bytes: ``header`` and ``doc``
+    (``header.nbytes`` = its size) on the request tag, then ``data`` as chunks on the data tag.
+    The caller keeps both arrays alive until the requests complete."""
+    reqs = isend(
+        comm,
+        dest,
+        header,
+        doc,
+        tag=TAG_HEADER,
+        data_tag=TAG_DATA,
+        chunk_bytes=chunk_bytes,
+        what=what,
+    )
+    return reqs + isend_data(
+        comm, dest, data, data_tag=TAG_DATA, chunk_bytes=chunk_bytes, what=what
+    )
+
+
 def send(
     comm: MPI.Comm,
     dest: int,
