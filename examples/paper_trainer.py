@@ -6,12 +6,15 @@ Run on every rank of one MPI job, e.g. one server and two workers::
 
 Worker 0 evaluates on the held-out split every ``--eval-every`` steps, writes
 ``metrics.csv``/``metrics.jsonl``/``manifest.json``/``summary.json`` to the run directory and
-prints a results table at the end.
+prints a results table at the end. It also writes ``steps.csv``: the wall-clock (``time.time()``)
+start and end of each of its training steps, redone steps after a rollback included, which is
+what ``ftmpi-run experiment`` derives idle time and lost updates from.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import sys
 import time
@@ -126,17 +129,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         file=sys.stderr,
     )
     start = time.monotonic()
+    metrics_origin = time.time() - (start - metrics.start) if metrics else time.time()
     clock = {"train_seconds": 0.0, "timed_steps": 0, "loss": float("nan")}
+    step_log: list[tuple[int, float, float]] = []  # (step, start, end), wall clock
 
     @ftmpi.run  # a server failure under the checkpoint strategy rewinds state.batches
     def train(state: ftmpi.TrainingState) -> None:
         while not _done(args, state.batches.step, start, rt):
             step, x, y = next(state.batches)
-            t0 = time.perf_counter()
+            t0, wall0 = time.perf_counter(), time.time()
             opt.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             opt.step()
+            step_log.append((step, wall0, time.time()))
             if step >= args.warmup_steps:
                 clock["train_seconds"] += time.perf_counter() - t0
                 clock["timed_steps"] += 1
@@ -152,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                     state.batches.epoch,
                     clock["loss"],
                     rt.config.mode,
+                    len(step_log) * workers,
                 )
 
     train(ftmpi.TrainingState(opt, batches))  # reseeds the RNGs at every step (ftmpi.repro)
@@ -169,8 +176,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         final = metrics.records[-1]
     else:
         final = _record(
-            metrics, opt, model, data, steps_done, batches.epoch, loss_value, rt.config.mode
+            metrics,
+            opt,
+            model,
+            data,
+            steps_done,
+            batches.epoch,
+            loss_value,
+            rt.config.mode,
+            len(step_log) * workers,
         )
+    write_step_log(os.path.join(run_dir, "steps.csv"), step_log)
     summary = {
         "run_id": rt.run_id,
         "mode": rt.config.mode,
@@ -183,6 +199,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "final_test_accuracy": final["test_accuracy"],
         "final_loss": final["loss"],
         "applied": final.get("applied"),
+        "versions": final.get("versions"),
+        "gradients_computed": final.get("computed"),
+        "stale": opt.stale_stats(),
+        "job_start": rt.job_start,
+        "metrics_origin": metrics_origin,
         "weights_sha256": weights_sha256(model),
         "step_times_ms": opt.step_times(),
     }
@@ -224,7 +245,11 @@ def _record(
     epoch: int,
     train_loss: float,
     mode: str,
+    computed: int,
 ) -> dict[str, Any]:
+    """Evaluate and record one metrics row. ``computed`` is the gradients the workers have
+    computed so far, redone and logged ones included (this worker's steps times the worker
+    count: exact in sync mode and with one worker)."""
     assert metrics is not None
     if mode == "async":
         opt.pull()  # evaluate the servers' current model, not this worker's possibly stale copy
@@ -237,9 +262,20 @@ def _record(
         train_loss=round(train_loss, 5),
         test_accuracy=round(acc, 5),
         applied=[s["applied"] for s in stats],
+        versions=[s["version"] for s in stats],
+        replayed=sum(s["replayed"] for s in stats),
+        computed=computed,
         staleness_mean=round(max((s["staleness_mean"] for s in stats), default=0.0), 3),
         staleness_max=max((s["staleness_max"] for s in stats), default=0),
     )
+
+
+def write_step_log(path: str, steps: list[tuple[int, float, float]]) -> None:
+    """``steps.csv``: one row per training step this worker ran (``step,start,end``)."""
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(("step", "start", "end"))
+        out.writerows((n, f"{a:.6f}", f"{b:.6f}") for n, a, b in steps)
 
 
 def print_table(records: list[dict[str, Any]], summary: dict[str, Any]) -> None:

@@ -24,14 +24,17 @@ from collections.abc import Callable, Mapping, Sequence
 
 from ftmpi.config import ConfigError
 from ftmpi.faults import parse_schedule
-from launch import summary
+from launch import experiment, summary
 from launch.command import LAUNCHERS, JobSpec, build_command, find_launcher, process_env
 from launch.jobenv import add_config_flags, config_overrides, job_environment, server_updates
 from launch.kills import kill_flags_text, parse_kill_flags, random_schedule
 from launch.restart import LaunchReport, run_with_restarts
 from launch.rundir import refuse_finished, resolve
 
-SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"summary": summary.main}
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "summary": summary.main,
+    "experiment": experiment.main,
+}
 """``ftmpi-run NAME ARGS...`` runs ``SUBCOMMANDS[NAME](ARGS)``."""
 
 
