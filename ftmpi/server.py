@@ -286,6 +286,7 @@ class ParameterServer:
 
     def transfer_state(self, slot: int) -> None:
         """Send the whole shard state to server ``slot`` (a chain successor that has none)."""
+        t0 = time.perf_counter()
         spec, binary = self._state()
         spec = {
             **spec,
@@ -310,6 +311,7 @@ class ParameterServer:
             to=f"server {slot}",
             version=self.version,
             nbytes=int(binary.nbytes),
+            seconds=round(time.perf_counter() - t0, 6),
         )
 
     # ------------------------------------------------------------ snapshots
