@@ -27,7 +27,9 @@ of the chain in the new view; predecessors and successors are recomputed from th
   skips versions it already has.
 - tail died: its predecessor is the tail; it commits everything it holds.
 - a replacement slot joins at the tail: its predecessor sends it the whole shard state first
-  (the message a worker's INIT uses), then forwards as usual.
+  (the message a worker's INIT uses), then forwards as usual. A member that is sent updates
+  before it has any state (its transfer was cut short by another failure) answers
+  ``NEED_STATE``, and its predecessor sends the whole state instead.
 
 Every message of an older view is gone with its revoked communicator, so all in-flight forwards
 and acks are re-sent by these rules, never assumed delivered.
@@ -42,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ftmpi import wire
+from ftmpi.failpoints import failpoint
 from ftmpi.wire import AckKind, Header, Kind
 
 if TYPE_CHECKING:
@@ -161,7 +164,9 @@ class ChainLink:
             return []
         self.pending += updates
         cfg = self.rt.config
-        doc = wire.encode_json({"updates": [u.meta() for u in updates]})
+        doc = wire.encode_json(
+            {"updates": [u.meta() for u in updates], "grad_nbytes": int(updates[0].grad.nbytes)}
+        )
         grads = np.concatenate([u.grad for u in updates])
         dest = self.rt.server_world_rank(succ)
         what = f"server {self.server.index} forwarding updates to server {succ}"
@@ -180,6 +185,8 @@ class ChainLink:
         except wire.PeerFailure:
             apply()
             raise
+        if started:
+            failpoint("forward")
         apply()
         self.finish(started)
 
@@ -234,12 +241,13 @@ class ChainLink:
         s = self.server
         doc = np.empty(header.nbytes, dtype=np.uint8)
         recv(doc, "forwarded updates")
-        metas = wire.decode_json(doc)["updates"]
-        nbytes = s.grads.numpy().nbytes if s.grads is not None else 0
+        fwd = wire.decode_json(doc)
+        metas, nbytes = fwd["updates"], int(fwd["grad_nbytes"])
         grads = np.empty(nbytes * len(metas), dtype=np.uint8)
         recv(grads, "forwarded gradients")
-        if s.grads is None:
-            raise RuntimeError(f"server {s.index} got updates before its shard state")
+        if s.grads is None:  # a replacement whose state transfer was cut short by a failure
+            self.ack(AckKind.NEED_STATE, 0)
+            return
         updates = [
             Update(
                 m["version"], m["src"], m["seq"], m["hparams"], grads[i * nbytes : (i + 1) * nbytes]
@@ -264,6 +272,11 @@ class ChainLink:
 
     def on_ack(self, header: Header) -> None:
         """Record an acknowledgement from the successor; pass commits up the chain."""
+        if header.aux == AckKind.NEED_STATE:
+            succ = self.succ
+            if succ is not None:
+                self._hand_over_state(succ)
+            return
         if header.aux == AckKind.RECEIVED:
             self.received = max(self.received, header.version)
         else:
@@ -276,6 +289,7 @@ class ChainLink:
 
     def reconfigure(self, rank_map: dict[int, int], respawned: list[int]) -> None:
         """Re-establish the chain in a new view (see the module docstring)."""
+        failpoint("reconfigure")
         self.held = []  # workers retry their pushes after a recovery
         for u in self.pending + self.unsent:
             u.src = rank_map.get(u.src, -1)
@@ -285,13 +299,18 @@ class ChainLink:
             self.committed = self.server.version
             self.ack(AckKind.COMMITTED, self.server.version)
         elif succ in respawned:
-            self.pending = []
-            self.server.transfer_state(succ)
-            self.committed = self.server.version  # the new tail holds all of it now
-            self.ack(AckKind.COMMITTED, self.committed)
+            self._hand_over_state(succ)
         elif self.pending:
             again, self.pending = self.pending, []
             self.finish(self.start_forward(again))
+
+    def _hand_over_state(self, succ: int) -> None:
+        """Send the successor the whole shard state; it then holds (and commits) everything
+        this server has, so nothing is left to re-send."""
+        self.pending = []
+        self.server.transfer_state(succ)
+        self.committed = self.server.version
+        self.ack(AckKind.COMMITTED, self.committed)
 
     def stop_successor(self) -> None:
         """Tell the successor that every update has been forwarded."""

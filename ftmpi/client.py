@@ -18,6 +18,7 @@ import torch
 from mpi4py import MPI
 
 from ftmpi import wire
+from ftmpi.failpoints import failpoint
 from ftmpi.gradlog import Combined
 from ftmpi.optim_state import dtype_name, unpack_tensors
 from ftmpi.runtime import Runtime
@@ -188,6 +189,7 @@ class ServerClient:
             g = self.view(self.grads, shard).numpy()
             header = self._header(Kind.PUSH, shard, g.nbytes, self.versions[shard.index])
             reqs += self._isend(shard, header, g)
+        failpoint("push")
         for shard in shards:
             out = self.view(self.weights, shard).numpy()
             header, _ = self._recv_reply(shard, Kind.WEIGHTS, out)
@@ -207,6 +209,8 @@ class ServerClient:
             g = self.view(self.grads, shard).numpy()
             header = self._header(Kind.PUSH, shard, g.nbytes, self.versions[shard.index])
             reqs += self._isend(shard, header, g)
+        if mine:
+            failpoint("push")
         for shard in shards:
             root = shard.index % workers
             chunks = wire.chunks(self.view(self.weights, shard).numpy(), cfg.chunk_bytes)
@@ -253,6 +257,7 @@ class ServerClient:
         reqs: list[MPI.Request] = []
         for shard in shards:
             reqs += self._isend(shard, self._header(Kind.PULL, shard, 0), None)
+        failpoint("pull")
         for shard in shards:
             header, _ = self._recv_reply(
                 shard, Kind.WEIGHTS, self.view(self.weights, shard).numpy()

@@ -81,6 +81,8 @@ class Config:
     """1: start from the newest valid snapshot in the checkpoint directory if there is one."""
     kill: str = ""
     """Failure injection schedule, e.g. ``server:0@step=50,server:0@30s`` (see ftmpi.faults)."""
+    failpoints: str = ""
+    """Kill a rank at a named place in the code, e.g. ``apply@server:0#5`` (ftmpi.failpoints)."""
     backend: str = "auto"
     """Collective backend among workers: ``horovod`` if importable and ``auto``, else ``mpi``."""
     timeout: float = 300.0
@@ -193,6 +195,13 @@ class Config:
             )
         if self.strategy == "checkpoint" and not (self.checkpoint_dir or self.run_dir):
             raise ConfigError("strategy='checkpoint' needs checkpoint_dir or run_dir for snapshots")
+        if self.failpoints:
+            from ftmpi.failpoints import parse_failpoints
+
+            try:
+                parse_failpoints(self.failpoints)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if self.kill:
             from ftmpi.faults import parse_schedule
 

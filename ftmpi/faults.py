@@ -131,8 +131,8 @@ def check_schedule(
             )
 
 
-def die(reason: str, *, spec: KillSpec | None = None, run_dir: str = "") -> None:
-    """Record the kill (event ``kill``), then SIGKILL this process now."""
+def die(reason: str, *, spec: object = None, run_dir: str = "") -> None:
+    """Record the kill (event ``kill`` with ``str(spec)``), then SIGKILL this process now."""
     print(f"ftmpi: injected failure: {reason} (pid {os.getpid()})", file=sys.stderr, flush=True)
     sys.stdout.flush()
     if spec is not None:
@@ -140,6 +140,13 @@ def die(reason: str, *, spec: KillSpec | None = None, run_dir: str = "") -> None
 
         events.emit(run_dir, "kill", spec=str(spec), source="rank")
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fired_before(run_dir: str, spec: object) -> bool:
+    """Whether the run's event log already records a kill of ``spec``."""
+    from ftmpi.events import read_events
+
+    return any(e["event"] == "kill" and e.get("spec") == str(spec) for e in read_events(run_dir))
 
 
 ChainPosition = Callable[[], tuple[int, bool, bool]]
@@ -195,16 +202,9 @@ class Injector:
     def _fire(self, spec: KillSpec, how: str) -> None:
         if not self._holds(spec):
             return
-        if spec.role in ("head", "tail") and self._fired_before(spec):
+        if spec.role in ("head", "tail") and fired_before(self.run_dir, spec):
             return
         die(f"{spec} ({how})", spec=spec, run_dir=self.run_dir)
-
-    def _fired_before(self, spec: KillSpec) -> bool:
-        from ftmpi.events import read_events
-
-        return any(
-            e["event"] == "kill" and e.get("spec") == str(spec) for e in read_events(self.run_dir)
-        )
 
     def at_step(self, step: int) -> None:
         """Called with the step (or server version) just reached; dies if the schedule says so.

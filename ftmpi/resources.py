@@ -92,6 +92,21 @@ def rss_bytes() -> int:
         return int(psutil.Process().memory_info().rss)
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far in bytes (``VmHWM`` in
+    ``/proc/self/status``; ``ru_maxrss`` where there is no ``/proc``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
 def _sample_loop(path: str, interval: float, role: Callable[[], str]) -> None:
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True, mode=0o750)

@@ -202,12 +202,20 @@ def _start_worker(rt: Runtime) -> None:
     A late joiner uses the MPI backend, as the survivors do after any failure."""
     from mpi4py import MPI
 
+    from ftmpi import failpoints
     from ftmpi.backends import MPIBackend, select_backend
 
     rt.local = rt.group.Split_type(MPI.COMM_TYPE_SHARED, key=rt.group.Get_rank())
     rt.local.Set_errhandler(MPI.ERRORS_RETURN)
     rt.comms.append(rt.local)
     rt.backend = MPIBackend(rt.group, rt.config.timeout) if rt.late_joiner else select_backend(rt)
+    failpoints.arm(
+        failpoints.parse_failpoints(rt.config.failpoints),
+        "worker",
+        rt.role_rank,
+        int(rt.late_joiner),
+        run_dir=rt.config.run_dir,
+    )
     if rt.role_rank == 0:
         warn_caveats(rt.config, backend=rt.backend.name, workers=rt.num_workers)
     atexit.register(shutdown)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ftmpi import events, wire
+from ftmpi import events, failpoints, wire
 from ftmpi.chain import ChainLink, Update
 from ftmpi.faults import Injector, parse_schedule
 from ftmpi.optim_state import (
@@ -43,6 +43,7 @@ from ftmpi.optim_state import (
     unpack_tensors,
 )
 from ftmpi.repro import rng_policy
+from ftmpi.resources import peak_rss_bytes
 from ftmpi.runtime import Runtime
 from ftmpi.sharding import Shard
 from ftmpi.snapshot import (
@@ -94,6 +95,14 @@ class ParameterServer:
             self.index,
             rt.incarnations[self.index],
             rt.job_start,
+            run_dir=rt.config.run_dir,
+            chain_position=self._chain_position,
+        )
+        failpoints.arm(
+            failpoints.parse_failpoints(rt.config.failpoints),
+            "server",
+            self.index,
+            rt.incarnations[self.index],
             run_dir=rt.config.run_dir,
             chain_position=self._chain_position,
         )
@@ -303,6 +312,7 @@ class ParameterServer:
         reqs = wire.isend_request(
             self.rt.world, dest, header, doc, binary, chunk_bytes=cfg.chunk_bytes, what=what
         )
+        failpoints.failpoint("state_transfer")
         wire.wait_all(reqs, cfg.timeout, what)
         events.emit(
             cfg.run_dir,
@@ -456,6 +466,7 @@ class ParameterServer:
         if doc["last_seq"] <= self.last_seq.get(src, -1):
             self._answer(src, at_once=False)
             return
+        failpoints.failpoint("replay")
         count = int(doc["count"])
         hparams, self.new_hparams = self.new_hparams, None
         update = Update(
@@ -505,6 +516,7 @@ class ParameterServer:
             for g, lr in zip(self.optimizer.param_groups, lrs, strict=True):
                 g["lr"] = lr
         self.version = u.version
+        failpoints.failpoint("apply")
         self.applied += u.count
         if u.replay:
             self.replayed += u.count
@@ -584,7 +596,8 @@ class ParameterServer:
         self.stopped.add(src)
 
     def stats(self) -> dict[str, Any]:
-        """Counters since start: updates applied, staleness, dropped messages, apply time."""
+        """Counters since start: updates applied, staleness, dropped messages, apply time,
+        peak resident memory (bytes)."""
         return {
             "server": self.index,
             "version": self.version,
@@ -596,6 +609,7 @@ class ParameterServer:
             "apply_seconds": self.apply_seconds,
             "numel": 0 if self.shard is None else self.shard.numel,
             "in_horovod": _in_horovod(),
+            "peak_rss": peak_rss_bytes(),
         }
 
 

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from ftmpi.failpoints import failpoint
+
 MAGIC = b"FTMPICK1"
 _NAME = re.compile(r"^shard(\d{3})-v(\d{12})\.ftck$")
 
@@ -85,6 +87,7 @@ def write_snapshot(
                 f.write(part)
             f.flush()
             os.fsync(f.fileno())
+        failpoint("snapshot_write")
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -67,6 +67,7 @@ class AckKind(IntEnum):
 
     COMMITTED = 0
     RECEIVED = 1
+    NEED_STATE = 2  # the receiver of a forward has no shard state yet: send it first
 
 
 class CommTimeout(TimeoutError):

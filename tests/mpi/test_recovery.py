@@ -145,3 +145,15 @@ def test_checkpoint_async_server_kill_rolls_back_and_finishes(mpi, tmp_path):
     assert all(r["computed"] > 60 for r in got)  # the rewound steps were computed again
     rollbacks = [e for e in read_events(str(run_dir)) if e["event"] == "rollback"]
     assert len(rollbacks) == 2 and all(0 < e["position"] < 60 for e in rollbacks)
+
+
+def test_server_dies_half_way_through_a_snapshot_write(mpi, tmp_path):
+    ref, _, _ = train(mpi, tmp_path, "ref", env=CKPT)
+    # the third write (version 20) dies after its temporary file is fsynced, before the rename
+    got, run_dir, _ = train(
+        mpi, tmp_path, "kill", env={**CKPT, "FTMPI_FAILPOINTS": "snapshot_write@server:0#3"}
+    )
+    assert got[0]["weights"] == got[1]["weights"] == ref[0]["weights"]
+    assert got[0]["computed"] == 20 + 50  # back to the snapshot at 10
+    leftovers = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    assert len(leftovers) == 1 and "v000000000020" in leftovers[0]  # ignored, never loaded

@@ -169,3 +169,28 @@ def test_worker_kill_with_respawn_restores_the_worker_count(mpi, tmp_path):
     assert got[0]["versions"] == [STEPS] and got[1]["first_step"] == 19
     joined = [e for e in read_events(str(run_dir)) if e["event"] == "worker_joined"]
     assert len(joined) == 1 and joined[0]["position"] == 19  # it redoes the failed step 20
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"FTMPI_FAILPOINTS": "forward@server:1#30"},
+        {"FTMPI_KILL": "server:0@step=30", "FTMPI_FAILPOINTS": "reconfigure@server:1"},
+        {"FTMPI_KILL": "server:0@step=30", "FTMPI_FAILPOINTS": "state_transfer@server:2"},
+    ],
+    ids=["middle-while-forwarding", "successor-during-reconfiguration", "during-state-transfer"],
+)
+def test_chain_failpoints_lose_nothing(mpi, tmp_path, chain_reference, env):
+    """Deaths at named moments (failpoints), including two in one recovery."""
+    got, run_dir = train(mpi, tmp_path, "kill", env={**CHAIN, **env})
+    assert got[0]["weights"] == got[1]["weights"] == chain_reference[0]["weights"]
+    assert got[0]["versions"] == [STEPS]
+    kills = [e for e in read_events(str(run_dir)) if e["event"] == "kill"]
+    assert len(kills) == 1 + ("FTMPI_KILL" in env), kills
+
+
+def test_worker_dies_with_its_push_in_flight(mpi, tmp_path):
+    got, _ = train(
+        mpi, tmp_path, "kill", servers=2, env={"FTMPI_FAILPOINTS": "push@worker:1#20"}, reports=1
+    )
+    assert got[0]["workers"] == 1 and got[0]["versions"] == [STEPS, STEPS]
