@@ -60,6 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.01, help="learning rate (paper: 0.01)")
     p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (paper: 0)")
     p.add_argument("--eval-every", type=int, default=25, help="evaluate every N steps")
+    p.add_argument(
+        "--start-at",
+        type=float,
+        default=0.0,
+        metavar="EPOCH",
+        help="wait until this wall-clock time (time.time()) before training (0: at once)",
+    )
     p.add_argument("--seed", type=int, default=None, help="default: FTMPI_SEED or 0")
     p.add_argument("--run-dir", default=None, help="default: FTMPI_RUN_DIR or runs/<run id>")
     p.add_argument(
@@ -128,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         desc=f"{rt.config.mode}/{rt.num_servers} server(s)",
         file=sys.stderr,
     )
+    time.sleep(max(0.0, args.start_at - time.time()))  # every worker starts at that moment
     start = time.monotonic()
     metrics_origin = time.time() - (start - metrics.start) if metrics else time.time()
     clock = {"train_seconds": 0.0, "timed_steps": 0, "loss": float("nan")}

@@ -8,8 +8,10 @@ the other. The grid: ``checkpoint`` and ``chain`` in sync and async mode, ``stat
 200 s of training, kill at 30 s, replacement 20 s after the death (``--down-for``), second kill
 at 80 s. Chains (3 servers, ``next`` acks, replicated every 100 updates, as in the paper) lose
 their head (``head:0``); the other strategies lose ``server:0``. Kill times count from the
-job's launch, which precedes training by the MPI start-up, so ``--kill-offset`` seconds (not
-scaled) are added to each.
+job's launch, so training starts ``--kill-offset`` seconds (not scaled) after the launch (the
+trainer's ``--start-at``; enough for the MPI start-up) and every kill time is shifted by that
+much: on the paper's clock, zero is the start of training. A start-up slower than the offset
+delays training and shows in the table (``late_start_s``).
 
 A cell ftmpi refuses to configure is recorded as ``not supported: <ConfigError message>``; a
 cell whose job fails is recorded with its error and the grid goes on. A job that hangs at exit
@@ -144,9 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--kill-offset",
         type=float,
-        default=10.0,
+        default=20.0,
         metavar="SECONDS",
-        help="added to each kill time for MPI start-up (default 10, unscaled)",
+        help="training starts this long after launch (default 20, unscaled)",
     )
     p.add_argument("--data", default="digits", help="the trainer's --data (default digits)")
     p.add_argument("--eval-every", type=int, default=10, help="evaluate every N steps (paper 10)")
@@ -229,7 +231,7 @@ def check_out_dir(out: str, resume: bool) -> None:
 
 
 def cell_command(
-    cell: Cell, args: argparse.Namespace, schedule: Schedule, run_dir: str
+    cell: Cell, args: argparse.Namespace, schedule: Schedule, run_dir: str, job_start: float
 ) -> list[str]:
     """The ``ftmpi-run`` command line of one cell."""
     return [
@@ -239,6 +241,7 @@ def cell_command(
         "--", sys.executable, args.trainer,
         f"--duration={schedule.run:g}", f"--eval-every={args.eval_every}",
         f"--data={args.data}", "--no-progress", f"--run-dir={run_dir}",
+        f"--start-at={job_start + args.kill_offset!r}",
     ]  # fmt: skip
 
 
@@ -257,10 +260,15 @@ def run_cell(cell: Cell, args: argparse.Namespace, schedule: Schedule, run_dir: 
     """Run one cell's job to its end and return its status: ``ok`` (with a note if the job
     exited non-zero or hung after writing its results) or ``failed: <reason>``."""
     job_start = time.time()
-    record = {**asdict(cell), "job_start": job_start, "sample_every": args.sample_every}
+    record = {
+        **asdict(cell),
+        "job_start": job_start,
+        "clock_zero": job_start + args.kill_offset,
+        "sample_every": args.sample_every,
+    }
     write_json_atomic(os.path.join(run_dir, results.CELL_RECORD), {**record, "status": "running"})
     limit = 3 * (schedule.kills[-1] + schedule.run) + 120 + 2 * args.exit_grace
-    command = cell_command(cell, args, schedule, run_dir)
+    command = cell_command(cell, args, schedule, run_dir, job_start)
     log_path = os.path.join(run_dir, "output.log")
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(command) + "\n")

@@ -1,7 +1,7 @@
 """The experiment's figures (like the seed paper's Figures 4-8), as PNG with the plotted data.
 
 One figure per quantity, one panel per strategy and mode, one line per kill count, over seconds
-since the cell's launch (the kill schedule's zero):
+on the paper's clock (0 = the scheduled start of training, see :mod:`launch.results`):
 
 - ``accuracy.png``: test accuracy, with each failure band (kill to replacement ready, see
   :mod:`launch.results`) shaded in its line's colour;
@@ -112,7 +112,12 @@ def figure_data(name: str, runs: Sequence[RunData]) -> dict[str, Any]:
     panels: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         panels.setdefault(panel_name(run), []).extend(asdict(s) for s in make(run))
-    return {"figure": name, "ylabel": ylabel, "xlabel": "seconds since launch", "panels": panels}
+    return {
+        "figure": name,
+        "ylabel": ylabel,
+        "xlabel": "seconds (paper clock: 0 = start of training)",
+        "panels": panels,
+    }
 
 
 def render(data: dict[str, Any], path: str, title: str) -> None:

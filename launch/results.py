@@ -2,8 +2,8 @@
 
 Reads the files a run of ``examples/paper_trainer.py`` under ``ftmpi-run`` leaves (``summary.json``,
 ``metrics.jsonl``, ``steps.csv``, ``events.jsonl``, ``resources/``) plus the experiment's
-``cell.json``. Times are seconds since the cell's launch (``FTMPI_JOB_START``), the origin of
-the kill schedule, unless a name says otherwise. Definitions:
+``cell.json``. Times are seconds on the paper's clock: zero is the moment training was to start
+(the cell's launch plus its kill offset), the origin of the kill schedule. Definitions:
 
 - **failure band**: from a distinct ``kill`` event to the first ``replacement_ready`` event after
   it (the replacement has joined), or to the run's end if none came. Several ranks log
@@ -23,6 +23,8 @@ the kill schedule, unless a name says otherwise. Definitions:
   worker (the paper's setup) and in sync mode.
 - **time to target**: training seconds (the trainer's clock, from its first step) until the
   first evaluation at or above the target accuracy; empty if never reached.
+- **late start**: seconds training started after the paper clock's zero (an MPI start-up slower
+  than the kill offset; the kills then come that much earlier in training).
 - **gradients computed**: backward passes over all workers (worker 0's count times the worker
   count); **gradients replayed**: logged gradients the replacements applied (``log_replayed``).
 - **CPU** and **memory**: per process (``resources/rank-<pid>.csv``), the mean CPU percent (100 =
@@ -57,6 +59,7 @@ COLUMNS = (
     "final_accuracy",
     "best_accuracy",
     "time_to_target_s",
+    "late_start_s",
     "steps",
     "steps_per_s",
     "gradients_computed",
@@ -170,8 +173,8 @@ class RunData:
 
     @property
     def origin(self) -> float:
-        """Wall-clock time of the cell's launch (the kill schedule's zero)."""
-        return float(self.cell["job_start"])
+        """Wall-clock time of the paper clock's zero (launch plus kill offset)."""
+        return float(self.cell.get("clock_zero", self.cell["job_start"]))
 
     @property
     def training_origin(self) -> float:
@@ -230,6 +233,7 @@ def row(run: RunData, target: float) -> dict[str, Any]:
         "final_accuracy": summary.get("final_test_accuracy"),
         "best_accuracy": max(accs) if accs else None,
         "time_to_target_s": None if ttt is None else round(ttt, 2),
+        "late_start_s": round(max(0.0, run.training_origin - run.origin), 2) if summary else None,
         "steps": summary.get("steps"),
         "steps_per_s": None if sps is None else round(sps, 1),
         "gradients_computed": summary.get("gradients_computed"),
