@@ -2,6 +2,8 @@
 
     ftmpi-run -np 2 --servers 1 [options] -- python train.py ARGS     (launch: the default form)
     ftmpi-run summary RUN_DIR                                          (a run's summary table)
+    ftmpi-run replay RUN_DIR                    (re-run a recorded run; compare its weights)
+    ftmpi-run diff RUN_A RUN_B                       (what differs between two runs; results)
 
 ``-np`` counts worker ranks (as in horovodrun); ``--servers`` adds server ranks after them. The
 job's configuration travels in ``FTMPI_*`` environment variables only, so ``mpirun -np 3 -x
@@ -22,9 +24,9 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from ftmpi.config import ConfigError
+from ftmpi.config import ENV_PREFIX, ConfigError
 from ftmpi.faults import parse_schedule
-from launch import experiment, summary
+from launch import diff, experiment, replay, summary
 from launch.command import LAUNCHERS, JobSpec, build_command, find_launcher, process_env
 from launch.jobenv import add_config_flags, config_overrides, job_environment, server_updates
 from launch.kills import kill_flags_text, parse_kill_flags, random_schedule
@@ -33,6 +35,8 @@ from launch.rundir import refuse_finished, resolve
 
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "summary": summary.main,
+    "replay": replay.main,
+    "diff": diff.main,
     "experiment": experiment.main,
 }
 """``ftmpi-run NAME ARGS...`` runs ``SUBCOMMANDS[NAME](ARGS)``."""
@@ -109,6 +113,12 @@ def launch(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int
     except ValueError as exc:  # ConfigError, LaunchError, RunDirError, kill schedules
         raise SystemExit(f"ftmpi-run: {exc}") from None
     env, make_command, report = plan
+    report.invocation = {
+        "argv": list(argv),
+        "cwd": os.getcwd(),
+        "environ": {k: v for k, v in environ.items() if k.startswith(ENV_PREFIX)},
+        "python": sys.executable,
+    }
     if args.dry_run:
         print("ftmpi-run:", shlex.join(make_command(env)), flush=True)
         return 0

@@ -77,6 +77,9 @@ class LaunchReport:
     schedule: str
     random_kills: dict[str, Any] | None
     attempts: list[Attempt] = field(default_factory=list)
+    invocation: dict[str, Any] | None = None
+    """How ``ftmpi-run`` was called (``argv``, ``cwd``, the caller's ``FTMPI_*`` variables,
+    ``python``): what ``ftmpi-run replay`` re-runs."""
 
     @property
     def restarts(self) -> int:
@@ -98,6 +101,7 @@ class LaunchReport:
             "max_restarts": self.max_restarts,
             "kill_schedule": self.schedule,
             "random_kills": self.random_kills,
+            "invocation": self.invocation,
             "restarts": self.restarts,
             "lost_seconds": self.lost_seconds,
             "lost_time_definition": LOST_TIME,
