@@ -58,6 +58,9 @@ CONFIG_FLAGS = (
     ConfigFlag("down_for", float, "seconds a dead rank stays down before its replacement"),
     ConfigFlag("resume", int, "start from the newest valid snapshot, if any", None, True),
     ConfigFlag("seed", int, "base seed (default 0); also seeds --random-kills"),
+    ConfigFlag(
+        "deterministic", int, "torch deterministic algorithms; warn what still varies", None, True
+    ),
     ConfigFlag("timeout", float, "seconds any single wait may take (default 300)"),
 )
 
