@@ -259,7 +259,7 @@ def row(run: RunData, target: float) -> dict[str, Any]:
         out[f"{kind}_peak_rss_mb"] = (
             round(max(r["peak_rss_bytes"] for r in rows) / 2**20, 1) if rows else None
         )
-    return out
+    return {c: out[c] for c in COLUMNS}
 
 
 def rank_rows(run: RunData) -> list[dict[str, Any]]:
