@@ -157,3 +157,14 @@ def test_server_dies_half_way_through_a_snapshot_write(mpi, tmp_path):
     assert got[0]["computed"] == 20 + 50  # back to the snapshot at 10
     leftovers = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.endswith(".tmp")]
     assert len(leftovers) == 1 and "v000000000020" in leftovers[0]  # ignored, never loaded
+
+
+def test_without_ulfm_the_job_says_so_and_a_death_ends_it(tmp_path):
+    from tests.conftest import mpi_command, run_command
+
+    cmd = [c for c in mpi_command(3, [PROG, "60"]) if c not in ("--with-ft", "ulfm")]
+    env = {"FTMPI_SERVERS": "1", "FTMPI_RUN_DIR": str(tmp_path), "FTMPI_BACKEND": "mpi"}
+    res = run_command(cmd, env={**env, **CKPT, "FTMPI_KILL": "server:0@step=20"}, timeout=120)
+    assert res.returncode != 0
+    assert res.stderr.count("runs without ULFM fault tolerance") == 1
+    assert f"resumes from the newest valid snapshot in {tmp_path}/checkpoints" in res.stderr

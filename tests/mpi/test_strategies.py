@@ -119,18 +119,30 @@ def test_stateless_applies_every_logged_gradient_once(mpi, tmp_path, mode):
         assert got[0]["weights"] == got[1]["weights"]
 
 
-def test_chain_plus_stateless_rebuilds_a_lost_chain_from_the_workers(mpi, tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_chain_plus_stateless_rebuilds_a_lost_chain_from_the_workers(mpi, tmp_path, mode):
     env = {
+        "FTMPI_MODE": mode,
         "FTMPI_STRATEGY": "chain+stateless",
         "FTMPI_CHAIN_LENGTH": "1",
         "FTMPI_DOWN_FOR": "1.5",
         "FTMPI_KILL": "server:1@step=20",
     }
     got, run_dir = train(mpi, tmp_path, "kill", servers=2, env=env, extra=["--step-sleep", "0.03"])
-    assert got[0]["weights"] == got[1]["weights"]
-    assert got[0]["versions"] == [STEPS, STEPS]
+    pushes = STEPS * (1 if mode == "sync" else 2)
+    assert got[0]["versions"] == [pushes, pushes]  # every gradient applied once, on both shards
     assert got[0]["replayed"][1] > 0 and got[0]["replayed"][0] == 0
+    if mode == "sync":
+        assert got[0]["weights"] == got[1]["weights"]
     order(run_dir, "failure_detected", "replacement_ready", "log_replayed")
+
+
+def test_stateless_staleness_bound_makes_workers_wait(mpi, tmp_path):
+    env = {**STATELESS, "FTMPI_MAX_STALENESS": "3", "FTMPI_KILL": "server:0@step=20"}
+    got, run_dir = train(mpi, tmp_path, "kill", servers=1, env=env, extra=["--step-sleep", "0.03"])
+    assert [r["stale"]["logged"] for r in got] == [3, 0]  # the shard's leader logs, 3 at most
+    assert got[0]["versions"] == [STEPS] and got[0]["replayed"] == [3]
+    order(run_dir, "failure_detected", "staleness_wait", "replacement_ready", "log_replayed")
 
 
 def test_two_server_kills_paper_schedule(mpi, tmp_path):
