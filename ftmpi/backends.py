@@ -8,6 +8,7 @@ raises :class:`~ftmpi.wire.PeerFailure` when a worker died (under ULFM).
 from __future__ import annotations
 
 import importlib.util
+import sys
 import time
 from typing import TYPE_CHECKING, Protocol
 
@@ -218,6 +219,13 @@ def rebuild_backend(rt: Runtime, *, workers_changed: bool) -> None:
     rt.local.Set_errhandler(MPI.ERRORS_RETURN)
     rt.comms.append(rt.local)
     if isinstance(rt.backend, HorovodBackend):
+        if rt.role_rank == 0:
+            print(
+                "ftmpi: continuing on the MPI backend after a failure (Horovod cannot change "
+                "its membership, and its background thread does not survive the recovery)",
+                file=sys.stderr,
+                flush=True,
+            )
         events.emit(
             rt.config.run_dir,
             "backend_fallback",
