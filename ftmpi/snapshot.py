@@ -30,6 +30,8 @@ import numpy as np
 from ftmpi.failpoints import failpoint
 
 MAGIC = b"FTMPICK1"
+MAX_META_BYTES = 1 << 30
+"""A metadata length above this is a damaged or foreign file, not a snapshot."""
 _NAME = re.compile(r"^shard(\d{3})-v(\d{12})\.ftck$")
 
 
@@ -75,12 +77,22 @@ def write_snapshot(
     *,
     keep: int,
 ) -> Path:
-    """Write one snapshot durably, then prune this shard's snapshots to the newest ``keep``."""
+    """Write one snapshot durably, then prune this shard's snapshots to the newest ``keep``.
+
+    Raises :class:`SnapshotError` naming the directory and the cause when it cannot be created
+    or written (missing permissions, a full disk): nothing is left behind and no existing
+    snapshot is touched. A valid snapshot of another run (``meta["run_id"]``) under the same
+    name is never overwritten, and pruning deletes only this run's snapshots older than
+    ``version`` (never a newer one, never another run's)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     final = snapshot_path(directory, shard, version)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _refuse_foreign(final, meta)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as exc:
+        raise _write_error(directory, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
             for part in encode(meta, payload):
@@ -89,17 +101,82 @@ def write_snapshot(
             os.fsync(f.fileno())
         failpoint("snapshot_write")
         os.replace(tmp, final)
+        dirfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(directory, exc) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dirfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
-    for old in list_versions(directory, shard)[:-keep]:
-        snapshot_path(directory, shard, old).unlink(missing_ok=True)
+    older = [v for v in list_versions(directory, shard) if v < version]
+    for old in older[: max(0, len(older) - (keep - 1))]:
+        path = snapshot_path(directory, shard, old)
+        if read_meta(path).get("run_id") == meta.get("run_id"):
+            path.unlink(missing_ok=True)
     return final
+
+
+def _write_error(directory: Path, exc: OSError) -> SnapshotError:
+    return SnapshotError(
+        f"cannot write a snapshot in {directory}: {exc.strerror or exc} "
+        f"(errno {exc.errno}); make the directory writable, free space, or choose another "
+        "with FTMPI_CHECKPOINT_DIR (ftmpi-run --checkpoint-dir)"
+    )
+
+
+def _refuse_foreign(final: Path, meta: dict[str, Any]) -> None:
+    """Refuse to replace a valid snapshot written by another run."""
+    if not final.exists():
+        return
+    try:
+        other = read_snapshot(final).meta.get("run_id")
+    except SnapshotError:
+        return  # an invalid file may be replaced
+    if other != meta.get("run_id"):
+        raise SnapshotError(
+            f"{final} is a valid snapshot of run {other!r}, not of this run "
+            f"{meta.get('run_id')!r}; refusing to overwrite it: give this run its own "
+            "FTMPI_CHECKPOINT_DIR"
+        )
+
+
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The metadata at the start of a snapshot file, unverified (``{}`` if unreadable): cheap,
+    for deciding which files are this run's; :func:`read_snapshot` verifies."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(MAGIC) + 8)
+            if len(head) < len(MAGIC) + 8 or not head.startswith(MAGIC):
+                return {}
+            (n,) = struct.unpack_from("<Q", head, len(MAGIC))
+            if n > MAX_META_BYTES:
+                return {}
+            doc = json.loads(f.read(n))
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def incompatibility(meta: dict[str, Any], shard: dict[str, Any]) -> str | None:
+    """Why a snapshot's shard layout (``meta["shard"]``) differs from ``shard`` (the running
+    model's, as :meth:`ftmpi.sharding.Shard.to_json`: slots ``[name, group, shape, offset]``),
+    naming the parameters; None if the names and shapes match."""
+    mine = {s[0]: list(s[2]) for s in shard.get("slots", [])}
+    theirs = {s[0]: list(s[2]) for s in meta.get("shard", {}).get("slots", [])}
+    problems = [
+        f"{n}: model {mine[n]}, snapshot {theirs[n]}"
+        for n in mine
+        if n in theirs and mine[n] != theirs[n]
+    ]
+    problems += [f"{n}: in the model, not in the snapshot" for n in mine if n not in theirs]
+    problems += [f"{n}: in the snapshot, not in the model" for n in theirs if n not in mine]
+    if not problems:
+        return None
+    return "the snapshot holds another model: " + "; ".join(problems)
 
 
 def list_versions(directory: str | os.PathLike[str], shard: int) -> list[int]:
@@ -127,7 +204,7 @@ def read_snapshot(path: str | os.PathLike[str]) -> Snapshot:
         raise SnapshotError(f"{path}: not an ftmpi snapshot (bad magic or truncated)")
     (n,) = struct.unpack_from("<Q", data, len(MAGIC))
     start = len(MAGIC) + 8
-    if start + n + 32 > len(data):
+    if n > MAX_META_BYTES or start + n + 32 > len(data):
         raise SnapshotError(f"{path}: truncated (header says {n} bytes of metadata)")
     if hashlib.sha256(data[:-32]).digest() != data[-32:]:
         raise SnapshotError(f"{path}: checksum mismatch (corrupt or truncated)")
@@ -135,6 +212,8 @@ def read_snapshot(path: str | os.PathLike[str]) -> Snapshot:
         meta = json.loads(data[start : start + n])
     except ValueError:
         raise SnapshotError(f"{path}: metadata is not valid JSON") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("version"), int):
+        raise SnapshotError(f"{path}: metadata is not an ftmpi snapshot's (no version)")
     payload = np.frombuffer(
         data, dtype=np.uint8, offset=start + n, count=len(data) - start - n - 32
     )
