@@ -49,6 +49,7 @@ from ftmpi.sharding import Shard
 from ftmpi.snapshot import (
     SnapshotError,
     SnapshotWriter,
+    incompatibility,
     list_versions,
     read_snapshot,
     snapshot_path,
@@ -374,11 +375,22 @@ class ParameterServer:
         valid = []
         for v in list_versions(cfg.snapshot_dir, self.index):
             try:
-                read_snapshot(snapshot_path(cfg.snapshot_dir, self.index, v))
-                valid.append(v)
+                snap = read_snapshot(snapshot_path(cfg.snapshot_dir, self.index, v))
             except SnapshotError as exc:
                 self._warn(f"skipping invalid snapshot: {exc}")
+                continue
+            why = None if cfg.resume else self._foreign(snap.meta)
+            if why:  # an in-job rollback only returns to this run's own states
+                self._warn(f"skipping snapshot {snap.path}: {why}")
+                continue
+            valid.append(v)
         self._reply(src, Kind.JSON, wire.encode_json({"versions": valid}))
+
+    def _foreign(self, meta: dict[str, Any]) -> str | None:
+        """Why a verified snapshot is not one of this run's states of this model, or None."""
+        if meta.get("run_id") != self.rt.run_id:
+            return f"written by run {meta.get('run_id')!r}, not this run {self.rt.run_id!r}"
+        return incompatibility(meta, self.spec["shard"]) if self.spec else None
 
     def _on_restore(self, header: Header, src: int) -> None:
         """Load this shard's snapshot of version ``header.version``; reply with its positions."""
@@ -390,6 +402,10 @@ class ParameterServer:
             return
         if int(snap.meta["shard"]["index"]) != self.index:
             self._reply_error(src, f"{snap.path} holds shard {snap.meta['shard']['index']}")
+            return
+        why = incompatibility(snap.meta, self.spec["shard"]) if self.spec else None
+        if why:
+            self._reply_error(src, f"cannot restore {snap.path}: {why}")
             return
         self._build(snap.meta, snap.payload, version=snap.version)
         workers = self.rt.workers

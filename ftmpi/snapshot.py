@@ -14,6 +14,7 @@ takes a copy of the bytes and writes them while training continues.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -88,7 +89,7 @@ def write_snapshot(
     final = snapshot_path(directory, shard, version)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     try:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dir(directory)
         _refuse_foreign(final, meta)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     except OSError as exc:
@@ -118,6 +119,21 @@ def write_snapshot(
         if read_meta(path).get("run_id") == meta.get("run_id"):
             path.unlink(missing_ok=True)
     return final
+
+
+def make_private_dir(directory: Path) -> None:
+    """Create ``directory`` (mode 0700) and any missing parent (0750, as a run directory), so
+    that neither exposes snapshots to other users; existing directories are left as they are."""
+    missing = []
+    for d in (directory, *directory.parents):
+        if d.exists():
+            break
+        missing.append(d)
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another server created it meanwhile
+            d.mkdir(mode=0o700 if d == directory else 0o750)
+    if not directory.is_dir():
+        raise NotADirectoryError(20, "Not a directory", str(directory))
 
 
 def _write_error(directory: Path, exc: OSError) -> SnapshotError:

@@ -109,6 +109,7 @@ def test_missing_directory_is_created_private_and_reads_as_empty(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(missing.stat().st_mode) == 0o700
+    assert stat.S_IMODE(missing.parent.stat().st_mode) == 0o750  # e.g. <run_dir>/checkpoints
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
