@@ -206,3 +206,11 @@ def test_worker_dies_with_its_push_in_flight(mpi, tmp_path):
         mpi, tmp_path, "kill", servers=2, env={"FTMPI_FAILPOINTS": "push@worker:1#20"}, reports=1
     )
     assert got[0]["workers"] == 1 and got[0]["versions"] == [STEPS, STEPS]
+
+
+def test_horovod_workers_continue_on_mpi_after_a_failure(mpi, tmp_path):
+    env = {**CHAIN, "FTMPI_BACKEND": "horovod", "FTMPI_KILL": "server:0@step=30"}
+    got, run_dir = train(mpi, tmp_path, "kill", env=env)
+    assert got[0]["versions"] == [STEPS] and got[0]["weights"] == got[1]["weights"]
+    fallbacks = [e for e in read_events(str(run_dir)) if e["event"] == "backend_fallback"]
+    assert len(fallbacks) == 2  # both workers, once
