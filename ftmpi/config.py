@@ -9,6 +9,7 @@ then the defaults below. Every value is checked here, before any MPI traffic; a 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -162,7 +163,7 @@ class Config:
                 f"replicate_every={self.replicate_every} needs chain_ack='next': with 'tail' a "
                 "push commits only when the tail has it, so every update is forwarded at once"
             )
-        for name in ("respawn_workers", "resume", "deterministic"):
+        for name in ("respawn_workers", "resume", "deterministic", "async_checkpoint"):
             if getattr(self, name) not in (0, 1):
                 raise ConfigError(f"{name}={getattr(self, name)} must be 0 or 1")
         if self.chained and self.servers % self.chain_length:
@@ -175,7 +176,7 @@ class Config:
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend={self.backend!r} is not one of {list(BACKENDS)}")
         for name in ("timeout", "server_idle_timeout"):
-            if not getattr(self, name) > 0:
+            if not 0 < getattr(self, name) < math.inf:
                 raise ConfigError(
                     f"{name}={getattr(self, name)} must be a positive number of seconds"
                 )
@@ -183,8 +184,10 @@ class Config:
             raise ConfigError(f"server_threads={self.server_threads} must be >= 1")
         if self.chunk_bytes < 1024:
             raise ConfigError(f"chunk_bytes={self.chunk_bytes} is too small; use at least 1024")
-        if self.down_for < 0:
-            raise ConfigError(f"down_for={self.down_for} is negative; use seconds >= 0")
+        if not 0 <= self.down_for < math.inf:
+            raise ConfigError(
+                f"down_for={self.down_for} is negative or not finite; use seconds >= 0"
+            )
         if self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every={self.checkpoint_every} must be >= 1")
         if self.checkpoint_keep < 1:

@@ -59,6 +59,44 @@ def test_bad_values_are_named(kwargs, env, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"FTMPI_ASYNC_CHECKPOINT": "2"}, "async_checkpoint=2 must be 0 or 1"),
+        ({"FTMPI_RESUME": "2"}, "resume=2 must be 0 or 1"),
+        ({"FTMPI_DETERMINISTIC": "-1"}, "deterministic=-1 must be 0 or 1"),
+        ({"FTMPI_TIMEOUT": "inf"}, "timeout=inf must be a positive number of seconds"),
+        ({"FTMPI_TIMEOUT": "nan"}, "timeout=nan must be a positive number of seconds"),
+        ({"FTMPI_SERVER_IDLE_TIMEOUT": "-5"}, "server_idle_timeout=-5.0 must be a positive"),
+        ({"FTMPI_DOWN_FOR": "nan"}, "down_for=nan is negative or not finite"),
+        ({"FTMPI_DOWN_FOR": "inf"}, "down_for=inf is negative or not finite"),
+        ({"FTMPI_CHECKPOINT_EVERY": "-10"}, "checkpoint_every=-10 must be >= 1"),
+        ({"FTMPI_CHECKPOINT_KEEP": "0"}, "checkpoint_keep=0 must be >= 1"),
+        ({"FTMPI_CHAIN_LENGTH": "0"}, "chain_length=0 must be >= 1"),
+        (
+            {"FTMPI_STRATEGY": "chain", "FTMPI_SERVERS": "3", "FTMPI_CHAIN_LENGTH": "4"},
+            "needs a multiple of 4 servers, not servers=3",
+        ),
+        ({"FTMPI_REPLICATE_EVERY": "0"}, "replicate_every=0 must be >= 1"),
+        ({"FTMPI_STALE_LOG_BYTES": "-1"}, "stale_log_bytes=-1 must be >= 0"),
+        ({"FTMPI_CHUNK_BYTES": "1e6"}, "is not a valid int for option 'chunk_bytes'"),
+        ({"FTMPI_SERVERS": ""}, "is not a valid int for option 'servers'"),
+        ({"FTMPI_MODE": "SYNC"}, "mode='SYNC' is not one of"),
+        ({"FTMPI_KILL": "server:0@step=0"}, "step must be >= 1"),
+        ({"FTMPI_KILL": "server:-1@step=3"}, "index '-1' is not a whole number"),
+        ({"FTMPI_KILL": "server:0@-3s"}, "time '-3s' is negative"),
+        ({"FTMPI_FAILPOINTS": "nowhere@server:0"}, "unknown place 'nowhere'"),
+        ({"FTMPI_FAILPOINTS": "apply@disk"}, "unknown role 'disk'"),
+        ({"FTMPI_FAILPOINTS": "apply@server:0#0"}, "#HIT must be >= 1"),
+    ],
+)
+def test_bad_variables_are_named(env, message):
+    """Wrong types, ranges and combinations in FTMPI_* variables (the keyword forms above)."""
+    with pytest.raises(ConfigError) as err:
+        Config.from_env(env)
+    assert message in str(err.value)
+
+
 def test_world_check():
     assert Config.from_env({}, servers=2).check_world(5) == 3
     assert Config.from_env({}, servers=0).check_world(1) == 1
