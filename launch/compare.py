@@ -191,6 +191,15 @@ def first_divergence(a: Run, b: Run) -> tuple[int, str, Any, Any] | None:
     return None
 
 
+def divergence_line(a: Run, b: Run) -> str:
+    """One line on :func:`first_divergence` of ``a`` (A) and ``b`` (B)."""
+    div = first_divergence(a, b)
+    if div is None:
+        return "metrics: every evaluation both runs made agrees"
+    step, name, va, vb = div
+    return f"metrics first diverge at step {step}: {name} {va} (A) vs {vb} (B)"
+
+
 def format_value(value: Any) -> str:
     """A field value on one line (JSON for lists and strings, so empty strings show)."""
     if isinstance(value, float):

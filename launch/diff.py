@@ -14,7 +14,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from launch.compare import Run, difference_lines, field_differences, first_divergence, load_run
+from launch.compare import Run, difference_lines, divergence_line, field_differences, load_run
 
 RESULT_ROWS = (
     ("final test accuracy", "final_test_accuracy"),
@@ -72,12 +72,7 @@ def render(a: Run, b: Run) -> str:
     lines += [f"  {label:<{width}}  {x:>{cols[0]}}  {y:>{cols[1]}}" for label, x, y in rows]
     same = a.weights is not None and a.weights == b.weights
     lines.append(f"  final weights: {'identical' if same else 'differ'}")
-    div = first_divergence(a, b)
-    if div is None:
-        lines.append("  metrics: every evaluation both runs made agrees")
-    else:
-        step, name, va, vb = div
-        lines.append(f"  metrics first diverge at step {step}: {name} {va} (A) vs {vb} (B)")
+    lines.append("  " + divergence_line(a, b))
     return "\n".join(lines)
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from ftmpi.config import ENV_PREFIX
 from ftmpi.faults import parse_schedule
-from launch.compare import Run, difference_lines, field_differences, first_divergence, load_run
+from launch.compare import Run, difference_lines, divergence_line, field_differences, load_run
 from launch.rundir import refuse_finished
 
 DROPPED_VARS = ("FTMPI_RUN_ID", "FTMPI_RUN_DIR", "FTMPI_JOB_START", "FTMPI_RESUME")
@@ -139,12 +139,7 @@ def verdict(original: Run, replayed: Run) -> tuple[bool, list[str]]:
         f"ftmpi-run replay: final weights hash DIFFERS: original {a or 'missing'}, "
         f"replay {b or 'missing'}"
     ]
-    div = first_divergence(original, replayed)
-    if div is None:
-        lines.append("  metrics: every evaluation both runs made agrees")
-    else:
-        step, name, va, vb = div
-        lines.append(f"  first divergent evaluation: step {step}, {name} {va} vs {vb}")
+    lines.append("  " + divergence_line(original, replayed) + " (A: original, B: replay)")
     diffs = field_differences(original, replayed)
     lines.append(
         f"  manifest fields that differ ({len(diffs)}):" if diffs else "  no field differs"
