@@ -247,9 +247,13 @@ def cell_command(
 
 def cell_env(job_start: float, sample_every: float) -> dict[str, str]:
     """The cell job's environment: this process's without ``FTMPI_*`` (every cell is configured
-    by its flags only), with the launch time and resource sampling set."""
+    by its flags only), with the launch time and resource sampling set, and oversubscription
+    allowed."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FTMPI_")}
     env.setdefault("OMP_NUM_THREADS", "1")
+    # a replacement needs a free slot: with as many ranks as cores, Open MPI refuses the spawn
+    # (MPI_ERR_UNKNOWN) unless oversubscription is allowed
+    env.setdefault("PRTE_MCA_rmaps_default_mapping_policy", ":oversubscribe")
     env["PYTHONUNBUFFERED"] = "1"
     env["FTMPI_JOB_START"] = repr(job_start)
     env["FTMPI_SAMPLE_RESOURCES"] = f"{sample_every:g}"
