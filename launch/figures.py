@@ -47,7 +47,7 @@ def _rel(run: RunData, t: float) -> float:
 
 
 def accuracy_series(run: RunData) -> list[Series]:
-    shift = run.training_origin
+    shift = run.metrics_origin
     return [
         Series(
             f"{run.cell['kills']} kill(s)",
@@ -82,7 +82,7 @@ def memory_series(run: RunData) -> list[Series]:
 
 
 def gradient_series(run: RunData) -> list[Series]:
-    shift = run.training_origin
+    shift = run.metrics_origin
     rows = [r for r in run.metrics if r.get("versions") and r.get("computed") is not None]
     xs = [_rel(run, shift + float(r["wall_time"])) for r in rows]
     k = run.cell["kills"]

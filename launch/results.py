@@ -21,8 +21,8 @@ Reads the files a run of ``examples/paper_trainer.py`` under ``ftmpi-run`` leave
   ``checkpoint``: the steps a rollback redoes; ``chain`` with ``next`` acks: the updates the dead
   head had not forwarded; ``stateless``: 0 when every logged gradient was replayed. Exact with one
   worker (the paper's setup) and in sync mode.
-- **time to target**: training seconds (the trainer's clock, from its first step) until the
-  first evaluation at or above the target accuracy; empty if never reached.
+- **time to target**: seconds from worker 0's first training step until the first evaluation at
+  or above the target accuracy; empty if never reached.
 - **late start**: seconds training started after the paper clock's zero (an MPI start-up slower
   than the kill offset; the kills then come that much earlier in training).
 - **gradients computed**: backward passes over all workers (worker 0's count times the worker
@@ -130,9 +130,13 @@ def updates_lost(steps_run: int, workers: int, mode: str, versions: Sequence[int
     return max(0, pushed - min(versions))
 
 
-def time_to_target(records: Sequence[dict[str, Any]], target: float) -> float | None:
-    """Trainer seconds to the first evaluation with ``test_accuracy >= target``."""
-    return next((float(r["wall_time"]) for r in records if r["test_accuracy"] >= target), None)
+def time_to_target(
+    records: Sequence[dict[str, Any]], target: float, offset: float = 0.0
+) -> float | None:
+    """``wall_time + offset`` of the first evaluation with ``test_accuracy >= target``."""
+    return next(
+        (float(r["wall_time"]) + offset for r in records if r["test_accuracy"] >= target), None
+    )
 
 
 def resource_summary(samples: Sequence[dict[str, Any]]) -> dict[int, dict[str, Any]]:
@@ -177,11 +181,16 @@ class RunData:
         return float(self.cell.get("clock_zero", self.cell["job_start"]))
 
     @property
-    def training_origin(self) -> float:
-        """Wall-clock time of the trainer's clock zero (its ``metrics.jsonl`` ``wall_time``)."""
+    def metrics_origin(self) -> float:
+        """Wall-clock time of the zero of ``metrics.jsonl``'s ``wall_time``."""
         if self.summary and "metrics_origin" in self.summary:
             return float(self.summary["metrics_origin"])
         return self.origin
+
+    @property
+    def training_origin(self) -> float:
+        """Wall-clock time worker 0 started its first training step."""
+        return self.steps[0].start if self.steps else self.metrics_origin
 
     @property
     def end(self) -> float:
@@ -222,7 +231,7 @@ def row(run: RunData, target: float) -> dict[str, Any]:
         kind = r["role"].split()[0]
         if kind in by_role:
             by_role[kind].append(r)
-    ttt = time_to_target(run.metrics, target)
+    ttt = time_to_target(run.metrics, target, run.metrics_origin - run.training_origin)
     sps = summary.get("steps_per_second")
     out: dict[str, Any] = {
         "cell": cell["name"],

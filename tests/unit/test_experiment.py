@@ -103,7 +103,7 @@ def write_run(tmp_path, name: str, kills: int) -> str:
     (run_dir / "cell.json").write_text(json.dumps(cell))
     summary = {"final_test_accuracy": 0.9, "steps": 300, "steps_per_second": 10.0, "workers": 1}
     summary |= {"mode": "sync", "versions": [300], "gradients_computed": 320}
-    summary |= {"metrics_origin": T0 + 1.0}
+    summary |= {"metrics_origin": T0 + 0.5}  # the metrics clock starts before training
     (run_dir / "summary.json").write_text(json.dumps(summary))
     rows = [
         {"wall_time": float(t), "test_accuracy": t / 40, "versions": [10 * t], "computed": 10 * t}
@@ -128,7 +128,7 @@ def test_row_and_figures_of_a_synthetic_run(tmp_path):
     row = results.row(run, target=0.5)
     assert tuple(row) == results.COLUMNS
     assert row["updates_lost"] == 20  # 320 steps run, 300 in the final model
-    assert row["time_to_target_s"] == 20.0
+    assert row["time_to_target_s"] == 19.5  # from the first training step
     assert row["late_start_s"] == 1.0
     assert row["recoveries"] == 1
     assert row["worker_peak_rss_mb"] == 129.0
@@ -136,7 +136,7 @@ def test_row_and_figures_of_a_synthetic_run(tmp_path):
     data = figures.figure_data("accuracy", [run])
     (series,) = data["panels"]["checkpoint (sync)"]
     assert series["bands"] == [[10.0, 20.0]]
-    assert series["x"][0] == 2.0 and series["y"][0] == 1 / 40  # paper clock: trainer 1 s late
+    assert series["x"][0] == 1.5 and series["y"][0] == 1 / 40  # on the paper clock
     paths = figures.write_figures([run], str(tmp_path / "fig"), "test")
     for path in paths:
         with open(path, "rb") as f:
