@@ -23,6 +23,7 @@ from ftmpi.gradlog import Combined
 from ftmpi.optim_state import dtype_name, unpack_tensors
 from ftmpi.runtime import Runtime
 from ftmpi.sharding import Shard
+from ftmpi.snapshot import SnapshotError, incompatibility
 from ftmpi.wire import Header, Kind
 
 
@@ -331,6 +332,9 @@ class ServerClient:
         positions: dict[str, int] = {}
         for s, v in zip(self.shards, versions, strict=True):
             doc = self.request_json(s, Kind.RESTORE, v)
+            why = incompatibility(doc, s.to_json()) if "shard" in doc else None
+            if why:  # a resumed run's servers have no model to compare with: the worker does
+                raise SnapshotError(f"cannot restore {doc.get('path', f'version {v}')}: {why}")
             for w in range(self.rt.num_workers):
                 p = int(doc["positions"].get(str(w), 0)) if self.rt.config.mode == "async" else v
                 positions[str(w)] = min(positions.get(str(w), p), p)

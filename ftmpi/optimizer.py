@@ -48,6 +48,7 @@ from ftmpi.optim_state import (
 )
 from ftmpi.runtime import Runtime, runtime
 from ftmpi.sharding import ParamInfo, Shard, plan_shards
+from ftmpi.snapshot import SnapshotError
 from ftmpi.stateless import StaleTraining
 from ftmpi.timing import PhaseTimes
 from ftmpi.wire import PeerFailure
@@ -448,10 +449,15 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         client = self._ftmpi_client
         doc: dict[str, Any] | None = None
         if is_coordinator(rt):
-            doc = client.restore_snapshots(allow_none=resume)
+            try:
+                doc = client.restore_snapshots(allow_none=resume)
+            except SnapshotError as exc:  # every worker stops with it, none waits
+                doc = {"error": str(exc)}
         doc = json.loads(broadcast_bytes(json.dumps(doc).encode(), 0))
         if doc is None:
             return None
+        if "error" in doc:
+            raise SnapshotError(doc["error"])
         client.pull(self._ftmpi_shards)
         self._scatter_weights()
         positions = doc["positions"]

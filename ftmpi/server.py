@@ -426,7 +426,14 @@ class ParameterServer:
         self._reply(
             src,
             Kind.JSON,
-            wire.encode_json({"version": snap.version, "positions": snap.meta["positions"]}),
+            wire.encode_json(
+                {
+                    "version": snap.version,
+                    "positions": snap.meta["positions"],
+                    "shard": snap.meta["shard"],
+                    "path": str(snap.path),
+                }
+            ),
         )
 
     def _warn(self, message: str) -> None:

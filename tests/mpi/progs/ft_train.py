@@ -1,10 +1,11 @@
 """A small fault-tolerance workload: an MLP with dropout on synthetic data, trained with
 ftmpi.run so rollbacks replay the same batches. Worker 0 prints one JSON line at the end.
 
-    ft_train.py STEPS [--corrupt-at STEP] [--usr1-at STEP] [--step-sleep S]
+    ft_train.py STEPS [--corrupt-at STEP] [--usr1-at STEP] [--step-sleep S] [--hidden N]
 
 --corrupt-at: worker 0 truncates the newest snapshot; --usr1-at: worker 0 sends itself SIGUSR1
-(a checkpoint request); --step-sleep: extra seconds per step (to span a server's down time).
+(a checkpoint request); --step-sleep: extra seconds per step (to span a server's down time);
+--hidden: width of the hidden layer (another model, e.g. to resume from a mismatched snapshot).
 """
 
 import argparse
@@ -26,6 +27,7 @@ p.add_argument("steps", type=int)
 p.add_argument("--corrupt-at", type=int, default=0)
 p.add_argument("--usr1-at", type=int, default=0, help="worker 0 sends itself SIGUSR1 here")
 p.add_argument("--step-sleep", type=float, default=0.0, help="seconds of extra work per step")
+p.add_argument("--hidden", type=int, default=64, help="width of the hidden layer")
 args = p.parse_args()
 
 rt = ftmpi.init()
@@ -35,7 +37,10 @@ x = torch.randn(512, 20, generator=gen)
 y = (x[:, :5].sum(1) > 0).long() + 2 * (x[:, 5:10].sum(1) > 0).long()
 torch.manual_seed(0)
 model = torch.nn.Sequential(
-    torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(64, 4)
+    torch.nn.Linear(20, args.hidden),
+    torch.nn.ReLU(),
+    torch.nn.Dropout(0.2),
+    torch.nn.Linear(args.hidden, 4),
 )
 opt = ftmpi.DistributedOptimizer(
     torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
