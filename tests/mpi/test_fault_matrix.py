@@ -1,0 +1,79 @@
+"""The fault matrix (tests/mpi/matrix.py): its construction, and the CI slice run under real
+SIGKILLs (``-m matrix_ci``; the whole matrix is ``python -m tests.mpi.matrix --full``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ftmpi.config import Config
+from ftmpi.failpoints import parse_failpoints
+from ftmpi.faults import check_schedule, parse_schedule
+from tests.mpi.common import STEPS
+from tests.mpi.matrix import (
+    MODES,
+    MOMENTS,
+    STRATEGIES,
+    VICTIMS,
+    References,
+    all_cells,
+    ci_slice,
+    interleaved,
+    run_cell,
+)
+
+CELLS = all_cells()
+SLICE = ci_slice()
+
+
+def _covered(cells, dim):
+    return {getattr(c, dim) for c in cells}
+
+
+@pytest.mark.parametrize("cells", [CELLS, SLICE], ids=["full", "ci-slice"])
+def test_every_strategy_mode_victim_and_moment_appears(cells):
+    assert _covered(cells, "strategy") == set(STRATEGIES)
+    assert _covered(cells, "mode") == set(MODES)
+    assert _covered(cells, "victim") == set(VICTIMS)
+    assert _covered(cells, "moment") == set(MOMENTS)
+
+
+def test_cells_that_cannot_happen_are_not_generated():
+    ids = [c.id for c in CELLS]
+    assert len(ids) == len(set(ids))
+    for c in CELLS:
+        s = STRATEGIES[c.strategy]
+        assert c.victim != "middle" or s.chain, c.id
+        assert c.moment != "snapshot_write" or c.strategy == "checkpoint", c.id
+        assert c.moment not in ("reconfigure", "state_transfer") or s.chain, c.id
+        assert c.moment != "pull" or c.victim == "worker", c.id
+    assert len(SLICE) < len(CELLS) / 5 and interleaved(CELLS)[: len(SLICE)] == SLICE
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=lambda c: c.id)
+def test_every_cell_is_a_valid_configuration(cell):
+    """Each cell's FTMPI_* variables pass ftmpi's own checks, its kills name existing ranks."""
+    s = STRATEGIES[cell.strategy]
+    cfg = Config.from_env({**cell.env(), "FTMPI_SERVERS": str(s.servers), "FTMPI_RUN_DIR": "r"})
+    shards = s.servers // cfg.chain_length if cfg.chained else s.servers
+    check_schedule(parse_schedule(cfg.kill), workers=2, servers=s.servers, shards=shards)
+    kills = parse_schedule(cfg.kill)
+    armed = parse_failpoints(cfg.failpoints)
+    assert cell.expected_kills == len(kills) + len(armed) >= 1
+    assert all(k.step is None or k.step < STEPS for k in kills)
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    from tests.conftest import run_mpi
+
+    return References(run_mpi, tmp_path_factory.mktemp("refs"), timeout=300)
+
+
+@pytest.mark.mpi
+@pytest.mark.matrix_ci
+@pytest.mark.timeout(900)  # the first cell of a strategy also runs its reference
+@pytest.mark.parametrize("cell", SLICE, ids=lambda c: c.id)
+def test_fault_matrix_ci_slice(mpi, tmp_path, references, cell):
+    out = run_cell(cell, mpi, tmp_path, references, timeout=300)
+    assert out.ok, f"{cell.id} env={cell.env()}: " + "; ".join(out.failures)
+    assert out.kills == cell.expected_kills and len(out.checked) >= 5
