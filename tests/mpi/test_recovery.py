@@ -14,7 +14,7 @@ pytestmark = pytest.mark.mpi
 PROG = str(PROGS / "ft_train.py")
 
 
-def train(mpi, tmp_path, name, *, steps=60, servers=2, env=None, extra=(), timeout=90):
+def train(mpi, tmp_path, name, *, steps=60, servers=2, env=None, extra=(), timeout=240):
     run_dir = tmp_path / name
     full_env = {
         "FTMPI_SERVERS": str(servers),

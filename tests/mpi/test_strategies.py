@@ -94,8 +94,9 @@ def test_chain_next_ack_every_n_loses_at_most_n_minus_1(mpi, tmp_path):
 def test_chain_async_head_kill(mpi, tmp_path):
     env = {**CHAIN, "FTMPI_MODE": "async", "FTMPI_KILL": "server:0@step=50"}
     got, run_dir = train(mpi, tmp_path, "kill", env=env)
-    # every push of both workers applied exactly once, across the failover
-    assert got[0]["versions"] == [2 * STEPS], got
+    # every push of both workers applied exactly once, across the failover (the worker that
+    # finished last saw them all)
+    assert max(r["versions"][0] for r in got) == 2 * STEPS, got
     order(run_dir, "failure_detected", "replacement_ready")
 
 
@@ -111,9 +112,11 @@ def test_stateless_applies_every_logged_gradient_once(mpi, tmp_path, mode):
     # workers kept computing while the server was down ...
     assert all(r["computed"] == STEPS for r in got)
     assert logged > 0 and sum(r["stale"]["replayed"] for r in got) == logged
-    # ... and every gradient computed was applied once: the version counts gradients
-    assert got[0]["versions"] == [pushes_per_step * STEPS], got
-    assert got[0]["replayed"] == [logged]
+    # ... and every gradient computed was applied once: the version counts gradients (the
+    # worker that finished last saw them all)
+    last = max(got, key=lambda r: r["versions"][0])
+    assert last["versions"] == [pushes_per_step * STEPS], got
+    assert last["replayed"] == [logged]
     order(run_dir, "failure_detected", "replacement_ready", "log_replayed")
     if mode == "sync":
         assert got[0]["weights"] == got[1]["weights"]
@@ -130,8 +133,9 @@ def test_chain_plus_stateless_rebuilds_a_lost_chain_from_the_workers(mpi, tmp_pa
     }
     got, run_dir = train(mpi, tmp_path, "kill", servers=2, env=env, extra=["--step-sleep", "0.03"])
     pushes = STEPS * (1 if mode == "sync" else 2)
-    assert got[0]["versions"] == [pushes, pushes]  # every gradient applied once, on both shards
-    assert got[0]["replayed"][1] > 0 and got[0]["replayed"][0] == 0
+    last = max(got, key=lambda r: sum(r["versions"]))  # finished last: saw every push
+    assert last["versions"] == [pushes, pushes]  # every gradient applied once, on both shards
+    assert last["replayed"][1] > 0 and last["replayed"][0] == 0
     if mode == "sync":
         assert got[0]["weights"] == got[1]["weights"]
     order(run_dir, "failure_detected", "replacement_ready", "log_replayed")
