@@ -4,6 +4,7 @@
     ftmpi-run summary RUN_DIR                                          (a run's summary table)
     ftmpi-run replay RUN_DIR                    (re-run a recorded run; compare its weights)
     ftmpi-run diff RUN_A RUN_B                       (what differs between two runs; results)
+    ftmpi-run bench [SUITE ...] [--quick] [--out FILE.json]     (performance vs baselines)
 
 ``-np`` counts worker ranks (as in horovodrun); ``--servers`` adds server ranks after them. The
 job's configuration travels in ``FTMPI_*`` environment variables only, so ``mpirun -np 3 -x
@@ -26,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from ftmpi.config import ENV_PREFIX, ConfigError
 from ftmpi.faults import parse_schedule
-from launch import diff, experiment, replay, summary
+from launch import bench, diff, experiment, replay, summary
 from launch.command import LAUNCHERS, JobSpec, build_command, find_launcher, process_env
 from launch.jobenv import add_config_flags, config_overrides, job_environment, server_updates
 from launch.kills import kill_flags_text, parse_kill_flags, random_schedule
@@ -38,6 +39,7 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "replay": replay.main,
     "diff": diff.main,
     "experiment": experiment.main,
+    "bench": bench.main,
 }
 """``ftmpi-run NAME ARGS...`` runs ``SUBCOMMANDS[NAME](ARGS)``."""
 

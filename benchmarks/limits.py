@@ -1,0 +1,114 @@
+"""The machine's limits, measured the way ftmpi moves and updates data.
+
+- :func:`memcpy_rate`: bytes/s of ``numpy.copyto`` between two large buffers (one core);
+- :func:`apply_rate`: parameters/s of ``torch.optim.SGD`` (momentum 0.9) or ``Adam`` stepping
+  one flat parameter of ``numel`` elements with ``torch.set_num_threads(1)``, the server's
+  setting;
+- MPI point-to-point bandwidth between two ranks (this file run under ``mpirun -np 2``): rank 0
+  sends a buffer to rank 1, ``unchunked`` (one ``Send``/``Recv``) and ``chunked`` (``Isend`` /
+  ``Irecv`` in ``chunk_bytes`` pieces, waited with ftmpi's polling :func:`ftmpi.wire.wait_all`,
+  as the data path does). Rank 0 prints one line ``BENCH {json}``.
+
+    mpirun -np 2 python benchmarks/limits.py --nbytes 268435456 --chunk-bytes 1048576 4194304
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+
+def _best_seconds(fn: Callable[[], None], repeats: int) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def memcpy_rate(nbytes: int, repeats: int = 5) -> float:
+    """Bytes/s copied by ``numpy.copyto`` between two ``nbytes`` buffers."""
+    src = np.ones(nbytes, dtype=np.uint8)
+    dst = np.empty_like(src)
+    return nbytes / _best_seconds(lambda: np.copyto(dst, src), repeats)
+
+
+def apply_rate(numel: int, optimizer: str = "sgd", repeats: int = 5) -> float:
+    """Parameters/s of one optimizer step on a flat float32 parameter of ``numel`` elements,
+    on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        p = torch.nn.Parameter(torch.zeros(numel))
+        p.grad = torch.full((numel,), 1e-3)
+        opt = (
+            torch.optim.Adam([p], lr=0.01)
+            if optimizer == "adam"
+            else torch.optim.SGD([p], lr=0.01, momentum=0.9)
+        )
+        return numel / _best_seconds(opt.step, repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def p2p_rates(nbytes: int, chunk_sizes: list[int], repeats: int) -> dict[str, float] | None:
+    """Bytes/s from rank 0 to rank 1 of ``MPI.COMM_WORLD``, unchunked and per chunk size
+    (medians over ``repeats``, each timed from a barrier to the receiver's acknowledgement).
+    Returns the rates on rank 0, None elsewhere."""
+    from mpi4py import MPI
+
+    from ftmpi import wire
+
+    comm = MPI.COMM_WORLD
+    me = comm.Get_rank()
+    buf = np.ones(nbytes, dtype=np.uint8)
+    ack = np.zeros(1, dtype=np.int64)
+
+    def once(chunk: int) -> float:
+        comm.Barrier()
+        t0 = time.perf_counter()
+        if chunk == 0:
+            if me == 0:
+                comm.Send(buf, dest=1, tag=1)
+            elif me == 1:
+                comm.Recv(buf, source=0, tag=1)
+        elif me in (0, 1):
+            op = comm.Isend if me == 0 else comm.Irecv
+            reqs = [op(c, 1 - me, tag=2) for c in wire.chunks(buf, chunk)]
+            wire.wait_all(reqs, 600.0, "p2p benchmark")
+        if me == 1:
+            comm.Send(ack, dest=0, tag=3)
+        elif me == 0:
+            comm.Recv(ack, source=1, tag=3)
+        return time.perf_counter() - t0
+
+    rates: dict[str, float] = {}
+    for chunk in [0, *chunk_sizes]:
+        once(chunk)  # warm-up: registration, first touch
+        secs = statistics.median(once(chunk) for _ in range(repeats))
+        rates["unchunked" if chunk == 0 else f"chunked_{chunk}"] = nbytes / secs
+    return rates if me == 0 else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--nbytes", type=int, default=256 << 20)
+    p.add_argument("--chunk-bytes", type=int, nargs="+", default=[1 << 20])
+    p.add_argument("--repeats", type=int, default=5)
+    a = p.parse_args(argv)
+    rates = p2p_rates(a.nbytes, a.chunk_bytes, a.repeats)
+    if rates is not None:
+        print("BENCH " + json.dumps({"nbytes": a.nbytes, "p2p_bytes_per_s": rates}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
