@@ -195,11 +195,16 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if self._ftmpi_rt.checkpoint_requested:
             self._checkpoint_on_signal()
         retry = self._ftmpi_should_sync and not self._ftmpi_synchronized
+        client = self._ftmpi_client
+        base = list(client.versions)
         while True:
             try:
                 self._data_path(allreduce=retry or self._ftmpi_rt.num_servers == 0)
                 break
             except PeerFailure as exc:
+                # a push answered before the step failed is retried with its base version, so
+                # its server sees it as applied instead of applying it a second time
+                client.versions[:] = base
                 if self._ftmpi_failed_at is None:
                     self._ftmpi_failed_at = time.time()
                 if not self._recover(str(exc)):

@@ -77,3 +77,15 @@ def test_fault_matrix_ci_slice(mpi, tmp_path, references, cell):
     out = run_cell(cell, mpi, tmp_path, references, timeout=300)
     assert out.ok, f"{cell.id} env={cell.env()}: " + "; ".join(out.failures)
     assert out.kills == cell.expected_kills and len(out.checked) >= 5
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(900)
+def test_a_push_answered_before_its_step_failed_is_not_applied_twice(mpi, tmp_path, references):
+    """Two shards, sync: server 0 dies at step 37 after applying it; worker 1 had shard 1's
+    reply (version 37) when the step failed. Its retry must not apply step 37 again (shard 1
+    ended at version 61 of 60 steps when the retry carried the version of the reply)."""
+    [cell] = [c for c in CELLS if c.id == "stateless-sync-head-step"]
+    out = run_cell(cell, mpi, tmp_path, references, timeout=300)
+    assert out.ok, "; ".join(out.failures)
+    assert "version == gradients computed" in out.checked
