@@ -8,11 +8,13 @@ Reads the files a run of ``examples/paper_trainer.py`` under ``ftmpi-run`` leave
 - **failure band**: from a distinct ``kill`` event to the first ``replacement_ready`` event after
   it (the replacement has joined), or to the run's end if none came. Several ranks log
   ``replacement_ready`` for one recovery; the first counts.
-- **worker idle seconds**: time worker 0 spent waiting for the servers to recover. Every training
-  step that overlaps a failure band contributes its duration beyond the run's median step
-  duration (``steps.csv``); steps outside the bands contribute nothing, so ordinary jitter,
-  evaluations and snapshot writes are not counted. A stateless worker that keeps computing
-  through a band accumulates almost none.
+- **worker idle seconds**: time worker 0 spent waiting for the servers to recover. From
+  ``steps.csv``, a step's *period* runs from the end of the step before it (or its own start) to
+  its own end, so it includes a wait inside the step and a wait between steps (a step abandoned
+  by a rollback is not logged; its time falls in the next logged step's period). Every period
+  that overlaps a failure band contributes its length beyond the run's median period; periods
+  outside the bands contribute nothing, so ordinary jitter, evaluations and snapshot writes are
+  not counted. A stateless worker that keeps computing through a band accumulates almost none.
 - **updates lost**: updates the workers computed and a server applied whose effect is not in the
   final model: worker 0's steps (redone steps after a rollback included, and gradients logged
   while a server was down, which a replacement applies later) times the workers in async mode,
@@ -109,15 +111,18 @@ def failure_bands(events: Sequence[dict[str, Any]], end: float) -> list[tuple[fl
 
 
 def idle_seconds(steps: Sequence[Step], bands: Sequence[tuple[float, float]]) -> float:
-    """Worker idle seconds (module docstring): excess over the median step duration of every
-    step overlapping a failure band."""
+    """Worker idle seconds (module docstring): excess over the median step period of every
+    period overlapping a failure band."""
     if not steps or not bands:
         return 0.0
-    typical = statistics.median(s.end - s.start for s in steps)
+    ordered = sorted(steps, key=lambda s: s.end)
+    starts = [ordered[0].start] + [s.end for s in ordered[:-1]]
+    periods = [(a, s.end) for a, s in zip(starts, ordered, strict=True)]
+    typical = statistics.median(b - a for a, b in periods)
     return sum(
-        max(0.0, (s.end - s.start) - typical)
-        for s in steps
-        if any(s.end > lo and s.start < hi for lo, hi in bands)
+        max(0.0, (b - a) - typical)
+        for a, b in periods
+        if any(b > lo and a < hi for lo, hi in bands)
     )
 
 

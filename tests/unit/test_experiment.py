@@ -51,6 +51,13 @@ def test_idle_seconds_count_only_the_excess_of_steps_overlapping_a_band():
     assert results.idle_seconds([], bands) == 0.0
 
 
+def test_idle_seconds_include_a_wait_between_logged_steps():
+    # the step running at the kill was abandoned by a rollback (never logged): its wait falls
+    # between the last step before the kill and the first one after the recovery
+    steps = steady_steps(T0, 100) + steady_steps(T0 + 25.0, 100, first=90)
+    assert results.idle_seconds(steps, [(T0 + 10.0, T0 + 24.0)]) == pytest.approx(15.0)
+
+
 def test_idle_seconds_of_a_worker_that_keeps_computing_are_near_zero():
     steps = steady_steps(T0, 300)  # stateless: steady steps straight through the band
     assert results.idle_seconds(steps, [(T0 + 5, T0 + 25)]) == pytest.approx(0.0, abs=1e-6)
