@@ -142,6 +142,8 @@ def render(data: dict[str, Any], path: str, title: str) -> None:
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
+    for ax in axes.flat:
+        ax.xaxis.set_tick_params(labelbottom=True)  # panels above a hidden one need them too
     for ax in axes.flat[len(names) :]:
         ax.set_visible(False)
     for ax in axes[-1]:
