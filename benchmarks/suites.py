@@ -159,12 +159,15 @@ def median_row(results: list[Result], params: int) -> dict[str, Any]:
 # ------------------------------------------------------------------ suites
 
 
-def suite_limits(quick: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """memcpy, optimizer apply rate per optimizer and size, MPI point-to-point bandwidth."""
+def suite_limits(
+    quick: bool, log: Callable[[str], None], params: list[int] | None = None
+) -> list[dict[str, Any]]:
+    """memcpy, optimizer apply rate per optimizer and size (``params``), MPI point-to-point
+    bandwidth."""
     nbytes = (64 if quick else 256) * MIB
     memcpy = limits.memcpy_rate(nbytes)
     rows: list[dict[str, Any]] = [_rate_row("memcpy (numpy copyto)", memcpy, "bytes/s")]
-    for numel in [1_000_000] if quick else [1_000_000, 25_000_000]:
+    for numel in params or ([1_000_000] if quick else [1_000_000, 25_000_000]):
         for opt in ("sgd", "adam"):
             rate = limits.apply_rate(numel, opt)
             rows.append(_rate_row(f"{opt} step, {numel:,} params, 1 thread", rate, "params/s"))
@@ -209,7 +212,7 @@ def suite_throughput(
     log: Callable[[str], None],
     params: list[int] | None = None,
     only: list[str] | None = None,
-    repeats: int = 2,
+    repeats: int | None = None,
 ) -> list[dict[str, Any]]:
     """Samples/s per model size and configuration (2 workers, sync, SGD momentum, batch 32),
     as ratios to plain Horovod and to the MPI backend without servers. ``params``: model sizes;
@@ -218,7 +221,8 @@ def suite_throughput(
     jobs = THROUGHPUT_JOBS[:4] if quick else THROUGHPUT_JOBS[:5]
     if only:
         jobs = [j for j in jobs if any(o in j.label for o in only)]
-    results = interleaved(jobs, sizes, 12 if quick else 15, 1 if quick else repeats, log)
+    repeats = repeats or (1 if quick else 2)
+    results = interleaved(jobs, sizes, 12 if quick else 15, repeats, log)
     return _compare(jobs, results, sizes, ["plain Horovod", "MPI backend, no servers"])
 
 
@@ -316,11 +320,14 @@ def suite_strategies(quick: bool, log: Callable[[str], None]) -> list[dict[str, 
     return rows
 
 
-def suite_recovery(quick: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """A chain (tail ack, length 3) head killed at several model sizes: failover and the
-    state transfer to the replacement (weights + momentum)."""
+def suite_recovery(
+    quick: bool, log: Callable[[str], None], params: list[int] | None = None
+) -> list[dict[str, Any]]:
+    """A chain (tail ack, length 3) head killed at several model sizes (``params``): failover
+    and the state transfer to the replacement (weights + momentum)."""
     rows = []
-    for params in [1_000_000] if quick else [1_000_000, 25_000_000, 100_000_000]:
+    sizes = params or ([1_000_000] if quick else [1_000_000, 25_000_000, 100_000_000])
+    for params in sizes:
         job = _strategy_job("chain tail ack", STRATEGIES["chain tail ack"], 0.2)
         res = run_job(job, [params], 60, kill="server:0@step=8")
         rows.append({"strategy": job.label, **_kill_row(job, res, params, 60)})
@@ -336,4 +343,5 @@ SUITES: dict[str, Callable[..., list[dict[str, Any]]]] = {  # fn(quick, log, **o
     "recovery": suite_recovery,
 }
 """Suite name -> ``fn(quick, log, **options) -> rows``, in the order ``ftmpi-run bench`` runs
-them (``throughput`` takes the ``params`` and ``only`` options)."""
+them (``limits``, ``throughput`` and ``recovery`` take a ``params`` option, ``throughput``
+``only`` and ``repeats`` options)."""

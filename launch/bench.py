@@ -110,10 +110,17 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--quick", action="store_true", help="a small subset (a few minutes)")
     p.add_argument("--out", default=None, metavar="FILE.json", help="write the results here")
     p.add_argument(
-        "--params", type=int, nargs="+", default=None, help="throughput: model sizes instead"
+        "--params",
+        type=int,
+        nargs="+",
+        default=None,
+        help="model sizes for limits (apply rate), throughput and recovery",
     )
     p.add_argument(
         "--only", nargs="+", default=None, help="throughput: configurations containing these"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=None, help="throughput: interleaved repeats (default 2)"
     )
     args = p.parse_args(list(argv))
     unknown = [s for s in args.suites if s not in suites]
@@ -130,7 +137,11 @@ def main(argv: Sequence[str]) -> int:
     for name in chosen:
         log(f"suite {name}")
         try:
-            options = {"params": args.params, "only": args.only} if name == "throughput" else {}
+            options: dict[str, Any] = {}
+            if name in ("limits", "throughput", "recovery"):
+                options["params"] = args.params
+            if name == "throughput":
+                options.update(only=args.only, repeats=args.repeats)
             results[name] = suites[name](args.quick, log, **options)
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             results[name] = [{"error": str(exc)[-2000:]}]  # the other suites still run
