@@ -158,6 +158,11 @@ class ParameterServer:
                     continue
                 handler(header, src)
             except wire.PeerFailure as exc:
+                if set(self.rt.workers) <= self.stopped:
+                    # training is over and the workers are leaving: they will not join a
+                    # recovery, so waiting for one would hang the job at exit
+                    self._warn(f"a peer died after every worker stopped; not recovering: {exc}")
+                    break
                 self._recover(str(exc))
         if self.writer is not None:
             self.writer.flush()

@@ -355,7 +355,7 @@ def run_cell(
     check("exit status", res.returncode in cell.codes, f"{res.returncode}: {res.stderr[-1500:]}")
     out.kills = len(kills(run_dir))
     check("kills carried out", out.kills == cell.expected_kills, f"{kills(run_dir)}")
-    if not check("every worker reports", len(got) == 2, res.stdout[-1500:]):
+    if not check("every worker reports", len(got) == 2, (res.stdout + res.stderr)[-2500:]):
         return out
     check_invariants(cell, s, got, check, refs)
     return out

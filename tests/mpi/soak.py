@@ -94,7 +94,7 @@ def run_soak(
     check("exit status", res.returncode in (0, KILLED_REPLACEMENT), res.stderr[-1500:])
     out.kills = len(kills(run_dir))
     check("kills carried out", out.kills >= 1, kill)
-    if not check("every worker reports", len(got) == 2, res.stdout[-1500:]):
+    if not check("every worker reports", len(got) == 2, (res.stdout + res.stderr)[-2500:]):
         return out, kill
     check("every worker at the end", all(r["position"] == steps for r in got), got)
     check("workers agree", got[0]["weights"] == got[1]["weights"], got)
