@@ -93,7 +93,11 @@ def run_job(job: Job, params: list[int], steps: int, *, kill: str = "", timeout:
             cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env, check=False
         )
         lines = [json.loads(x[6:]) for x in proc.stdout.splitlines() if x.startswith("BENCH ")]
-        if proc.returncode != 0 or not lines:
+        # after a re-spawn the job may end in an abort once every worker has reported
+        complete = len({x["worker"] for x in lines}) == job.workers and (
+            proc.returncode == 0 or kill
+        )
+        if not complete:
             raise RuntimeError(
                 f"{job.label}: rc {proc.returncode}\n{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}"
             )
@@ -311,7 +315,11 @@ def suite_strategies(quick: bool, log: Callable[[str], None]) -> list[dict[str, 
     for name in names:
         job = _strategy_job(name, STRATEGY_JOBS[name], sleep)
         kill = "" if name == "none" else f"server:0@step={kill_at}"
-        res = run_job(job, [params], steps, kill=kill)
+        try:
+            res = run_job(job, [params], steps, kill=kill)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            rows.append({"strategy": name, "error": str(exc)[-500:]})
+            continue
         row = {"strategy": name, **_kill_row(job, res, params, steps)}
         base = row["median_step_ms"] if name == "none" else base
         row["steady_vs_none"] = round(base / row["median_step_ms"], 3) if base else None
@@ -329,7 +337,11 @@ def suite_recovery(
     sizes = params or ([1_000_000] if quick else [1_000_000, 25_000_000, 100_000_000])
     for params in sizes:
         job = _strategy_job("chain tail ack", STRATEGIES["chain tail ack"], 0.2)
-        res = run_job(job, [params], 60, kill="server:0@step=8")
+        try:
+            res = run_job(job, [params], 60, kill="server:0@step=8")
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            rows.append({"strategy": job.label, "params": params, "error": str(exc)[-500:]})
+            continue
         rows.append({"strategy": job.label, **_kill_row(job, res, params, 60)})
         log(f"recovery {params:,}: {res.seconds:.0f} s")
     return rows

@@ -99,7 +99,7 @@ def _cell(v: Any) -> str:
         return f"{v:.3g}" if abs(v) >= 1e6 else f"{v:g}"
     if isinstance(v, int) and abs(v) >= 10_000:
         return f"{v:,}"
-    return str(v)
+    return " ".join(str(v).split()).replace("|", "/")
 
 
 def main(argv: Sequence[str]) -> int:
