@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                     step + 1,
                     state.batches.epoch,
                     clock["loss"],
-                    rt.config.mode,
+                    rt,
                     len(step_log) * workers,
                 )
 
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             steps_done,
             batches.epoch,
             loss_value,
-            rt.config.mode,
+            rt,
             len(step_log) * workers,
         )
     write_step_log(os.path.join(run_dir, "steps.csv"), step_log)
@@ -252,16 +252,31 @@ def _record(
     step: int,
     epoch: int,
     train_loss: float,
-    mode: str,
+    rt: ftmpi.Runtime,
     computed: int,
 ) -> dict[str, Any]:
     """Evaluate and record one metrics row. ``computed`` is the gradients the workers have
     computed so far, redone and logged ones included (this worker's steps times the worker
-    count: exact in sync mode and with one worker)."""
+    count: exact in sync mode and with one worker). While a server is down (a stateless worker
+    keeps training) the servers are not asked, which would wait for the replacement: the model
+    evaluated is this worker's copy and the server counters are the last ones seen."""
     assert metrics is not None
-    if mode == "async":
+    down = bool(rt.down_since)
+    if rt.config.mode == "async" and not down:
         opt.pull()  # evaluate the servers' current model, not this worker's possibly stale copy
     test_loss, acc = evaluate(model, data.test_x, data.test_y)
+    if down and metrics.records:
+        last = metrics.records[-1]
+        keys = ("applied", "versions", "replayed", "staleness_mean", "staleness_max")
+        return metrics.record(
+            step=step,
+            epoch=epoch,
+            loss=round(test_loss, 5),
+            train_loss=round(train_loss, 5),
+            test_accuracy=round(acc, 5),
+            computed=computed,
+            **{k: last.get(k) for k in keys},
+        )
     stats = opt.server_stats()
     return metrics.record(
         step=step,
