@@ -594,6 +594,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 class_path(self._ftmpi_base_class),
                 [group_hparams(g) for g in self.param_groups],
                 self._state_by_shard(),
+                # a shard whose servers died before training started gets its state when a
+                # replacement is rebuilt from the workers (stateless)
+                [s for s in self._ftmpi_shards if rt.live_chain(s.index)],
             )
         assert rt.backend is not None
         rt.backend.barrier()
