@@ -10,6 +10,7 @@ next kill time dies at once, and kills due after the run ended never happen: the
 counts the kills carried out.
 
     python -m tests.mpi.soak --seconds 600 [--seed N] [--every 8] [--strategy checkpoint]
+        [--servers-only]
 """
 
 from __future__ import annotations
@@ -31,17 +32,19 @@ START = 8.0
 """No kill before this many seconds after the job started (ranks starting up)."""
 
 
-def schedule(seed: int, *, seconds: float, every: float, servers: int) -> list[KillSpec]:
+def schedule(
+    seed: int, *, seconds: float, every: float, servers: int, workers: bool = True
+) -> list[KillSpec]:
     """Kills from ``START`` to ``seconds``, gaps uniform in [every/2, 3*every/2]; each victim a
-    server slot or worker 1 (once at most), uniformly. The same arguments give the same
-    schedule."""
+    server slot or (``workers``) worker 1, once at most, uniformly. The same arguments give the
+    same schedule."""
     rng = random.Random(seed)
     specs, t = [], START
     while True:
         t += rng.uniform(every / 2, 3 * every / 2)
         if t >= seconds:
             return specs
-        victim = rng.randrange(servers + 1)
+        victim = rng.randrange(servers + workers)
         if victim == servers and any(k.role == "worker" for k in specs):
             victim = rng.randrange(servers)  # a replacement worker has no later incarnation
         role, index = ("worker", 1) if victim == servers else ("server", victim)
@@ -61,12 +64,15 @@ def run_soak(
     seconds: float,
     every: float,
     strategy: str = "checkpoint",
+    workers: bool = True,
     refs: References | None = None,
 ) -> tuple[Outcome, str]:
     """One soak run; returns its outcome and the ``FTMPI_KILL`` it used. Sync mode, so the
     run must end bit-for-bit equal to the run without failure (``checkpoint``, ``chain``)."""
     s = STRATEGIES[strategy]
-    kill = format_schedule(schedule(seed, seconds=seconds, every=every, servers=s.servers))
+    kill = format_schedule(
+        schedule(seed, seconds=seconds, every=every, servers=s.servers, workers=workers)
+    )
     steps = steps_for(seconds)
     refs = refs or References(run, root, timeout=4 * seconds + 300)
     env = {**s.env, "FTMPI_MODE": "sync", "FTMPI_KILL": kill, "FTMPI_RESPAWN_WORKERS": "1"}
@@ -112,16 +118,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=None, help="replay a soak (default: random)")
     p.add_argument("--strategy", default="checkpoint", choices=sorted(STRATEGIES))
     p.add_argument("--root", default="runs/soak")
+    p.add_argument(
+        "--servers-only", action="store_true", help="kill server ranks only, never worker 1"
+    )
     args = p.parse_args(argv)
     seed = random.SystemRandom().randrange(1 << 31) if args.seed is None else args.seed
     servers = STRATEGIES[args.strategy].servers
-    kill = format_schedule(schedule(seed, seconds=args.seconds, every=args.every, servers=servers))
+    workers = not args.servers_only
+    kill = format_schedule(
+        schedule(seed, seconds=args.seconds, every=args.every, servers=servers, workers=workers)
+    )
     print(f"soak seed {seed} (replay: --seed {seed}); FTMPI_KILL={kill}", flush=True)
     from tests.conftest import run_mpi
 
     root = Path(args.root) / time.strftime("%Y%m%d-%H%M%S")
     out, _ = run_soak(
-        run_mpi, root, seed=seed, seconds=args.seconds, every=args.every, strategy=args.strategy
+        run_mpi,
+        root,
+        seed=seed,
+        seconds=args.seconds,
+        every=args.every,
+        strategy=args.strategy,
+        workers=workers,
     )
     print(
         json.dumps(
