@@ -283,6 +283,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, schedule: Schedule, run_dir: 
             stderr=subprocess.STDOUT,
             env=cell_env(job_start, args.sample_every),
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         status = _wait(proc, run_dir, limit, args.exit_grace, log_path)
     write_json_atomic(
@@ -310,6 +311,18 @@ def _wait(proc: subprocess.Popen[bytes], run_dir: str, limit: float, grace: floa
     if os.path.exists(summary):
         return "ok" if proc.returncode == 0 else f"ok (exit status {proc.returncode} after results)"
     return f"failed: exit status {proc.returncode}: {_last_error(log)}"
+
+
+def _die_with_parent() -> None:
+    """In a cell's launcher, before it starts: SIGTERM it (it passes the signal on to the job)
+    when the experiment process dies, so a killed experiment leaves no job behind. Linux only;
+    elsewhere a no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
