@@ -30,6 +30,7 @@ import argparse
 import fnmatch
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -339,12 +340,17 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             continue
 
 
+_EXCEPTION = re.compile(r"^[\w.]+(Error|Exception|Timeout|Failure|Down): ")
+
+
 def _last_error(log_path: str) -> str:
-    """The last line of a job's output that names an error (else its last line)."""
+    """The last Python exception line of a job's output, else the last line naming an error,
+    else its last line."""
     with open(log_path, errors="replace") as f:
         lines = [ln.strip() for ln in f if ln.strip()]
+    raised = [ln for ln in lines if _EXCEPTION.match(ln)]
     errors = [ln for ln in lines if "Error" in ln or "error" in ln]
-    return (errors or lines or ["no output"])[-1][:300]
+    return (raised or errors or lines or ["no output"])[-1][:300]
 
 
 def write_report(out: str, cells: Sequence[Cell], target: float, title: str) -> list[str]:
