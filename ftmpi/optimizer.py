@@ -298,6 +298,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._ftmpi_stale.rebuild(rebuild, class_path(self._ftmpi_base_class), self._hparams())
             self._scatter_weights()
         if strategy == "checkpoint" and (result.failed_servers or result.respawned):
+            if not self._ftmpi_started:
+                return True  # no step has reached the servers: the retry initialises them
             position = self._rollback()
             assert position is not None
             if self._ftmpi_in_run:
