@@ -69,10 +69,29 @@ def references(tmp_path_factory):
     return References(run_mpi, tmp_path_factory.mktemp("refs"), timeout=300)
 
 
+OPEN_BUGS = {
+    "chain-async-middle-reconfigure": "open bug 2 (README, fault matrix): async chain, head "
+    "killed then its successor dying in the reconfiguration, sometimes loses 2 pushes",
+    "stateless-sync-worker-pull": "open bug 3 (README, fault matrix): a worker dying while it "
+    "pulls a shard a stateless replacement just rebuilt loses one step",
+}
+"""Slice cells that show a documented open bug: they run, and are reported as expected
+failures until the bug is fixed (then they pass and are reported as such)."""
+
+
+@pytest.mark.parametrize(
+    "cell",
+    [
+        pytest.param(c, marks=pytest.mark.xfail(reason=OPEN_BUGS[c.id], strict=False))
+        if c.id in OPEN_BUGS
+        else c
+        for c in SLICE
+    ],
+    ids=lambda c: c.id,
+)
 @pytest.mark.mpi
 @pytest.mark.matrix_ci
 @pytest.mark.timeout(900)  # the first cell of a strategy also runs its reference
-@pytest.mark.parametrize("cell", SLICE, ids=lambda c: c.id)
 def test_fault_matrix_ci_slice(mpi, tmp_path, references, cell):
     out = run_cell(cell, mpi, tmp_path, references, timeout=300)
     assert out.ok, f"{cell.id} env={cell.env()}: " + "; ".join(out.failures)
