@@ -54,7 +54,8 @@ class JobSpec:
     as_root: bool = False
     """``mpirun`` only: pass ``--allow-run-as-root`` (Open MPI refuses root otherwise)."""
     cpus: int = 1
-    """Cores on this machine: ``mpirun`` without hosts oversubscribes beyond them."""
+    """Cores on this machine: ``mpirun`` without hosts oversubscribes once the job fills them
+    (a re-spawned replacement needs a slot beyond the job's own)."""
 
 
 def build_command(spec: JobSpec) -> list[str]:
@@ -79,7 +80,7 @@ def _mpirun(spec: JobSpec) -> list[str]:
         cmd += ["-H", spec.hosts]
     if spec.hostfile:
         cmd += ["--hostfile", spec.hostfile]
-    if not spec.hosts and not spec.hostfile and spec.nprocs > spec.cpus:
+    if not spec.hosts and not spec.hostfile and spec.nprocs >= spec.cpus:
         cmd += ["--oversubscribe"]
     cmd += ["-np", str(spec.nprocs)]
     for key in sorted(spec.env):

@@ -97,3 +97,8 @@ def test_find_launcher(tmp_path):
     assert find_launcher("no-such-launcher-xyz", None, required=False) == "no-such-launcher-xyz"
     with pytest.raises(LaunchError, match="no no-such-launcher-xyz found on PATH"):
         find_launcher("no-such-launcher-xyz", None)
+
+
+def test_a_job_that_fills_the_cores_may_oversubscribe_for_its_replacements():
+    assert "--oversubscribe" in build_command(spec("mpirun", cpus=3))  # 3 ranks, 3 cores
+    assert "--oversubscribe" not in build_command(spec("mpirun", cpus=4))
