@@ -33,7 +33,7 @@ from mpi4py import MPI
 from ftmpi import events
 from ftmpi.config import Config
 from ftmpi.runtime import Runtime
-from ftmpi.wire import run_hash, wait_all
+from ftmpi.wire import PeerFailure, run_hash, wait_all
 
 
 @dataclass
@@ -137,6 +137,15 @@ def recover(rt: Runtime, *, blocking_strategy: bool, reason: str) -> Recovery:
 def is_coordinator(rt: Runtime) -> bool:
     """Worker 0 of the current view coordinates recoveries."""
     return not rt.is_server and rt.role_rank == 0
+
+
+def request_due_replacements(rt: Runtime) -> None:
+    """Coordinator: once a dead rank's down time has passed, revoke the world so that every
+    rank joins a recovery that spawns its replacement; raises ``PeerFailure`` so the caller
+    joins it too. A no-op elsewhere, and while nothing is due."""
+    if (rt.down_since or rt.workers_down) and is_coordinator(rt) and spawn_due(rt):
+        _quiet(rt.world.Revoke)
+        raise PeerFailure("replacement due", MPI.ERR_REVOKED)
 
 
 def spawn_due(rt: Runtime) -> bool:

@@ -32,13 +32,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from mpi4py import MPI
 
 from ftmpi import events
 from ftmpi.client import ServerClient
 from ftmpi.compression import Compression, Compressor, changes_dtype
 from ftmpi.faults import Injector, parse_schedule
 from ftmpi.loop import Rollback
+from ftmpi.membership import request_due_replacements
 from ftmpi.optim_state import (
     class_path,
     group_hparams,
@@ -229,7 +229,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         rt = self._ftmpi_rt
         t = self._ftmpi_times
         t.steps += 1
-        self._request_due_replacements()
+        request_due_replacements(rt)  # strategies whose workers train on while a server is down
         if rt.config.mode == "async":
             with t.phase("gather"):
                 self._gather_grads()
@@ -345,18 +345,6 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 stale.wait_for_replacement(down[0])
             except PeerFailure as exc:
                 self._recover(str(exc))
-
-    def _request_due_replacements(self) -> None:
-        """Coordinator: once a down server's down time has passed, revoke the world so that
-        every rank joins a recovery that spawns its replacement (strategies whose workers keep
-        training while a server is down; ``checkpoint`` replaces it inside the recovery)."""
-        from ftmpi.membership import is_coordinator, spawn_due
-
-        rt = self._ftmpi_rt
-        if (rt.down_since or rt.workers_down) and is_coordinator(rt) and spawn_due(rt):
-            with contextlib.suppress(MPI.Exception):
-                rt.world.Revoke()
-            raise PeerFailure("replacement due", MPI.ERR_REVOKED)
 
     def _checkpoint_on_signal(self) -> None:
         """SIGUSR1 (e.g. Slurm's ``--signal``): worker 0 has every server write a snapshot of

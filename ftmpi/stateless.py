@@ -93,7 +93,7 @@ class StaleTraining:
     def wait_for_replacement(self, shard: Shard) -> None:
         """Block until a recovery starts (the coordinator revokes the world once the down time
         has passed); raises ``PeerFailure`` so the step joins it and is retried."""
-        from ftmpi.membership import is_coordinator, spawn_due
+        from ftmpi.membership import request_due_replacements
 
         rt = self.rt
         deadline = time.monotonic() + rt.config.timeout + rt.config.down_for
@@ -105,9 +105,7 @@ class StaleTraining:
             max_staleness=rt.config.max_staleness,
         )
         while time.monotonic() < deadline:
-            if is_coordinator(rt) and spawn_due(rt):
-                rt.world.Revoke()
-                raise PeerFailure("replacement due", MPI.ERR_REVOKED)
+            request_due_replacements(rt)
             try:
                 rt.world.Iprobe(source=MPI.ANY_SOURCE, tag=_WAKE_TAG)
             except MPI.Exception as exc:
