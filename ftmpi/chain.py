@@ -26,10 +26,13 @@ of the chain in the new view; predecessors and successors are recomputed from th
 - middle died: its predecessor re-sends every update the tail has not committed; the receiver
   skips versions it already has.
 - tail died: its predecessor is the tail; it commits everything it holds.
-- a replacement slot joins at the tail: its predecessor sends it the whole shard state first
-  (the message a worker's INIT uses), then forwards as usual. A member that is sent updates
-  before it has any state (its transfer was cut short by another failure) answers
-  ``NEED_STATE``, and its predecessor sends the whole state instead.
+- a replacement slot joins at the tail: once it is in its request loop it asks its predecessor
+  for the shard state (``NEED_STATE``); the predecessor forwards nothing to it until then, and
+  answers with the whole state (the message a worker's INIT uses), then forwards as usual. The
+  receiver is ready when the bytes arrive, so the transfer runs at the link's speed, and the
+  replacement's start-up is not counted as transfer time. A member that is sent updates before
+  it has any state (its transfer was cut short by another failure) answers ``NEED_STATE`` too,
+  and its predecessor sends the whole state instead.
 
 Every message of an older view is gone with its revoked communicator, so all in-flight forwards
 and acks are re-sent by these rules, never assumed delivered.
@@ -37,6 +40,7 @@ and acks are re-sent by these rules, never assumed delivered.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -49,6 +53,11 @@ from ftmpi.wire import AckKind, Header, Kind
 
 if TYPE_CHECKING:
     from ftmpi.server import ParameterServer
+
+
+ASK_STATE = -1
+"""The version a ``NEED_STATE`` ack carries when a replacement asks for its state (not in
+answer to a forward)."""
 
 
 @dataclass
@@ -107,6 +116,11 @@ class ChainLink:
         """(worker world rank, version) replies the head may not send yet."""
         self.pred_stopped = False
         """The predecessor has forwarded everything and stopped (``CHAIN_STOP``)."""
+        self.awaiting: int | None = None
+        """A successor slot (a replacement) that has no shard state yet and will ask for it;
+        nothing is forwarded to it before, since the state it gets holds every update."""
+        self.awaiting_since = 0.0
+        """When this server learned that ``awaiting`` needs the state (``time.perf_counter``)."""
 
     # ------------------------------------------------------------ topology
 
@@ -160,7 +174,7 @@ class ChainLink:
         """Start sending ``updates`` to the successor (kept for re-sending until committed);
         returns the requests to complete with :meth:`finish`. No-op at the tail."""
         succ = self.succ
-        if succ is None or not updates:
+        if succ is None or not updates or succ == self.awaiting:
             return []
         self.pending += updates
         cfg = self.rt.config
@@ -273,9 +287,17 @@ class ChainLink:
     def on_ack(self, header: Header) -> None:
         """Record an acknowledgement from the successor; pass commits up the chain."""
         if header.aux == AckKind.NEED_STATE:
+            # A request from a replacement (version ASK_STATE) is answered if this server
+            # expects it; one sent in answer to a forward always. Without state itself, this
+            # server hands the state on when it gets it (INIT).
             succ = self.succ
-            if succ is not None:
-                self._hand_over_state(succ)
+            asked = header.version == ASK_STATE
+            if (
+                succ is not None
+                and self.server.grads is not None
+                and (not asked or succ == self.awaiting)
+            ):
+                self.hand_over_state(succ)
             return
         if header.aux == AckKind.RECEIVED:
             self.received = max(self.received, header.version)
@@ -298,19 +320,31 @@ class ChainLink:
             self.pending = []
             self.committed = self.server.version
             self.ack(AckKind.COMMITTED, self.server.version)
-        elif succ in respawned:
-            self._hand_over_state(succ)
+        elif succ in respawned or succ == self.awaiting:
+            # the replacement asks for the state once it is ready to receive it
+            if succ != self.awaiting:
+                self.awaiting, self.awaiting_since = succ, time.perf_counter()
+            self.pending = []
         elif self.pending:
             again, self.pending = self.pending, []
             self.finish(self.start_forward(again))
 
-    def _hand_over_state(self, succ: int) -> None:
+    def hand_over_state(self, succ: int) -> None:
         """Send the successor the whole shard state; it then holds (and commits) everything
         this server has, so nothing is left to re-send."""
         self.pending = []
-        self.server.transfer_state(succ)
+        waited = time.perf_counter() - self.awaiting_since if self.awaiting == succ else 0.0
+        self.awaiting = None
+        self.server.transfer_state(succ, waited=waited)
         self.committed = self.server.version
         self.ack(AckKind.COMMITTED, self.committed)
+
+    def ask_for_state(self) -> None:
+        """A replacement with no shard state: ask the predecessor for it (see the module
+        docstring). Called when the request loop starts and after every recovery, since a
+        request sent in an older view may be lost with its communicator."""
+        if self.server.grads is None and self.pred is not None:
+            self.ack(AckKind.NEED_STATE, ASK_STATE)
 
     def stop_successor(self) -> None:
         """Tell the successor that every update has been forwarded."""
@@ -320,4 +354,9 @@ class ChainLink:
 
     def drained(self) -> bool:
         """Nothing left to forward or to see committed, and the predecessor has stopped."""
-        return not self.unsent and not self.pending and (self.pred is None or self.pred_stopped)
+        return (
+            not self.unsent
+            and not self.pending
+            and self.awaiting is None
+            and (self.pred is None or self.pred_stopped)
+        )

@@ -139,6 +139,8 @@ class ParameterServer:
             Kind.REPLAY: self._on_replay,
             Kind.SNAPSHOT: self._on_snapshot,
         }
+        if self.link is not None and self.rt.incarnations[self.index] > 0:
+            self.link.ask_for_state()
         while not self._done():
             try:
                 header, src = wire.recv_header(
@@ -194,6 +196,7 @@ class ParameterServer:
         self.last_seq = {remap[r]: q for r, q in self.last_seq.items() if r in remap}
         if self.link is not None:
             self.link.reconfigure(remap, result.respawned)
+            self.link.ask_for_state()
 
     def _drop(self, header: Header, src: int) -> None:
         """Drain and discard a message that must not be applied (wrong run, unknown kind)."""
@@ -254,7 +257,7 @@ class ParameterServer:
             self.link.committed = self.version
             succ = self.link.succ
             if succ is not None:
-                self.transfer_state(succ)
+                self.link.hand_over_state(succ)
         if self.rt.config.strategy == "checkpoint":
             self._ensure_writer()
             self._snapshot()
@@ -299,8 +302,11 @@ class ParameterServer:
         }
         return spec, np.concatenate([self._weights_bytes().view(np.uint8), state_buf])
 
-    def transfer_state(self, slot: int) -> None:
-        """Send the whole shard state to server ``slot`` (a chain successor that has none)."""
+    def transfer_state(self, slot: int, *, waited: float = 0.0) -> None:
+        """Send the whole shard state to server ``slot`` (a chain successor that has none).
+
+        The ``state_transfer`` event records the bytes, the seconds from the first send to the
+        completion of the last, and ``waited``: the seconds the successor took to ask for it."""
         t0 = time.perf_counter()
         spec, binary = self._state()
         spec = {
@@ -328,6 +334,7 @@ class ParameterServer:
             version=self.version,
             nbytes=int(binary.nbytes),
             seconds=round(time.perf_counter() - t0, 6),
+            waited=round(waited, 6),
         )
 
     # ------------------------------------------------------------ snapshots
