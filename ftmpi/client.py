@@ -202,10 +202,13 @@ class ServerClient:
     ) -> None:
         """Sync mode: the leader of each of ``shards`` (worker ``shard.index % workers``) pushes
         its averaged gradient; the new weights reach every worker over ``comm``, broadcast chunk
-        by chunk as they arrive from the server, so the pull and the broadcast overlap."""
+        by chunk as they arrive from the server, so the pull and the broadcast overlap. The
+        shard's new version is broadcast with them, so every worker's :attr:`versions` stay
+        the same (a worker that takes over a shard's lead pushes with the right base)."""
         cfg = self.rt.config
         mine = [s for s in shards if s.index % workers == me]
         reqs: list[MPI.Request] = []
+        received: list[tuple[int, np.ndarray]] = []  # (shard, its broadcast version)
         for shard in mine:
             g = self.view(self.grads, shard).numpy()
             header = self._header(Kind.PUSH, shard, g.nbytes, self.versions[shard.index])
@@ -215,14 +218,21 @@ class ServerClient:
         for shard in shards:
             root = shard.index % workers
             chunks = wire.chunks(self.view(self.weights, shard).numpy(), cfg.chunk_bytes)
+            version = np.zeros(1, dtype=np.int64)
             if root != me:
                 with wire.mpi_errors("weight broadcast"):
+                    reqs.append(comm.Ibcast(version, root=root))
                     reqs += [comm.Ibcast(c, root=root) for c in chunks]
+                received.append((shard.index, version))
                 continue
             header, _ = self._recv_reply(
                 shard, Kind.WEIGHTS, self.view(self.weights, shard).numpy(), payload=False
             )
-            self.versions[shard.index] = header.version
+            self.versions[shard.index] = version[0] = header.version
+            if workers > 1:
+                with wire.mpi_errors("weight broadcast"):
+                    reqs.append(comm.Ibcast(version, root=root))
+                received.append((shard.index, version))  # kept alive until the wait
             with wire.mpi_errors("pulling weights"):
                 recvs = [
                     self.rt.world.Irecv(c, source=self._server(shard), tag=wire.TAG_REPLY_DATA)
@@ -234,6 +244,8 @@ class ServerClient:
                     with wire.mpi_errors("weight broadcast"):
                         reqs.append(comm.Ibcast(c, root=root))
         self._wait(reqs, "pushing gradients and broadcasting weights")
+        for index, version in received:
+            self.versions[index] = int(version[0])
 
     def replay(self, shard: Shard, combined: Combined) -> None:
         """Send a folded gradient log for ``shard`` (``stateless``); the server applies it once

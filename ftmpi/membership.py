@@ -14,8 +14,11 @@ revokes the world after the down time for strategies whose workers keep computin
 process runs the user's script; its ``ftmpi.init()`` sees a parent and calls
 :func:`join_as_replacement` instead of splitting COMM_WORLD.
 
-``Shrink``, ``Spawn`` and ``Merge`` are blocking: ULFM guarantees they complete among live
-processes, so they are the only waits in ftmpi without an ftmpi deadline.
+``Shrink``, ``Spawn`` and ``Merge`` are blocking and cannot be cancelled. ULFM guarantees
+``Shrink`` completes among live processes; a rank dying while the others spawn or merge can leave
+``Spawn``/``Merge`` waiting forever in Open MPI 5 (open-mpi/ompi#13325, #12585). They run under
+:func:`deadline`: past ``config.timeout`` the process reports it and exits, so the job ends (and
+``ftmpi-run --max-restarts`` or a Slurm requeue resumes it from durable state) instead of hanging.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ import contextlib
 import json
 import os
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +37,7 @@ from mpi4py import MPI
 
 from ftmpi import events
 from ftmpi.config import Config
-from ftmpi.runtime import Runtime
+from ftmpi.runtime import Runtime, durable_state
 from ftmpi.wire import PeerFailure, run_hash, wait_all
 
 
@@ -57,6 +62,34 @@ def _quiet(fn, *args) -> None:  # type: ignore[no-untyped-def]
         fn(*args)
 
 
+@contextlib.contextmanager
+def deadline(config: Config, role: str, what: str) -> Iterator[None]:
+    """Run an uncancellable MPI call; if it has not returned within ``config.timeout`` seconds,
+    record a ``recovery_stuck`` event, say so on stderr and end this process (exit status 75)."""
+
+    def expire() -> None:
+        message = (
+            f"ftmpi: {role}: {what} did not complete within {config.timeout:g} s (a rank "
+            "probably died during it, which Open MPI cannot interrupt); ending this process so "
+            "the job stops instead of hanging. " + durable_state(config)
+        )
+        events.emit(config.run_dir, "recovery_stuck", role=role, what=what)
+        print(message, file=sys.stderr, flush=True)
+        os._exit(STUCK_EXIT)
+
+    timer = threading.Timer(config.timeout, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+STUCK_EXIT = 75
+"""Exit status of a process whose recovery could not complete (:func:`deadline`)."""
+
+
 def role_of(rt: Runtime) -> str:
     return f"server {rt.server_index}" if rt.is_server else f"worker {rt.role_rank}"
 
@@ -69,8 +102,6 @@ def recover(rt: Runtime, *, blocking_strategy: bool, reason: str) -> Recovery:
     deferred request (``spawn_due``) replaces them.
     """
     if not rt.ulfm:
-        from ftmpi.runtime import durable_state
-
         raise RuntimeError(
             f"a rank died ({reason}) and this MPI has no ULFM fault tolerance "
             "(run under Open MPI 5 with `mpirun --with-ft ulfm`, e.g. via ftmpi-run). "
@@ -218,16 +249,17 @@ def spawn_replacements(rt: Runtime) -> list[int]:
     )
     info = MPI.Info.Create()
     info.Set("wdir", os.getcwd())
-    inter = rt.world.Spawn(
-        sys.executable,
-        args=[os.path.abspath(script), *sys.argv[1:]],
-        maxprocs=len(slots) + new_workers,
-        root=0,
-        info=info,
-    )
+    with deadline(rt.config, role_of(rt), "spawning replacements (MPI_Comm_spawn + merge)"):
+        inter = rt.world.Spawn(
+            sys.executable,
+            args=[os.path.abspath(script), *sys.argv[1:]],
+            maxprocs=len(slots) + new_workers,
+            root=0,
+            info=info,
+        )
+        inter.Set_errhandler(MPI.ERRORS_RETURN)
+        merged = inter.Merge(high=False)
     info.Free()
-    inter.Set_errhandler(MPI.ERRORS_RETURN)
-    merged = inter.Merge(high=False)
     merged.Set_errhandler(MPI.ERRORS_RETURN)
     base = rt.world.Get_size()
     for k, j in enumerate(slots):
@@ -257,9 +289,11 @@ def spawn_replacements(rt: Runtime) -> list[int]:
 def join_as_replacement(parent: MPI.Comm) -> Runtime:
     """The replacement side of :func:`spawn_replacements`: merge, learn the role, join."""
     parent.Set_errhandler(MPI.ERRORS_RETURN)
-    merged = parent.Merge(high=True)
+    launch_config = Config.from_env(os.environ)  # the job's settings, until the parents' arrive
+    with deadline(launch_config, "a replacement", "joining the job (merge)"):
+        merged = parent.Merge(high=True)
     merged.Set_errhandler(MPI.ERRORS_RETURN)
-    doc = _bcast_json(merged, None, 600.0)
+    doc = _bcast_json(merged, None, launch_config.timeout)
     config_env = dict(doc["config"])  # type: ignore[arg-type]
     os.environ.update(config_env)
     config = Config.from_env(config_env)

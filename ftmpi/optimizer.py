@@ -209,6 +209,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                     self._ftmpi_failed_at = time.time()
                 if not self._recover(str(exc)):
                     return loss  # rolled back outside ftmpi.run: this step is dropped
+                client.versions[:] = base = self._retry_base(base)
                 retry = True
         if self._ftmpi_failed_at is not None:  # first step completed since a failure
             events.emit(
@@ -223,6 +224,19 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._ftmpi_position += 1
         self._ftmpi_client.position = self._ftmpi_position
         return loss
+
+    def _retry_base(self, base: list[int]) -> list[int]:
+        """The versions a step retried after a recovery pushes with: what the recovery left
+        (a ``stateless`` rebuild advances a shard by its replayed log), except, in sync mode,
+        a rebuilt shard whose replayed log already holds this step's gradient: it keeps the
+        step's base, which the server answers as already applied."""
+        versions = list(self._ftmpi_client.versions)
+        stale = self._ftmpi_stale
+        if stale is not None and self._ftmpi_rt.config.mode == "sync":
+            for shard, last in stale.replayed_through.items():
+                if last == self._ftmpi_position:
+                    versions[shard] = base[shard]
+        return versions
 
     def _data_path(self, *, allreduce: bool) -> None:
         """One attempt at the step's communication; raises ``PeerFailure`` on a rank death."""
@@ -386,10 +400,28 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         """Survivors' side of :meth:`_join`: worker 0 sends the training position."""
         from ftmpi.broadcast import broadcast_bytes
 
-        doc = {"position": self._ftmpi_position, "versions": self._ftmpi_client.versions}
+        doc = {
+            "position": self._ftmpi_position,
+            "versions": self._ftmpi_client.versions,
+            "started": self._ftmpi_started,
+        }
         broadcast_bytes(json.dumps(doc).encode(), 0)
-        if not self._ftmpi_rt.num_servers:
+        if self._joiner_takes_params(self._ftmpi_started):
             self._broadcast_params()
+
+    def _joiner_takes_params(self, started: bool) -> bool:
+        """Whether a joining worker takes the weights from worker 0 rather than the servers.
+
+        Sync mode does: a worker that died with its push in flight may have had that push
+        applied, and the survivors retry the step from the weights of the versions they hold
+        (``client.versions``, reset to the step's base), which the servers may have passed.
+        The joiner computes its gradient on those same weights, so the retried pushes carry
+        the base version and the servers answer them as applied, once. So does a joiner that
+        comes before the first step reached the servers (``started`` False: they have no
+        state yet). Async workers each push on the weights they hold, so a joiner pulls the
+        servers' newest weights."""
+        rt = self._ftmpi_rt
+        return not rt.num_servers or rt.config.mode == "sync" or not started
 
     def _broadcast_params(self) -> None:
         """Without servers, a joining worker takes the parameters from worker 0."""
@@ -400,20 +432,23 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 backend.broadcast_(p.data, 0)
 
     def _join(self) -> None:
-        """A replacement worker joins training in progress: it takes the data position from
-        worker 0 and the current weights from the servers, before its first forward pass."""
+        """A replacement worker joins training in progress: it takes the data position and the
+        weights before its first forward pass, from worker 0 (sync) or the servers (async; see
+        :meth:`_joiner_takes_params`)."""
         from ftmpi.broadcast import broadcast_bytes
 
         rt = self._ftmpi_rt
         doc = json.loads(broadcast_bytes(None, 0))
         self._ftmpi_position = self._ftmpi_client.position = int(doc["position"])
         self._ftmpi_client.versions = list(doc["versions"])
-        if rt.num_servers:
+        started = bool(doc.get("started", True))
+        if not self._joiner_takes_params(started):
             self._ftmpi_client.pull(self._ftmpi_shards)
             self._scatter_weights()
         else:
             self._broadcast_params()
-        self._ftmpi_started = True
+            self._params_to_buffer()
+        self._ftmpi_started = started  # if not, the first step initialises the servers
         events.emit(
             rt.config.run_dir,
             "worker_joined",
@@ -571,15 +606,21 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             if p.data_ptr() != w.data_ptr():  # parameters not aliasing the weight buffer
                 p.copy_(w)
 
+    def _params_to_buffer(self) -> None:
+        """Copy the parameters into the client's flat weight buffer (the reverse of
+        :meth:`_scatter_weights`)."""
+        with torch.no_grad():
+            for p, _, w in self._ftmpi_slots:
+                if p.data_ptr() != w.data_ptr():
+                    w.copy_(p.detach())
+
     def _start_servers(self) -> None:
         """First step only: worker 0 sends layout, weights and state; all workers then wait."""
         if self._ftmpi_started:
             return
         rt = self._ftmpi_rt
         if rt.role_rank == 0:
-            for p, _, w in self._ftmpi_slots:
-                if p.data_ptr() != w.data_ptr():
-                    w.copy_(p.detach())
+            self._params_to_buffer()
             self._ftmpi_client.init_servers(
                 class_path(self._ftmpi_base_class),
                 [group_hparams(g) for g in self.param_groups],

@@ -63,6 +63,9 @@ class StaleTraining:
         """Gradients logged by this worker over the run."""
         self.replayed = 0
         """Gradients of this worker's logs acknowledged by a replacement."""
+        self.replayed_through: dict[int, int] = {}
+        """Shard -> the last data position replayed by its latest rebuild (-1: none), the same
+        on every worker."""
 
     def down(self, shards: list[Shard]) -> list[Shard]:
         """The shards among ``shards`` that have no live server."""
@@ -132,6 +135,7 @@ class StaleTraining:
                 self.client.init_servers(optimizer, groups, {}, [shard])
             rt.backend.barrier()
             log = self.logs[shard.index]
+            last = np.array([log.entries[-1].seq if log.entries else -1], dtype=np.int64)
             if log.entries:
                 combined = log.combine(rt.config.stale_policy, self.client.position)
                 self.client.replay(shard, combined)
@@ -146,6 +150,12 @@ class StaleTraining:
                     lr_scale=combined.lr_scale,
                 )
                 log.clear()
-            rt.backend.barrier()
+            self.replayed_through[shard.index] = int(last[0])  # known here even if the next fails
+            wait_all(
+                [rt.group.Iallreduce(MPI.IN_PLACE, last, op=MPI.MAX)],
+                rt.config.timeout,
+                "agreeing on the replayed positions",
+            )
+            self.replayed_through[shard.index] = int(last[0])
             self.client.pull([shard])
             self.down_at.pop(shard.index, None)

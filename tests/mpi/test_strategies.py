@@ -175,14 +175,21 @@ def test_worker_kill_survivors_continue(mpi, tmp_path):
     assert changes and changes[0]["failed_workers"] == [1]
 
 
-def test_worker_kill_with_respawn_restores_the_worker_count(mpi, tmp_path):
-    ref, _ = train(mpi, tmp_path, "ref", servers=1)
-    env = {"FTMPI_KILL": "worker:1@step=20", "FTMPI_RESPAWN_WORKERS": "1"}
-    got, run_dir = train(mpi, tmp_path, "kill", servers=1, env=env)
+@pytest.mark.parametrize(
+    "kill",
+    [{"FTMPI_KILL": "worker:1@step=20"}, {"FTMPI_FAILPOINTS": "push@worker:1#20"}],
+    ids=["between-steps", "push-in-flight"],
+)
+def test_worker_kill_with_respawn_is_bit_exact(mpi, tmp_path, kill):
+    """Worker 1 leads shard 1: killed with its push of step 20 in flight, that push may have
+    been applied; the replacement still redoes step 20 on the weights before it, once."""
+    ref, _ = train(mpi, tmp_path, "ref", servers=2)
+    env = {**kill, "FTMPI_RESPAWN_WORKERS": "1"}
+    got, run_dir = train(mpi, tmp_path, "kill", servers=2, env=env)
     assert [r["workers"] for r in got] == [2, 2]
     # the replacement takes worker 1's place and data position: nothing of the run changes
     assert got[0]["weights"] == got[1]["weights"] == ref[0]["weights"]
-    assert got[0]["versions"] == [STEPS] and got[1]["first_step"] == 19
+    assert got[0]["versions"] == [STEPS, STEPS] and got[1]["first_step"] == 19
     joined = [e for e in read_events(str(run_dir)) if e["event"] == "worker_joined"]
     assert len(joined) == 1 and joined[0]["position"] == 19  # it redoes the failed step 20
 
