@@ -94,12 +94,13 @@ def role_of(rt: Runtime) -> str:
     return f"server {rt.server_index}" if rt.is_server else f"worker {rt.role_rank}"
 
 
-def recover(rt: Runtime, *, blocking_strategy: bool, reason: str) -> Recovery:
+def recover(rt: Runtime, *, blocking_strategy: bool, reason: str, spawn: bool = True) -> Recovery:
     """Run the recovery protocol on this survivor; see the module docstring.
 
     ``blocking_strategy``: workers cannot progress while a server is down, so down servers are
     replaced inside this call, after their down time. Otherwise only the coordinator's
-    deferred request (``spawn_due``) replaces them.
+    deferred request (``spawn_due``) replaces them. ``spawn=False`` (at exit): the coordinator
+    asks for no replacement.
     """
     if not rt.ulfm:
         raise RuntimeError(
@@ -149,11 +150,11 @@ def recover(rt: Runtime, *, blocking_strategy: bool, reason: str) -> Recovery:
     )
     # Replace down servers now if workers would wait for them anyway, or if the coordinator says
     # their down time has passed (the coordinator revoked the world to get everyone here).
-    if (rt.down_since or rt.workers_down) and blocking_strategy and is_coordinator(rt):
+    if (rt.down_since or rt.workers_down) and blocking_strategy and spawn and is_coordinator(rt):
         since = min([*rt.down_since.values(), *rt.workers_down])
         wait = max(0.0, since + rt.config.down_for - time.monotonic())
         time.sleep(wait)
-    want = np.array([1 if is_coordinator(rt) and spawn_due(rt) else 0], dtype=np.int64)
+    want = np.array([1 if spawn and is_coordinator(rt) and spawn_due(rt) else 0], dtype=np.int64)
     limit = rt.config.timeout + (rt.config.down_for if blocking_strategy else 0)
     wait_all(
         [rt.world.Iallreduce(MPI.IN_PLACE, want, op=MPI.MAX)], limit, "agreeing on replacements"

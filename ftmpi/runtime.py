@@ -331,7 +331,11 @@ def release(rt: Runtime) -> None:
     """Prepare this process for ``MPI_Finalize`` after failures (all roles, at exit).
 
     First a barrier of the current view, so no rank finalizes while a peer still talks to it.
-    Then every communicator ftmpi created is freed (a local operation in Open MPI). Open MPI's
+    A rank that died near the end (after the last step, e.g. in the final pull) fails that
+    barrier on every survivor; they then run the recovery together (without spawning
+    replacements: training is over) and try the barrier again in the new view, since a server
+    may already be in that recovery and would otherwise wait for this process. Then every
+    communicator ftmpi created is freed (a local operation in Open MPI). Open MPI's
     finalize runs a disconnect handshake with every peer of every communicator that still spans
     more than one job (the original job and re-spawned servers); a communicator of an older view
     may hold a dead rank, and the handshake would wait for it forever (fault tolerance is off by
@@ -343,10 +347,18 @@ def release(rt: Runtime) -> None:
         return
     from mpi4py import MPI
 
+    from ftmpi.membership import recover
     from ftmpi.wire import CommTimeout, PeerFailure, ServerDown, wait_all
 
-    with contextlib.suppress(PeerFailure, CommTimeout, MPI.Exception, ServerDown):
-        wait_all([rt.world.Ibarrier()], rt.config.timeout, "the exit barrier")
+    for _attempt in range(_EXIT_RECOVERIES + 1):
+        try:
+            wait_all([rt.world.Ibarrier()], rt.config.timeout, "the exit barrier")
+            break
+        except PeerFailure as exc:
+            with contextlib.suppress(PeerFailure, CommTimeout, MPI.Exception):
+                recover(rt, blocking_strategy=False, reason=f"at exit: {exc}", spawn=False)
+        except (CommTimeout, MPI.Exception, ServerDown):
+            break
     seen = set()
     for comm in reversed([*rt.comms, *rt.intercomms]):
         if id(comm) in seen or comm == MPI.COMM_NULL:
@@ -358,6 +370,10 @@ def release(rt: Runtime) -> None:
     rt.intercomms.clear()
     if os.environ.get("FTMPI_SKIP_FENCE", "1") == "1":
         _skip_finalize_fence()
+
+
+_EXIT_RECOVERIES = 3
+"""Rank deaths at exit that :func:`release` recovers from before it gives up on the barrier."""
 
 
 def _skip_finalize_fence() -> None:

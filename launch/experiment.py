@@ -46,6 +46,7 @@ from ftmpi.manifest import write_json_atomic
 from launch import figures, results
 from launch.jobenv import job_environment
 from launch.kills import parse_kill_flags
+from launch.proctree import kill_tree
 
 TRAINER = Path(__file__).resolve().parents[1] / "examples" / "paper_trainer.py"
 PAPER_RUN_SECONDS = 200.0
@@ -327,10 +328,14 @@ def _die_with_parent() -> None:
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the job's process group (the launcher passes it on), SIGKILL after 10 s."""
+    """SIGTERM the job's process group (the launcher passes it on), SIGKILL every process of
+    the job after 10 s."""
     for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
         try:
-            os.killpg(proc.pid, sig)
+            if sig == signal.SIGKILL:
+                kill_tree(proc.pid)
+            else:
+                os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
         try:

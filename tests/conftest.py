@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from launch.proctree import kill_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGS = ROOT / "tests" / "mpi" / "progs"
@@ -97,7 +98,7 @@ def run_command(
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)  # mpirun's ranks sit in process groups of their own
         out, err = proc.communicate()
         done = MPIResult(-9, out, err)
         if exit_hang_after and len(done.json_lines()) >= exit_hang_after:

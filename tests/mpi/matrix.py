@@ -136,6 +136,8 @@ class Cell:
             env["FTMPI_FAILPOINTS"] = self.failpoints
         if self.victim == "worker":
             env["FTMPI_RESPAWN_WORKERS"] = "1"
+        if self.moment == "pull":
+            env["FTMPI_DOWN_FOR"] = "0.5"  # the replacement comes well before the last step
         return env
 
 
@@ -167,9 +169,11 @@ def _make(s: Strategy, mode: str, victim: str, moment: str) -> Cell | None:
             "push": cell(fps=f"push@worker:1#{HIT}"),
             # workers pull after a checkpoint rollback or a stateless rebuild, not after a
             # chain failover (they retry the push)
+            # the server dies early (step HIT) so that its replacement, and the pull worker 1
+            # dies in, come before the last step even on a fast machine
             "pull": None
             if s.chain
-            else cell(kill=f"server:0@step={KILL_STEP}", fps="pull@worker:1", n=2),
+            else cell(kill=f"server:0@step={HIT}", fps="pull@worker:1", n=2),
             "step": cell(kill=f"worker:1@step={KILL_STEP}"),
             "time": cell(kill=f"worker:1@{KILL_SECONDS}s"),
         }.get(moment)

@@ -212,6 +212,24 @@ def test_chain_failpoints_lose_nothing(mpi, tmp_path, chain_reference, env):
     assert len(kills) == 1 + ("FTMPI_KILL" in env), kills
 
 
+def test_worker_dying_in_the_pull_after_a_rebuild_loses_nothing(mpi, tmp_path):
+    """Server 0 dies at step 37; worker 1 dies pulling the shard its replacement rebuilt. On a
+    fast machine that is after the last step (the survivors recover at exit instead of
+    hanging), on a slow one during training (worker 0 goes on alone): either way worker 0
+    finishes and every step is applied once."""
+    env = {
+        **STATELESS,
+        "FTMPI_KILL": "server:0@step=37",
+        "FTMPI_FAILPOINTS": "pull@worker:1",
+    }
+    got, run_dir = train(
+        mpi, tmp_path, "kill", servers=2, env=env, reports=1, extra=["--step-sleep", "0.03"]
+    )
+    assert got[0]["position"] == STEPS and got[0]["versions"] == [STEPS, STEPS], got
+    kills = [e["spec"] for e in read_events(str(run_dir)) if e["event"] == "kill"]
+    assert kills == ["server:0@step=37", "pull@worker:1#1"], kills
+
+
 def test_worker_dies_with_its_push_in_flight(mpi, tmp_path):
     got, _ = train(
         mpi, tmp_path, "kill", servers=2, env={"FTMPI_FAILPOINTS": "push@worker:1#20"}, reports=1
