@@ -72,8 +72,6 @@ def references(tmp_path_factory):
 OPEN_BUGS = {
     "chain-async-middle-reconfigure": "open bug 2 (README, fault matrix): async chain, head "
     "killed then its successor dying in the reconfiguration, sometimes loses 2 pushes",
-    "stateless-sync-worker-pull": "open bug 3 (README, fault matrix): a worker dying while it "
-    "pulls a shard a stateless replacement just rebuilt loses one step",
 }
 """Slice cells that show a documented open bug: they run, and are reported as expected
 failures until the bug is fixed (then they pass and are reported as such)."""
