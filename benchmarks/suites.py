@@ -301,6 +301,8 @@ def _kill_row(job: Job, res: Result, params: int, steps: int) -> dict[str, Any]:
         row["state_mib"] = round(t["nbytes"] / MIB, 1)
         row["transfer_s"] = t["seconds"]
         row["transfer_gib_per_s"] = round(t["nbytes"] / t["seconds"] / (1 << 30), 3)
+        row["pack_s"] = t.get("pack_seconds")
+        row["asked_after_s"] = t.get("waited")
     row["logged_gradients"] = max(w["stale"]["logged"] for w in res.workers)
     row.update(peak_rss_mib(res, params))
     return row
