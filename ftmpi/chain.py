@@ -309,12 +309,15 @@ class ChainLink:
 
     # ----------------------------------------------------- reconfiguration
 
-    def reconfigure(self, rank_map: dict[int, int], respawned: list[int]) -> None:
+    def renumber(self, rank_map: dict[int, int]) -> None:
+        """Keep the pushing workers of held updates under the ranks of a shrunk world."""
+        for u in self.pending + self.unsent:
+            u.src = rank_map.get(u.src, -1)
+
+    def reconfigure(self, respawned: list[int]) -> None:
         """Re-establish the chain in a new view (see the module docstring)."""
         failpoint("reconfigure")
         self.held = []  # workers retry their pushes after a recovery
-        for u in self.pending + self.unsent:
-            u.src = rank_map.get(u.src, -1)
         succ = self.succ
         if succ is None:
             self.pending = []

@@ -29,7 +29,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -94,13 +94,22 @@ def role_of(rt: Runtime) -> str:
     return f"server {rt.server_index}" if rt.is_server else f"worker {rt.role_rank}"
 
 
-def recover(rt: Runtime, *, blocking_strategy: bool, reason: str, spawn: bool = True) -> Recovery:
+def recover(
+    rt: Runtime,
+    *,
+    blocking_strategy: bool,
+    reason: str,
+    spawn: bool = True,
+    on_shrink: Callable[[dict[int, int]], None] | None = None,
+) -> Recovery:
     """Run the recovery protocol on this survivor; see the module docstring.
 
     ``blocking_strategy``: workers cannot progress while a server is down, so down servers are
     replaced inside this call, after their down time. Otherwise only the coordinator's
     deferred request (``spawn_due``) replaces them. ``spawn=False`` (at exit): the coordinator
-    asks for no replacement.
+    asks for no replacement. ``on_shrink(rank_map)`` is called as soon as the world has
+    shrunk (old rank -> new rank of the survivors), so state kept by rank is renumbered even
+    if a later part of the recovery fails.
     """
     if not rt.ulfm:
         raise RuntimeError(
@@ -133,6 +142,8 @@ def recover(rt: Runtime, *, blocking_strategy: bool, reason: str, spawn: bool = 
     ]
     rt.workers = [rank_map[r] for r in rt.workers if r in rank_map]
     rt.servers = [rank_map.get(r) if r is not None else None for r in rt.servers]
+    if on_shrink is not None:
+        on_shrink(rank_map)
     for j in result.failed_servers:
         rt.down_since[j] = detected
     if rt.config.respawn_workers:

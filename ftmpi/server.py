@@ -184,19 +184,33 @@ class ParameterServer:
         return True
 
     def _recover(self, reason: str) -> None:
-        """Join the survivors' recovery; keep per-worker bookkeeping under the new ranks."""
+        """Join the survivors' recovery; keep per-worker bookkeeping under the new ranks. A
+        death during the recovery itself (e.g. a chain neighbour dying while this server
+        reconfigures) starts it over, as on the workers."""
         from ftmpi.membership import recover
 
-        result = recover(
-            self.rt, blocking_strategy=self.rt.config.strategy == "checkpoint", reason=reason
-        )
-        remap = result.rank_map
+        while True:
+            try:
+                result = recover(
+                    self.rt,
+                    blocking_strategy=self.rt.config.strategy == "checkpoint",
+                    reason=reason,
+                    on_shrink=self._renumber,
+                )
+                if self.link is not None:
+                    self.link.reconfigure(result.respawned)
+                    self.link.ask_for_state()
+                return
+            except wire.PeerFailure as exc:
+                reason = str(exc)
+
+    def _renumber(self, remap: dict[int, int]) -> None:
+        """Keep per-worker bookkeeping under the ranks of the shrunk world."""
         self.stopped = {remap[r] for r in self.stopped if r in remap}
         self.positions = {remap[r]: p for r, p in self.positions.items() if r in remap}
         self.last_seq = {remap[r]: q for r, q in self.last_seq.items() if r in remap}
         if self.link is not None:
-            self.link.reconfigure(remap, result.respawned)
-            self.link.ask_for_state()
+            self.link.renumber(remap)
 
     def _drop(self, header: Header, src: int) -> None:
         """Drain and discard a message that must not be applied (wrong run, unknown kind)."""
