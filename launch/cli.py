@@ -167,7 +167,7 @@ def _plan(
     config, env = job_environment(environ, overrides, workers=workers, kills=kills, **length)
     spec = JobSpec(
         launcher=args.launcher,
-        executable=find_launcher(args.launcher, args.mpirun, required=not args.dry_run),
+        executable=args.launcher,  # resolved once the options are known to fit it
         nprocs=workers + config.servers,
         env={},
         command=command,
@@ -181,7 +181,10 @@ def _plan(
     def make_command(job_env: Mapping[str, str]) -> list[str]:
         return build_command(dataclasses.replace(spec, env=job_env))
 
-    make_command(env)  # refuse a launcher/option mismatch now
+    make_command(env)  # refuse a launcher/option mismatch now, whether or not it is installed
+    spec = dataclasses.replace(
+        spec, executable=find_launcher(args.launcher, args.mpirun, required=not args.dry_run)
+    )
     if not args.dry_run:
         refuse_finished(run_dir)
     env.setdefault("FTMPI_JOB_START", repr(time.time()))  # time-scheduled kills count from here
