@@ -131,9 +131,11 @@ def apply_hparams(opt: torch.optim.Optimizer, groups: Sequence[Mapping[str, Any]
 
 
 def pack_tensors(
-    entries: Iterable[tuple[str, torch.Tensor]],
+    entries: Iterable[tuple[str, torch.Tensor]], *, lead: np.ndarray | None = None
 ) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """Pack named tensors into a JSON table and one contiguous byte buffer (CPU copies)."""
+    """Pack named tensors into a JSON table and one contiguous byte buffer, copying each byte
+    once. ``lead`` (any contiguous array) is placed first, before the tensors; the table's
+    offsets count from the end of it."""
     table: list[dict[str, Any]] = []
     parts: list[np.ndarray] = []
     offset = 0
@@ -151,7 +153,13 @@ def pack_tensors(
         )
         parts.append(raw)
         offset += raw.nbytes
-    buf = np.concatenate(parts) if parts else np.empty(0, np.uint8)
+    head = np.empty(0, np.uint8) if lead is None else lead.reshape(-1).view(np.uint8)
+    buf = np.empty(head.nbytes + offset, dtype=np.uint8)
+    buf[: head.nbytes] = head
+    at = head.nbytes
+    for raw in parts:
+        buf[at : at + raw.nbytes] = raw
+        at += raw.nbytes
     return table, buf
 
 

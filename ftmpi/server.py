@@ -307,14 +307,14 @@ class ParameterServer:
         state table) and the bytes it describes (weights, then optimizer state)."""
         assert self.optimizer is not None and self.weights is not None
         tensors, scalars = state_entries(self.optimizer, {p: n for n, p in self.params.items()})
-        table, state_buf = pack_tensors(tensors)
+        table, binary = pack_tensors(tensors, lead=self._weights_bytes())
         spec = {
             **self.spec,
             "groups": [group_hparams(g) for g in self.optimizer.param_groups],
             "state_table": table,
             "state_scalars": scalars,
         }
-        return spec, np.concatenate([self._weights_bytes().view(np.uint8), state_buf])
+        return spec, binary
 
     def transfer_state(self, slot: int, *, waited: float = 0.0) -> None:
         """Send the whole shard state to server ``slot`` (a chain successor that has none).

@@ -32,6 +32,16 @@ def test_pack_unpack_round_trip_all_dtypes():
         assert torch.equal(out[name], t)
 
 
+def test_pack_places_a_lead_buffer_first_and_offsets_after_it():
+    weights = np.arange(7, dtype=np.float32)
+    tensors = [("m", torch.randn(3)), ("v", torch.arange(4, dtype=torch.int64))]
+    table, buf = pack_tensors(tensors, lead=weights)
+    assert buf.nbytes == weights.nbytes + 3 * 4 + 4 * 8
+    assert np.array_equal(buf[: weights.nbytes].view(np.float32), weights)
+    out = unpack_tensors(table, buf[weights.nbytes :])
+    assert all(torch.equal(out[n], t) for n, t in tensors)
+
+
 def test_unpack_rejects_a_table_that_does_not_fit():
     table, buf = pack_tensors([("a", torch.randn(8))])
     with pytest.raises(ValueError, match="does not fit"):
