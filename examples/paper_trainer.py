@@ -277,7 +277,7 @@ def _record(
             computed=computed,
             **{k: last.get(k) for k in keys},
         )
-    stats = opt.server_stats()
+    stats = opt.server_stats(wait=False)  # a server dying meanwhile must not stop training
     return metrics.record(
         step=step,
         epoch=epoch,

@@ -278,12 +278,14 @@ class ServerClient:
             self.versions[shard.index] = header.version
         self._wait(reqs, "pulling weights")
 
-    def stats(self) -> list[dict[str, Any]]:
-        """Every server's counters (see ``ParameterServer.stats``)."""
+    def stats(self, shards: Sequence[Shard] | None = None) -> list[dict[str, Any]]:
+        """The counters of ``shards``' servers (default: every shard's; see
+        ``ParameterServer.stats``)."""
+        shards = self.shards if shards is None else shards
         reqs: list[MPI.Request] = []
-        for shard in self.shards:
+        for shard in shards:
             reqs += self._isend(shard, self._header(Kind.STATS, shard, 0), None)
-        out = [self._recv_reply(shard, Kind.JSON, None)[1] for shard in self.shards]
+        out = [self._recv_reply(shard, Kind.JSON, None)[1] for shard in shards]
         self._wait(reqs, "asking for stats")
         return out
 

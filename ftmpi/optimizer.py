@@ -340,11 +340,13 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 self._ftmpi_stale.log(down, self._ftmpi_position)
         return [s for s in shards if s not in down]
 
-    def _surviving(self, request: Callable[[], T]) -> T:
+    def _surviving(self, request: Callable[[], T], *, settle: bool = True) -> T:
         """Run a request to the servers outside ``step()``; after a rank death, join the
-        recovery and ask again (``stateless``: once every shard is back and replayed)."""
+        recovery and ask again (``stateless``, with ``settle``: once every shard is back and
+        replayed)."""
         while True:
-            self._settle()
+            if settle:
+                self._settle()
             try:
                 return request()
             except PeerFailure as exc:
@@ -514,11 +516,24 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         st = self._ftmpi_stale
         return {"logged": st.logged if st else 0, "replayed": st.replayed if st else 0}
 
-    def server_stats(self) -> list[dict[str, Any]]:
-        """Counters from every server (updates applied, staleness, dropped messages)."""
+    def server_stats(self, *, wait: bool = True) -> list[dict[str, Any]]:
+        """Counters from every shard's server (updates applied, staleness, dropped messages).
+
+        ``stateless``: by default this waits until every shard has a server again and its log
+        is replayed, so the counters cover every gradient computed so far. ``wait=False`` (a
+        progress report during training) never waits: a shard that has no server now is left
+        out, and the worker trains on."""
         if not self._ftmpi_started:
             return []
-        return self._surviving(self._ftmpi_client.stats)
+        if wait:
+            return self._surviving(self._ftmpi_client.stats)
+        rt = self._ftmpi_rt
+        return self._surviving(
+            lambda: self._ftmpi_client.stats(
+                [s for s in self._ftmpi_shards if rt.live_chain(s.index)]
+            ),
+            settle=False,
+        )
 
     @torch.no_grad()
     def pull(self) -> None:
