@@ -48,9 +48,15 @@ def test_checkpoint_sync_server_kill_is_bit_exact(mpi, tmp_path, async_writer):
     assert got[0]["weights"] == got[1]["weights"] == ref[0]["weights"]
     assert got[0]["rollbacks"] == 1 and got[0]["position"] == 60
     # the server died after applying update 37; the worker's step 37 failed and was rolled
-    # back with steps 30..36 to the snapshot at 30: 38 gradients computed, then 30 more
-    assert got[0]["computed"] == 38 + 30
-    kinds = [e["event"] for e in read_events(str(run_dir))]
+    # back to the newest snapshot every server has: 30 with synchronous writes; with the
+    # background writer, an earlier one if the writes of 30 (or 20) were not durable yet on
+    # a loaded machine. 38 gradients computed, then 60 minus that position more.
+    events = read_events(str(run_dir))
+    rollbacks = [e for e in events if e["event"] == "rollback" and e["role"] == "worker 0"]
+    (back,) = [e["position"] for e in rollbacks]
+    assert (back == 30) if async_writer == "0" else (back in (10, 20, 30)), back
+    assert got[0]["computed"] == 38 + (60 - back)
+    kinds = [e["event"] for e in events]
     for a, b in [
         ("failure_detected", "view_change"),
         ("view_change", "replacement_ready"),
