@@ -177,11 +177,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     )
     steps_done = batches.step
     bar.close()
+    asynchronous = rt.config.mode == "async" and workers > 1
+    if asynchronous and rt.backend is not None:
+        rt.backend.barrier()  # every worker's last push is applied before the final counters
     if not lead:
         return None
     assert metrics is not None
     if metrics.records and metrics.records[-1]["step"] == steps_done:
         final = metrics.records[-1]
+        if asynchronous:  # that evaluation may predate the other workers' last pushes
+            stats = opt.server_stats()
+            final = {
+                **final,
+                "applied": [s["applied"] for s in stats],
+                "versions": [s["version"] for s in stats],
+            }
     else:
         final = _record(
             metrics,
