@@ -341,6 +341,7 @@ class ChainLink:
         self.server.transfer_state(succ, waited=waited)
         self.committed = self.server.version
         self.ack(AckKind.COMMITTED, self.committed)
+        self.release()  # answers held while the successor had no state
 
     def ask_for_state(self) -> None:
         """A replacement with no shard state: ask the predecessor for it (see the module
