@@ -20,7 +20,7 @@ from mpi4py import MPI
 from ftmpi import wire
 from ftmpi.failpoints import failpoint
 from ftmpi.gradlog import Combined
-from ftmpi.optim_state import dtype_name, unpack_tensors
+from ftmpi.optim_state import Payload, dtype_name, payload_nbytes, unpack_tensors
 from ftmpi.runtime import Runtime
 from ftmpi.sharding import Shard
 from ftmpi.snapshot import SnapshotError, incompatibility
@@ -68,7 +68,7 @@ class ServerClient:
         )
 
     def _isend_request(
-        self, shard: Shard, header: Header, doc: np.ndarray, data: np.ndarray
+        self, shard: Shard, header: Header, doc: np.ndarray, data: Payload
     ) -> list[MPI.Request]:
         return wire.isend_request(
             self.rt.world,
@@ -137,7 +137,7 @@ class ServerClient:
         self,
         optimizer: str,
         groups: list[dict[str, Any]],
-        state: dict[int, tuple[list[dict[str, Any]], np.ndarray, dict[str, Any]]],
+        state: dict[int, tuple[list[dict[str, Any]], list[np.ndarray], dict[str, Any]]],
         shards: Sequence[Shard] | None = None,
     ) -> None:
         """Send each shard's layout, optimizer, weights (from :attr:`weights`, at the version
@@ -146,11 +146,11 @@ class ServerClient:
         optimizer state."""
         shards = self.shards if shards is None else list(shards)
         reqs: list[MPI.Request] = []
-        keep: list[np.ndarray] = []
+        keep: list[Any] = []
         for shard in shards:
-            table, state_buf, scalars = state.get(shard.index, ([], np.empty(0, np.uint8), {}))
+            table, views, scalars = state.get(shard.index, ([], [], {}))
             weights = self.view(self.weights, shard).numpy().view(np.uint8)
-            binary = np.concatenate([weights, state_buf])
+            binary = [weights, *views]  # segments, sent in place
             spec = {
                 "shard": shard.to_json(),
                 "optimizer": optimizer,
@@ -158,7 +158,7 @@ class ServerClient:
                 "dtype": dtype_name(self.dtype),
                 "state_table": table,
                 "state_scalars": scalars,
-                "binary_nbytes": int(binary.nbytes),
+                "binary_nbytes": payload_nbytes(binary),
             }
             doc = wire.encode_json(spec)
             keep += [doc, binary]
@@ -247,9 +247,11 @@ class ServerClient:
         for index, version in received:
             self.versions[index] = int(version[0])
 
-    def replay(self, shard: Shard, combined: Combined) -> None:
+    def replay(self, shard: Shard, combined: Combined) -> int:
         """Send a folded gradient log for ``shard`` (``stateless``); the server applies it once
-        and replies with the new weights, received into :attr:`weights`."""
+        (a log resent to the same server is not applied again). Returns the server's version
+        after it; :attr:`weights` and :attr:`versions` are left as they are (the rebuild ends
+        with a pull)."""
         doc = wire.encode_json(
             {
                 "count": combined.count,
@@ -261,9 +263,10 @@ class ServerClient:
         )
         grad = combined.grad.numpy()
         reqs = self._isend_request(shard, self._header(Kind.REPLAY, shard, doc.nbytes), doc, grad)
-        header, _ = self._recv_reply(shard, Kind.WEIGHTS, self.view(self.weights, shard).numpy())
-        self.versions[shard.index] = header.version
+        scratch = np.empty_like(self.view(self.weights, shard).numpy())
+        header, _ = self._recv_reply(shard, Kind.WEIGHTS, scratch)
         self._wait(reqs, "replaying a gradient log")
+        return int(header.version)
 
     def pull(self, shards: Sequence[Shard]) -> None:
         """Fetch the servers' current weights into :attr:`weights`."""

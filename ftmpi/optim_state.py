@@ -130,14 +130,15 @@ def apply_hparams(opt: torch.optim.Optimizer, groups: Sequence[Mapping[str, Any]
                 target[k] = _restore(v)
 
 
-def pack_tensors(
-    entries: Iterable[tuple[str, torch.Tensor]], *, lead: np.ndarray | None = None
-) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """Pack named tensors into a JSON table and one contiguous byte buffer, copying each byte
-    once. ``lead`` (any contiguous array) is placed first, before the tensors; the table's
-    offsets count from the end of it."""
+def tensor_segments(
+    entries: Iterable[tuple[str, torch.Tensor]],
+) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+    """Describe named tensors as a JSON table and return their bytes as views, without copying
+    (a non-contiguous or non-CPU tensor is copied once). Each view shares memory with its
+    tensor: the caller keeps the tensors unchanged while the views are in use. The table's
+    offsets are those of the views laid end to end (see :func:`concat_segments`)."""
     table: list[dict[str, Any]] = []
-    parts: list[np.ndarray] = []
+    views: list[np.ndarray] = []
     offset = 0
     for name, t in entries:
         t = t.detach().to("cpu").contiguous()
@@ -151,34 +152,83 @@ def pack_tensors(
                 "nbytes": int(raw.nbytes),
             }
         )
-        parts.append(raw)
+        views.append(raw)
         offset += raw.nbytes
-    head = np.empty(0, np.uint8) if lead is None else lead.reshape(-1).view(np.uint8)
-    buf = np.empty(head.nbytes + offset, dtype=np.uint8)
-    buf[: head.nbytes] = head
-    at = head.nbytes
-    for raw in parts:
-        buf[at : at + raw.nbytes] = raw
-        at += raw.nbytes
-    return table, buf
+    return table, views
 
 
-def unpack_tensors(table: Sequence[Mapping[str, Any]], buf: np.ndarray) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`pack_tensors`; checks every entry's size against the buffer."""
+Payload = np.ndarray | Sequence[np.ndarray]
+"""Bytes to send, receive or write: one contiguous array, or segments (each contiguous) in
+order. Over MPI, sender and receiver split a payload into the same segments (see
+:func:`ftmpi.wire.chunks`)."""
+
+
+def segments_of(payload: Payload) -> list[np.ndarray]:
+    return [payload] if isinstance(payload, np.ndarray) else list(payload)
+
+
+def payload_nbytes(payload: Payload) -> int:
+    return sum(int(s.nbytes) for s in segments_of(payload))
+
+
+def concat_segments(payload: Payload) -> np.ndarray:
+    """The payload's bytes laid end to end in one new buffer (each byte copied once)."""
+    flat = [s.reshape(-1).view(np.uint8) for s in segments_of(payload)]
+    buf = np.empty(sum(s.nbytes for s in flat), dtype=np.uint8)
+    at = 0
+    for s in flat:
+        buf[at : at + s.nbytes] = s
+        at += s.nbytes
+    return buf
+
+
+def table_segments(
+    table: Sequence[Mapping[str, Any]], buf: np.ndarray, *, lead: int = 0
+) -> list[np.ndarray]:
+    """Split ``buf`` into the views a sender's segments land in: the first ``lead`` bytes, then
+    one view per table entry (offsets counted from ``lead``). A receiver posts its chunks per
+    segment, so that they match a sender that sends each segment's chunks separately."""
+    raw = buf.reshape(-1).view(np.uint8)
+    views = [raw[:lead]]
+    for e in table:
+        off = lead + int(e["offset"])
+        views.append(raw[off : off + int(e["nbytes"])])
+    return views
+
+
+def pack_tensors(
+    entries: Iterable[tuple[str, torch.Tensor]],
+) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """Pack named tensors into a JSON table and one contiguous byte buffer (one copy)."""
+    table, views = tensor_segments(entries)
+    return table, concat_segments(views)
+
+
+def unpack_tensors(
+    table: Sequence[Mapping[str, Any]], buf: np.ndarray, *, copy: bool = True
+) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`pack_tensors`; checks every entry's size against the buffer.
+
+    ``copy=False`` returns tensors that share memory with a writable ``buf`` (which the caller
+    must then not reuse), except where an entry is not aligned to its element size."""
     out: dict[str, torch.Tensor] = {}
     raw = buf.reshape(-1).view(np.uint8)
+    share = not copy and raw.flags.writeable
     for e in table:
         dt = dtype_of(e["dtype"])
         shape = tuple(int(x) for x in e["shape"])
-        nbytes = math.prod(shape) * torch.empty((), dtype=dt).element_size()
+        size = torch.empty((), dtype=dt).element_size()
+        nbytes = math.prod(shape) * size
         off = int(e["offset"])
         if nbytes != int(e["nbytes"]) or off < 0 or off + nbytes > raw.size:
             raise ValueError(f"state entry {e['name']!r} does not fit the buffer (corrupt table)")
-        t = (
-            torch.frombuffer(bytearray(raw[off : off + nbytes].tobytes()), dtype=dt)
-            if nbytes
-            else torch.empty(0, dtype=dt)
-        )
+        part = raw[off : off + nbytes]
+        if not nbytes:
+            t = torch.empty(0, dtype=dt)
+        elif share and part.ctypes.data % size == 0:
+            t = torch.from_numpy(part).view(dt)
+        else:
+            t = torch.frombuffer(bytearray(part.tobytes()), dtype=dt)
         out[e["name"]] = t.reshape(shape)
     return out
 

@@ -43,8 +43,8 @@ from ftmpi.optim_state import (
     class_path,
     group_hparams,
     load_state_entries,
-    pack_tensors,
     state_entries,
+    tensor_segments,
 )
 from ftmpi.runtime import Runtime, runtime
 from ftmpi.sharding import ParamInfo, Shard, plan_shards
@@ -307,10 +307,16 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 "chain replication cannot recover them: use a longer chain_length, or strategy "
                 "chain+stateless to rebuild them from the workers"
             )
-        if self._ftmpi_stale is not None and result.respawned:
-            rebuild = [s for s in self._ftmpi_shards if s.index in lost and rt.live_chain(s.index)]
-            self._ftmpi_stale.rebuild(rebuild, class_path(self._ftmpi_base_class), self._hparams())
-            self._scatter_weights()
+        stale = self._ftmpi_stale
+        if stale is not None:
+            live = [s for s in self._ftmpi_shards if rt.live_chain(s.index)]
+            if result.respawned:
+                rebuild = [s for s in live if s.index in lost]
+                stale.rebuild(rebuild, class_path(self._ftmpi_base_class), self._hparams())
+            cut_short = [s for s in live if s.index in stale.unfinished]
+            stale.finish_rebuilds(cut_short)
+            if result.respawned or cut_short:
+                self._scatter_weights()
         if strategy == "checkpoint" and (result.failed_servers or result.respawned):
             if not self._ftmpi_started:
                 return True  # no step has reached the servers: the retry initialises them
@@ -648,13 +654,16 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         rt.backend.barrier()
         self._ftmpi_started = True
 
-    def _state_by_shard(self) -> dict[int, tuple[list[dict[str, Any]], np.ndarray, dict[str, Any]]]:
+    def _state_by_shard(
+        self,
+    ) -> dict[int, tuple[list[dict[str, Any]], list[np.ndarray], dict[str, Any]]]:
+        """Each shard's optimizer state: table, byte views of the live tensors, scalars."""
         tensors, scalars = state_entries(self, self._ftmpi_names)
         out = {}
         for shard in self._ftmpi_shards:
             names = {slot.name for slot in shard.slots}
             mine = [(k, t) for k, t in tensors if k.rpartition("/")[0] in names]
-            table, buf = pack_tensors(mine)
+            table, buf = tensor_segments(mine)
             out[shard.index] = (
                 table,
                 buf,

@@ -39,7 +39,10 @@ from ftmpi.optim_state import (
     group_hparams,
     load_state_entries,
     pack_tensors,
+    payload_nbytes,
     state_entries,
+    table_segments,
+    tensor_segments,
     unpack_tensors,
 )
 from ftmpi.repro import rng_policy
@@ -258,7 +261,9 @@ class ParameterServer:
     def _on_init(self, header: Header, src: int) -> None:
         spec: dict[str, Any] = wire.decode_json(self._recv_json(header, src))
         binary = np.empty(int(spec["binary_nbytes"]), dtype=np.uint8)
-        self._recv(src, binary, "initial weights")
+        wbytes = Shard.from_json(spec["shard"]).numel * dtype_of(spec["dtype"]).itemsize
+        segments = table_segments(spec.get("state_table", []), binary, lead=wbytes)
+        self._recv(src, segments, "initial weights")
         if int(spec["shard"]["index"]) != self.shard_index:
             self._reply_error(
                 src,
@@ -280,11 +285,13 @@ class ParameterServer:
 
     def _build(self, spec: dict[str, Any], binary: np.ndarray, *, version: int) -> None:
         """(Re)create the shard's tensors and optimizer from ``spec`` and ``binary`` (weights,
-        then the optimizer state laid out by ``spec["state_table"]``)."""
+        then the optimizer state laid out by ``spec["state_table"]``). A writable ``binary``
+        becomes the shard's memory (no copy); the caller must not reuse it."""
         shard = Shard.from_json(spec["shard"])
         dtype = dtype_of(spec["dtype"])
-        wbytes = shard.numel * torch.empty((), dtype=dtype).element_size()
-        self.weights = torch.from_numpy(binary[:wbytes].copy()).view(dtype)
+        wbytes = shard.numel * dtype.itemsize
+        weights = binary[:wbytes] if binary.flags.writeable else binary[:wbytes].copy()
+        self.weights = torch.from_numpy(weights).view(dtype)
         self.grads = torch.zeros_like(self.weights)
         params: dict[str, torch.Tensor] = {}
         by_group: list[list[torch.Tensor]] = [[] for _ in spec["groups"]]
@@ -296,37 +303,40 @@ class ParameterServer:
             by_group[slot.group].append(p)
         self.optimizer = build_optimizer(spec["optimizer"], spec["groups"], by_group)
         self.params = params
-        state = unpack_tensors(spec.get("state_table", []), binary[wbytes:])
+        state = unpack_tensors(spec.get("state_table", []), binary[wbytes:], copy=False)
         load_state_entries(self.optimizer, params, state, spec.get("state_scalars", {}))
         self.shard = shard
         self.spec = {k: spec[k] for k in ("shard", "optimizer", "groups", "dtype")}
         self.version = version
 
-    def _state(self) -> tuple[dict[str, Any], np.ndarray]:
+    def _state(self) -> tuple[dict[str, Any], list[np.ndarray]]:
         """The shard's whole state: a JSON-able spec (layout, optimizer, current hyper-parameters,
-        state table) and the bytes it describes (weights, then optimizer state)."""
+        state table) and the bytes it describes as segments (weights, then each optimizer-state
+        tensor), views of the live tensors: valid until the next update is applied."""
         assert self.optimizer is not None and self.weights is not None
         tensors, scalars = state_entries(self.optimizer, {p: n for n, p in self.params.items()})
-        table, binary = pack_tensors(tensors, lead=self._weights_bytes())
+        table, views = tensor_segments(tensors)
         spec = {
             **self.spec,
             "groups": [group_hparams(g) for g in self.optimizer.param_groups],
             "state_table": table,
             "state_scalars": scalars,
         }
-        return spec, binary
+        return spec, [self._weights_bytes(), *views]
 
     def transfer_state(self, slot: int, *, waited: float = 0.0) -> None:
         """Send the whole shard state to server ``slot`` (a chain successor that has none).
 
-        The ``state_transfer`` event records the bytes, ``pack_seconds`` (gathering the state
-        into one buffer), ``seconds`` (from the first send to the completion of the last) and
-        ``waited`` (the seconds the successor took to ask for it)."""
+        The weights and each optimizer-state tensor are sent in place, as segments (no copy;
+        nothing is applied until the send completes). The ``state_transfer`` event records the
+        bytes, ``pack_seconds`` (describing the state), ``seconds`` (from the first send to the
+        completion of the last) and ``waited`` (the seconds the successor took to ask for it)."""
         t0 = time.perf_counter()
-        spec, binary = self._state()
+        spec, segments = self._state()
+        nbytes = payload_nbytes(segments)
         spec = {
             **spec,
-            "binary_nbytes": int(binary.nbytes),
+            "binary_nbytes": nbytes,
             "last_seq": {str(r): q for r, q in self.last_seq.items()},
         }
         doc = wire.encode_json(spec)
@@ -338,7 +348,7 @@ class ParameterServer:
         )
         t1 = time.perf_counter()
         reqs = wire.isend_request(
-            self.rt.world, dest, header, doc, binary, chunk_bytes=cfg.chunk_bytes, what=what
+            self.rt.world, dest, header, doc, segments, chunk_bytes=cfg.chunk_bytes, what=what
         )
         failpoints.failpoint("state_transfer")
         wire.wait_all(reqs, cfg.timeout, what)
@@ -348,7 +358,7 @@ class ParameterServer:
             role=f"server {self.index}",
             to=f"server {slot}",
             version=self.version,
-            nbytes=int(binary.nbytes),
+            nbytes=nbytes,
             pack_seconds=round(t1 - t0, 6),
             seconds=round(time.perf_counter() - t1, 6),
             waited=round(waited, 6),

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ftmpi.failpoints import failpoint
+from ftmpi.optim_state import Payload, concat_segments, segments_of
 
 MAGIC = b"FTMPICK1"
 MAX_META_BYTES = 1 << 30
@@ -55,13 +56,16 @@ def snapshot_path(directory: str | os.PathLike[str], shard: int, version: int) -
     return Path(directory) / f"shard{shard:03d}-v{version:012d}.ftck"
 
 
-def encode(meta: dict[str, Any], payload: np.ndarray) -> list[bytes | memoryview]:
+def encode(meta: dict[str, Any], payload: Payload) -> list[bytes | memoryview]:
+    """The file's parts: magic, metadata length and text, the payload's segments in order, and
+    the SHA-256 of all of them."""
     head = json.dumps(meta, sort_keys=True).encode()
+    segs = segments_of(payload)
     parts: list[bytes | memoryview] = [
         MAGIC,
         struct.pack("<Q", len(head)),
         head,
-        memoryview(np.ascontiguousarray(payload).view(np.uint8)),
+        *(memoryview(np.ascontiguousarray(s).reshape(-1).view(np.uint8)) for s in segs),
     ]
     h = hashlib.sha256()
     for p in parts:
@@ -74,7 +78,7 @@ def write_snapshot(
     shard: int,
     version: int,
     meta: dict[str, Any],
-    payload: np.ndarray,
+    payload: Payload,
     *,
     keep: int,
 ) -> Path:
@@ -270,15 +274,17 @@ class SnapshotWriter:
             self._thread = threading.Thread(target=self._run, name="ftmpi-snapshot", daemon=True)
             self._thread.start()
 
-    def submit(self, version: int, meta: dict[str, Any], payload: np.ndarray) -> None:
-        """Snapshot ``payload`` (copied now if asynchronous) at ``version``."""
+    def submit(self, version: int, meta: dict[str, Any], payload: Payload) -> None:
+        """Snapshot ``payload`` (one array or segments) at ``version``. Synchronous: written
+        from the caller's memory before returning. Asynchronous: copied now (once), so the
+        caller may change its tensors as soon as this returns."""
         if self.error is not None:
             raise SnapshotError(f"background snapshot writer failed: {self.error}")
         if self._queue is None:
             write_snapshot(self.directory, self.shard, version, meta, payload, keep=self.keep)
             self.written.append(version)
         else:
-            self._queue.put((version, meta, payload.copy()))
+            self._queue.put((version, meta, concat_segments(payload)))
 
     def _run(self) -> None:
         assert self._queue is not None

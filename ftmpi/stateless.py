@@ -13,7 +13,9 @@ worker runs :meth:`StaleTraining.rebuild`:
 2. every worker with a non-empty log sends it, folded under ``stale_policy``, as one update that
    advances the shard's version by the number of gradients in it; a server never applies the same
    log twice (its last sequence number is remembered);
-3. every worker pulls the rebuilt shard, so all hold the same weights again.
+3. every worker pulls the rebuilt shard, so all hold the same weights again; only then is its
+   log dropped (a rebuild cut short by another death is done again, see
+   :meth:`StaleTraining.rebuild`).
 
 With ``max_staleness = K`` a worker that has logged K gradients for a down shard stops and waits
 for the replacement instead of logging more.
@@ -63,6 +65,10 @@ class StaleTraining:
         """Gradients logged by this worker over the run."""
         self.replayed = 0
         """Gradients of this worker's logs acknowledged by a replacement."""
+        self.unfinished: set[int] = set()
+        """Shards whose rebuild this worker started and has not finished (pulled)."""
+        self.replayed_into: dict[int, int] = {}
+        """Shard -> the server version that acknowledged this worker's (still kept) log."""
         self.replayed_through: dict[int, int] = {}
         """Shard -> the last data position replayed by its latest rebuild (-1: none), the same
         on every worker."""
@@ -121,10 +127,18 @@ class StaleTraining:
         )
 
     def rebuild(self, shards: list[Shard], optimizer: str, groups: list[dict[str, Any]]) -> None:
-        """Rebuild ``shards`` on their new servers (every worker calls this; collective)."""
+        """Rebuild ``shards`` on their new servers (every worker calls this; collective).
+
+        A log is kept until this worker has pulled the rebuilt shard, and a replay's reply
+        does not change this worker's weights or versions: until the pull, every worker
+        holds the weights it had before the rebuild. So a rebuild cut short (the new server
+        dying before the pulls) can be done again on the next replacement: the source is
+        again the freshest worker, and a log is replayed again unless the source's weights
+        already hold it (a worker that pulled after every replay)."""
         rt = self.rt
         assert rt.backend is not None
         for shard in shards:
+            self.unfinished.add(shard.index)
             versions = np.zeros(rt.num_workers, dtype=np.int64)
             mine = np.array([self.client.versions[shard.index]], dtype=np.int64)
             wait_all(
@@ -136,20 +150,9 @@ class StaleTraining:
             rt.backend.barrier()
             log = self.logs[shard.index]
             last = np.array([log.entries[-1].seq if log.entries else -1], dtype=np.int64)
-            if log.entries:
-                combined = log.combine(rt.config.stale_policy, self.client.position)
-                self.client.replay(shard, combined)
-                self.replayed += combined.count
-                events.emit(
-                    rt.config.run_dir,
-                    "log_replayed",
-                    role=f"worker {rt.role_rank}",
-                    shard=shard.index,
-                    count=combined.count,
-                    policy=rt.config.stale_policy,
-                    lr_scale=combined.lr_scale,
-                )
-                log.clear()
+            into = self.replayed_into.get(shard.index)
+            if log.entries and (into is None or int(versions[source]) < into):
+                self._replay(shard, log)
             self.replayed_through[shard.index] = int(last[0])  # known here even if the next fails
             wait_all(
                 [rt.group.Iallreduce(MPI.IN_PLACE, last, op=MPI.MAX)],
@@ -158,4 +161,40 @@ class StaleTraining:
             )
             self.replayed_through[shard.index] = int(last[0])
             self.client.pull([shard])
-            self.down_at.pop(shard.index, None)
+            self._finished(shard)
+
+    def finish_rebuilds(self, alive: list[Shard]) -> None:
+        """After a recovery that respawned none of them: finish this worker's rebuilds of the
+        ``alive`` shards that a failure cut short after their new server was initialised
+        (send the log again if its replay was not acknowledged: the server applies a log
+        once; then pull). Not collective."""
+        for shard in alive:
+            if shard.index not in self.unfinished:
+                continue
+            log = self.logs[shard.index]
+            if log.entries and shard.index not in self.replayed_into:
+                self._replay(shard, log)
+            self.client.pull([shard])
+            self._finished(shard)
+
+    def _replay(self, shard: Shard, log: GradientLog) -> None:
+        combined = log.combine(self.rt.config.stale_policy, self.client.position)
+        self.replayed_into[shard.index] = self.client.replay(shard, combined)
+        events.emit(
+            self.rt.config.run_dir,
+            "log_replayed",
+            role=f"worker {self.rt.role_rank}",
+            shard=shard.index,
+            count=combined.count,
+            policy=self.rt.config.stale_policy,
+            lr_scale=combined.lr_scale,
+        )
+
+    def _finished(self, shard: Shard) -> None:
+        """The rebuilt ``shard`` is pulled: its log (if any) is in the weights this worker holds."""
+        log = self.logs[shard.index]
+        self.replayed += len(log.entries)
+        log.clear()
+        self.replayed_into.pop(shard.index, None)
+        self.unfinished.discard(shard.index)
+        self.down_at.pop(shard.index, None)

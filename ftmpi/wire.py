@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
+from ftmpi.optim_state import Payload, segments_of
+
 ANY_SOURCE = MPI.ANY_SOURCE
 
 TAG_HEADER = 7001
@@ -196,9 +198,13 @@ def _cancel(reqs: Sequence[MPI.Request]) -> None:
                 pass
 
 
-def chunks(buf: np.ndarray, chunk_bytes: int) -> list[np.ndarray]:
-    flat = buf.reshape(-1).view(np.uint8)
-    return [flat[i : i + chunk_bytes] for i in range(0, flat.size, chunk_bytes)]
+def chunks(payload: Payload, chunk_bytes: int) -> list[np.ndarray]:
+    """``payload`` as byte views of at most ``chunk_bytes``, segment by segment."""
+    out: list[np.ndarray] = []
+    for seg in segments_of(payload):
+        flat = seg.reshape(-1).view(np.uint8)
+        out += [flat[i : i + chunk_bytes] for i in range(0, flat.size, chunk_bytes)]
+    return out
 
 
 def isend(
@@ -226,9 +232,9 @@ def isend(
 
 
 def isend_data(
-    comm: MPI.Comm, dest: int, payload: np.ndarray, *, data_tag: int, chunk_bytes: int, what: str
+    comm: MPI.Comm, dest: int, payload: Payload, *, data_tag: int, chunk_bytes: int, what: str
 ) -> list[MPI.Request]:
-    """Start sending ``payload`` as raw chunks (no header)."""
+    """Start sending ``payload`` as raw chunks (no header), each segment in place (no copy)."""
     with mpi_errors(what):
         return [comm.Isend(c, dest=dest, tag=data_tag) for c in chunks(payload, chunk_bytes)]
 
@@ -238,14 +244,14 @@ def isend_request(
     dest: int,
     header: Header,
     doc: np.ndarray,
-    data: np.ndarray,
+    data: Payload,
     *,
     chunk_bytes: int,
     what: str,
 ) -> list[MPI.Request]:
     """Start sending a request carrying a JSON document and raw bytes: ``header`` and ``doc``
     (``header.nbytes`` = its size) on the request tag, then ``data`` as chunks on the data tag.
-    The caller keeps both arrays alive until the requests complete."""
+    The caller keeps ``doc`` and ``data`` alive and unchanged until the requests complete."""
     reqs = isend(
         comm,
         dest,
@@ -299,14 +305,14 @@ def recv_header(
 def recv_payload(
     comm: MPI.Comm,
     source: int,
-    out: np.ndarray,
+    out: Payload,
     *,
     data_tag: int,
     chunk_bytes: int,
     timeout: float,
     what: str,
 ) -> None:
-    """Receive a payload of exactly ``out.nbytes`` bytes from ``source`` into ``out``."""
+    """Receive a payload from ``source`` into ``out`` (split into the sender's segments)."""
     with mpi_errors(what):
         reqs = [comm.Irecv(c, source=source, tag=data_tag) for c in chunks(out, chunk_bytes)]
     wait_all(reqs, timeout, what)

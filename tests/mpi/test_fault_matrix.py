@@ -69,10 +69,7 @@ def references(tmp_path_factory):
     return References(run_mpi, tmp_path_factory.mktemp("refs"), timeout=300)
 
 
-OPEN_BUGS = {
-    "chain-async-middle-reconfigure": "open bug 2 (README, fault matrix): async chain, head "
-    "killed then its successor dying in the reconfiguration, sometimes loses 2 pushes",
-}
+OPEN_BUGS: dict[str, str] = {}
 """Slice cells that show a documented open bug: they run, and are reported as expected
 failures until the bug is fixed (then they pass and are reported as such)."""
 
@@ -106,3 +103,18 @@ def test_a_push_answered_before_its_step_failed_is_not_applied_twice(mpi, tmp_pa
     out = run_cell(cell, mpi, tmp_path, references, timeout=300)
     assert out.ok, "; ".join(out.failures)
     assert "version == gradients computed" in out.checked
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(900)
+def test_a_stateless_replacement_dying_after_its_replay_loses_nothing(mpi, tmp_path, references):
+    """Sync stateless, server 0 killed at step 20 and its replacement right after replaying the
+    workers' log (before any worker pulled). Worker 0 used to keep the replay's weights and
+    version while worker 1 kept the old ones, the log was dropped, and the workers ended with
+    different weights (`0.weight` differed) and 32 logged gradients never applied. The log is
+    now kept until the pull: the second replacement is rebuilt from the same weights plus the
+    whole log."""
+    [cell] = [c for c in CELLS if c.id == "stateless-sync-twice-step"]
+    out = run_cell(cell, mpi, tmp_path, references, timeout=300)
+    assert out.ok, "; ".join(out.failures)
+    assert {"workers agree", "server replayed == logged"} <= set(out.checked)

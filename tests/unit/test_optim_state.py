@@ -8,11 +8,14 @@ from ftmpi.optim_state import (
     apply_hparams,
     build_optimizer,
     class_path,
+    concat_segments,
     group_hparams,
     import_optimizer_class,
     load_state_entries,
     pack_tensors,
     state_entries,
+    table_segments,
+    tensor_segments,
     unpack_tensors,
 )
 
@@ -32,14 +35,31 @@ def test_pack_unpack_round_trip_all_dtypes():
         assert torch.equal(out[name], t)
 
 
-def test_pack_places_a_lead_buffer_first_and_offsets_after_it():
+def test_segments_are_views_and_land_where_the_table_says():
+    """A state transfer sends the weights and each state tensor in place; the receiver splits
+    its one buffer into the same segments and unpacks without copying."""
     weights = np.arange(7, dtype=np.float32)
-    tensors = [("m", torch.randn(3)), ("v", torch.arange(4, dtype=torch.int64))]
-    table, buf = pack_tensors(tensors, lead=weights)
+    m, v = torch.randn(3), torch.arange(4, dtype=torch.int64)
+    table, views = tensor_segments([("m", m), ("v", v)])
+    assert views[0].ctypes.data == m.data_ptr() and views[1].ctypes.data == v.data_ptr()
+    sent = [weights, *views]
+    buf = concat_segments(sent)  # what arrives, byte for byte
     assert buf.nbytes == weights.nbytes + 3 * 4 + 4 * 8
-    assert np.array_equal(buf[: weights.nbytes].view(np.float32), weights)
-    out = unpack_tensors(table, buf[weights.nbytes :])
-    assert all(torch.equal(out[n], t) for n, t in tensors)
+    got = table_segments(table, buf, lead=weights.nbytes)
+    assert [g.nbytes for g in got] == [s.nbytes for s in sent]
+    assert all(np.array_equal(g, s.view(np.uint8)) for g, s in zip(got, sent, strict=True))
+    out = unpack_tensors(table, buf[weights.nbytes :], copy=False)
+    assert torch.equal(out["m"], m) and torch.equal(out["v"], v)
+    out["m"].zero_()  # shares the received buffer: no copy was made
+    assert not buf[weights.nbytes : weights.nbytes + 12].any()
+
+
+def test_unpack_copies_a_read_only_buffer():
+    table, buf = pack_tensors([("a", torch.randn(4))])
+    buf.flags.writeable = False  # e.g. a snapshot read from disk
+    out = unpack_tensors(table, buf, copy=False)
+    out["a"].zero_()
+    assert buf.any()
 
 
 def test_unpack_rejects_a_table_that_does_not_fit():

@@ -73,16 +73,19 @@ def train(state):
 state = ftmpi.TrainingState(opt, batches)
 first_step = batches.step  # > 0 when the run resumed from a snapshot
 train(state)
+stats = opt.server_stats()  # stateless: waits for every shard to be rebuilt (and pulled)
 h = hashlib.sha256()
-for _, t in sorted(model.state_dict().items()):
+by_param = {}
+for name, t in sorted(model.state_dict().items()):
     h.update(t.detach().numpy().tobytes())
-stats = opt.server_stats()
+    by_param[name] = hashlib.sha256(t.detach().numpy().tobytes()).hexdigest()[:12]
 print(
     json.dumps(
         {
             "worker": me,
             "workers": ftmpi.size(),
             "weights": h.hexdigest(),
+            "weights_by_param": by_param,  # tells which shard differs when workers disagree
             "rollbacks": state.rollbacks,
             "computed": computed,
             "position": opt.position,
