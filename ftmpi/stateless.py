@@ -138,7 +138,6 @@ class StaleTraining:
         rt = self.rt
         assert rt.backend is not None
         for shard in shards:
-            self.unfinished.add(shard.index)
             versions = np.zeros(rt.num_workers, dtype=np.int64)
             mine = np.array([self.client.versions[shard.index]], dtype=np.int64)
             wait_all(
@@ -148,6 +147,7 @@ class StaleTraining:
             if rt.role_rank == source:
                 self.client.init_servers(optimizer, groups, {}, [shard])
             rt.backend.barrier()
+            self.unfinished.add(shard.index)  # past the barrier: the new server has the shard
             log = self.logs[shard.index]
             last = np.array([log.entries[-1].seq if log.entries else -1], dtype=np.int64)
             into = self.replayed_into.get(shard.index)
