@@ -303,6 +303,10 @@ def _kill_row(job: Job, res: Result, params: int, steps: int) -> dict[str, Any]:
         row["transfer_gib_per_s"] = round(t["nbytes"] / t["seconds"] / (1 << 30), 3)
         row["pack_s"] = t.get("pack_seconds")
         row["asked_after_s"] = t.get("waited")
+        got = [e for e in res.events if e["event"] == "state_received"]
+        if got:
+            r = max(got, key=lambda e: e["nbytes"])
+            row["recv_alloc_s"], row["recv_s"] = r["alloc_seconds"], r["seconds"]
     row["logged_gradients"] = max(w["stale"]["logged"] for w in res.workers)
     row.update(peak_rss_mib(res, params))
     return row

@@ -68,15 +68,17 @@ class ServerClient:
         )
 
     def _isend_request(
-        self, shard: Shard, header: Header, doc: np.ndarray, data: Payload
+        self, shard: Shard, header: Header, doc: np.ndarray, data: Payload, *, bulk: bool = False
     ) -> list[MPI.Request]:
+        chunk = self.rt.config.chunk_bytes
         return wire.isend_request(
             self.rt.world,
             self._server(shard),
             header,
             doc,
             data,
-            chunk_bytes=self.rt.config.chunk_bytes,
+            chunk_bytes=chunk,
+            data_chunk_bytes=wire.bulk_chunk_bytes(chunk) if bulk else chunk,
             what=f"sending {Kind(header.kind).name} to server {shard.index}",
         )
 
@@ -163,7 +165,7 @@ class ServerClient:
             doc = wire.encode_json(spec)
             keep += [doc, binary]
             header = self._header(Kind.INIT, shard, doc.nbytes, self.versions[shard.index])
-            reqs += self._isend_request(shard, header, doc, binary)
+            reqs += self._isend_request(shard, header, doc, binary, bulk=True)
             self._sent_hparams[shard.index] = json.dumps(groups, sort_keys=True)
         for shard in shards:
             self._recv_reply(shard, Kind.OK, None)

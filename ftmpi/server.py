@@ -223,13 +223,14 @@ class ParameterServer:
 
     # ------------------------------------------------------------ transport
 
-    def _recv(self, src: int, out: np.ndarray, what: str) -> None:
+    def _recv(self, src: int, out: wire.Payload, what: str, *, bulk: bool = False) -> None:
+        chunk = self.rt.config.chunk_bytes
         wire.recv_payload(
             self.rt.world,
             src,
             out,
             data_tag=wire.TAG_DATA,
-            chunk_bytes=self.rt.config.chunk_bytes,
+            chunk_bytes=wire.bulk_chunk_bytes(chunk) if bulk else chunk,
             timeout=self.rt.config.timeout,
             what=f"server {self.index} receiving {what} from rank {src}",
         )
@@ -260,10 +261,21 @@ class ParameterServer:
 
     def _on_init(self, header: Header, src: int) -> None:
         spec: dict[str, Any] = wire.decode_json(self._recv_json(header, src))
+        t0 = time.perf_counter()
         binary = np.empty(int(spec["binary_nbytes"]), dtype=np.uint8)
         wbytes = Shard.from_json(spec["shard"]).numel * dtype_of(spec["dtype"]).itemsize
         segments = table_segments(spec.get("state_table", []), binary, lead=wbytes)
-        self._recv(src, segments, "initial weights")
+        t1 = time.perf_counter()
+        self._recv(src, segments, "initial weights", bulk=True)
+        if src not in self.rt.workers:  # a chain predecessor's state transfer
+            events.emit(
+                self.rt.config.run_dir,
+                "state_received",
+                role=f"server {self.index}",
+                nbytes=int(binary.nbytes),
+                alloc_seconds=round(t1 - t0, 6),
+                seconds=round(time.perf_counter() - t1, 6),
+            )
         if int(spec["shard"]["index"]) != self.shard_index:
             self._reply_error(
                 src,
@@ -348,7 +360,14 @@ class ParameterServer:
         )
         t1 = time.perf_counter()
         reqs = wire.isend_request(
-            self.rt.world, dest, header, doc, segments, chunk_bytes=cfg.chunk_bytes, what=what
+            self.rt.world,
+            dest,
+            header,
+            doc,
+            segments,
+            chunk_bytes=cfg.chunk_bytes,
+            data_chunk_bytes=wire.bulk_chunk_bytes(cfg.chunk_bytes),
+            what=what,
         )
         failpoints.failpoint("state_transfer")
         wire.wait_all(reqs, cfg.timeout, what)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftmpi.events import read_events
 from tests.mpi.common import KILLED_REPLACEMENT, PROG, STEPS, kills
 
 KILL_STEP = 37
@@ -374,12 +375,22 @@ def run_cell(
     check("kills carried out", out.kills == cell.expected_kills, f"{kills(run_dir)}")
     if not check("every worker reports", len(got) == 2, (res.stdout + res.stderr)[-2500:]):
         return out
-    check_invariants(cell, s, got, check, refs)
+    # a death in the first step comes before any snapshot: nothing to roll back to
+    first_step = any(
+        e["event"] == "step_resumed" and e["position"] <= 1 for e in read_events(str(run_dir))
+    )
+    check_invariants(cell, s, got, check, refs, died_in_first_step=first_step)
     return out
 
 
 def check_invariants(
-    cell: Cell, s: Strategy, got: list[dict], check: Checker, refs: References
+    cell: Cell,
+    s: Strategy,
+    got: list[dict],
+    check: Checker,
+    refs: References,
+    *,
+    died_in_first_step: bool = False,
 ) -> None:
     """The strategy's promises for this cell (README, "Surviving rank deaths")."""
     sync = cell.mode == "sync"
@@ -413,7 +424,10 @@ def check_invariants(
     elif s.chain and not sync and not worker_died:
         check("every push applied once", versions == [2 * STEPS], versions)
     elif s.name == "checkpoint" and not sync and not worker_died:
-        check("rolled back", all(r["rollbacks"] >= 1 for r in got), got)
+        if died_in_first_step:  # (a time kill on a slow start) the retry initialises the servers
+            check("no rollback before training", all(r["rollbacks"] == 0 for r in got), got)
+        else:
+            check("rolled back", all(r["rollbacks"] >= 1 for r in got), got)
         check("rewound steps redone", all(r["computed"] >= STEPS for r in got), got)
     if sync and not (s.lost_bound or s.stateless):
         check("version == steps", set(versions) == {STEPS}, versions)
