@@ -374,13 +374,22 @@ def run_cell(
     out.kills = len(kills(run_dir))
     check("kills carried out", out.kills == cell.expected_kills, f"{kills(run_dir)}")
     if not check("every worker reports", len(got) == 2, (res.stdout + res.stderr)[-2500:]):
+        _keep_output(run_dir, res)
         return out
     # a death in the first step comes before any snapshot: nothing to roll back to
     first_step = any(
         e["event"] == "step_resumed" and e["position"] <= 1 for e in read_events(str(run_dir))
     )
     check_invariants(cell, s, got, check, refs, died_in_first_step=first_step)
+    if not out.ok:
+        _keep_output(run_dir, res)
     return out
+
+
+def _keep_output(run_dir: Path, res: Any) -> None:
+    """A failed cell's whole output, beside its event log, for the diagnosis."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "output.txt").write_text(f"exit {res.returncode}\n{res.stdout}\n{res.stderr}")
 
 
 def check_invariants(
