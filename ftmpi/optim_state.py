@@ -217,7 +217,7 @@ def unpack_tensors(
     for e in table:
         dt = dtype_of(e["dtype"])
         shape = tuple(int(x) for x in e["shape"])
-        size = torch.empty((), dtype=dt).element_size()
+        size = dt.itemsize
         nbytes = math.prod(shape) * size
         off = int(e["offset"])
         if nbytes != int(e["nbytes"]) or off < 0 or off + nbytes > raw.size:

@@ -263,8 +263,7 @@ class ParameterServer:
         spec: dict[str, Any] = wire.decode_json(self._recv_json(header, src))
         t0 = time.perf_counter()
         binary = np.empty(int(spec["binary_nbytes"]), dtype=np.uint8)
-        wbytes = Shard.from_json(spec["shard"]).numel * dtype_of(spec["dtype"]).itemsize
-        segments = table_segments(spec.get("state_table", []), binary, lead=wbytes)
+        segments = table_segments(spec.get("state_table", []), binary, lead=_weights_nbytes(spec))
         t1 = time.perf_counter()
         self._recv(src, segments, "initial weights", bulk=True)
         if src not in self.rt.workers:  # a chain predecessor's state transfer
@@ -301,7 +300,7 @@ class ParameterServer:
         becomes the shard's memory (no copy); the caller must not reuse it."""
         shard = Shard.from_json(spec["shard"])
         dtype = dtype_of(spec["dtype"])
-        wbytes = shard.numel * dtype.itemsize
+        wbytes = _weights_nbytes(spec)
         weights = binary[:wbytes] if binary.flags.writeable else binary[:wbytes].copy()
         self.weights = torch.from_numpy(weights).view(dtype)
         self.grads = torch.zeros_like(self.weights)
@@ -698,3 +697,8 @@ def _in_horovod() -> bool:
     """Whether this process has joined Horovod (a server never should)."""
     hvd = sys.modules.get("horovod.torch")
     return bool(hvd is not None and hvd.is_initialized())
+
+
+def _weights_nbytes(spec: dict[str, Any]) -> int:
+    """Bytes of the weights at the start of an INIT payload described by ``spec``."""
+    return Shard.from_json(spec["shard"]).numel * dtype_of(spec["dtype"]).itemsize
