@@ -7,9 +7,13 @@
 - MPI point-to-point bandwidth between two ranks (this file run under ``mpirun -np 2``): rank 0
   sends a buffer to rank 1, ``unchunked`` (one ``Send``/``Recv``) and ``chunked`` (``Isend`` /
   ``Irecv`` in ``chunk_bytes`` pieces, waited with ftmpi's polling :func:`ftmpi.wire.wait_all`,
-  as the data path does). Rank 0 prints one line ``BENCH {json}``.
+  as the data path does). With ``--spawned``, the same from rank 0 to a rank it spawns
+  (``MPI_Comm_spawn`` + ``Merge``, as a replacement joins): the path a recovery's state
+  transfer takes. Open MPI's shared-memory transport does not connect a spawned process to its
+  parents (open-mpi/ompi#6823), so on one node that path is TCP over loopback. Rank 0 prints one
+  line ``BENCH {json}``.
 
-    mpirun -np 2 python benchmarks/limits.py --nbytes 268435456 --chunk-bytes 1048576 4194304
+    mpirun -np 2 python benchmarks/limits.py --nbytes 268435456 --chunk-bytes 1048576 --spawned
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,15 +66,14 @@ def apply_rate(numel: int, optimizer: str = "sgd", repeats: int = 5) -> float:
         torch.set_num_threads(threads)
 
 
-def p2p_rates(nbytes: int, chunk_sizes: list[int], repeats: int) -> dict[str, float] | None:
-    """Bytes/s from rank 0 to rank 1 of ``MPI.COMM_WORLD``, unchunked and per chunk size
-    (medians over ``repeats``, each timed from a barrier to the receiver's acknowledgement).
-    Returns the rates on rank 0, None elsewhere."""
-    from mpi4py import MPI
-
+def p2p_rates(
+    comm: Any, nbytes: int, chunk_sizes: list[int], repeats: int
+) -> dict[str, float] | None:
+    """Bytes/s from rank 0 to rank 1 of ``comm``, unchunked and per chunk size (medians over
+    ``repeats``, each timed from a barrier to the receiver's acknowledgement). Returns the rates
+    on rank 0, None elsewhere."""
     from ftmpi import wire
 
-    comm = MPI.COMM_WORLD
     me = comm.Get_rank()
     buf = np.ones(nbytes, dtype=np.uint8)
     ack = np.zeros(1, dtype=np.int64)
@@ -99,15 +104,53 @@ def p2p_rates(nbytes: int, chunk_sizes: list[int], repeats: int) -> dict[str, fl
     return rates if me == 0 else None
 
 
+def spawned_rates(argv: list[str], nbytes: int, chunk_sizes: list[int], repeats: int) -> Any:
+    """:func:`p2p_rates` from this process to one it spawns running this file with ``argv``
+    (the child calls :func:`p2p_rates` on its side). Returns the rates."""
+    from mpi4py import MPI
+
+    child = MPI.COMM_SELF.Spawn(sys.executable, [__file__, *argv, "--child"], 1)
+    merged = child.Merge(high=False)
+    try:
+        return p2p_rates(merged, nbytes, chunk_sizes, repeats)
+    finally:
+        merged.Free()
+        child.Disconnect()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nbytes", type=int, default=256 << 20)
     p.add_argument("--chunk-bytes", type=int, nargs="+", default=[1 << 20])
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--spawned", action="store_true", help="also to a spawned rank")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    rates = p2p_rates(a.nbytes, a.chunk_bytes, a.repeats)
+    from mpi4py import MPI
+
+    if a.child:  # the spawned receiver of spawned_rates
+        parent = MPI.Comm.Get_parent()
+        merged = parent.Merge(high=True)
+        p2p_rates(merged, a.nbytes, a.chunk_bytes, a.repeats)
+        merged.Free()
+        parent.Disconnect()
+        return
+    world = MPI.COMM_WORLD
+    rates = p2p_rates(world, a.nbytes, a.chunk_bytes, a.repeats)
+    result: dict[str, Any] = {"nbytes": a.nbytes, "p2p_bytes_per_s": rates}
+    if a.spawned and world.Get_rank() == 0:
+        args = ["--nbytes", str(a.nbytes), "--repeats", str(a.repeats), "--chunk-bytes"]
+        args += [str(c) for c in a.chunk_bytes]
+        result["spawned_p2p_bytes_per_s"] = spawned_rates(
+            args, a.nbytes, a.chunk_bytes, a.repeats
+        )
+    from ftmpi import wire
+
+    # rank 1 waits with ftmpi's polling (sleeps between tests): a spinning Barrier would take a
+    # core from the spawned pair
+    wire.wait_all([world.Ibarrier()], 600.0, "limits: waiting for rank 0")
     if rates is not None:
-        print("BENCH " + json.dumps({"nbytes": a.nbytes, "p2p_bytes_per_s": rates}), flush=True)
+        print("BENCH " + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ repeats interleaved (configuration after configuration, then again), and reports
 Jobs run ``benchmarks/trainer.py`` (or ``benchmarks/limits.py``) through ``ftmpi-run`` with
 ``OMP_NUM_THREADS=1``; a row says when its ranks outnumber the cores (oversubscribed).
 
-- ``limits``: memcpy bandwidth, single-core optimizer apply rate, MPI point-to-point bandwidth;
+- ``limits``: memcpy bandwidth, single-core optimizer apply rate, MPI point-to-point bandwidth
+  (within the job, and to a spawned rank: a replacement's path);
 - ``throughput``: samples/s and the step breakdown vs plain Horovod and vs the MPI backend
   without servers, per model size and server count (2 workers);
 - ``scale``: 2, 4 and 8 workers, plain Horovod vs ftmpi with one server;
@@ -175,21 +176,25 @@ def suite_limits(
         for opt in ("sgd", "adam"):
             rate = limits.apply_rate(numel, opt)
             rows.append(_rate_row(f"{opt} step, {numel:,} params, 1 thread", rate, "params/s"))
-    chunk_sizes = [MIB] if quick else [256 << 10, MIB, 4 * MIB, 16 * MIB]
+    chunk_sizes = [MIB, 16 * MIB] if quick else [256 << 10, MIB, 4 * MIB, 16 * MIB]
     cmd = [
         *(sys.executable, "-m", "launch.cli", "-np", "2", "--servers", "0"),
         *("--run-dir", tempfile.mkdtemp(prefix="ftmpi-bench-"), "--"),
         *(sys.executable, str(ROOT / "benchmarks" / "limits.py"), "--nbytes", str(nbytes)),
         *("--chunk-bytes", *map(str, chunk_sizes), "--repeats", "3" if quick else "5"),
+        "--spawned",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
         cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env, check=True
     )
     line = next(x for x in out.stdout.splitlines() if x.startswith("BENCH "))
-    for name, rate in json.loads(line[6:])["p2p_bytes_per_s"].items():
-        label = name if name == "unchunked" else f"chunks of {int(name.split('_')[1]) // 1024} KiB"
-        rows.append(_rate_row(f"MPI point-to-point, {nbytes // MIB} MiB, {label}", rate, "bytes/s"))
+    measured = json.loads(line[6:])
+    for key, what in (("p2p_bytes_per_s", ""), ("spawned_p2p_bytes_per_s", " to a spawned rank")):
+        for name, rate in measured.get(key, {}).items():
+            size = "unchunked" if name == "unchunked" else f"chunks of {int(name[8:]) // 1024} KiB"
+            label = f"MPI point-to-point{what}, {nbytes // MIB} MiB, {size}"
+            rows.append(_rate_row(label, rate, "bytes/s"))
     log("limits done")
     return rows
 

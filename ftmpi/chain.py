@@ -27,12 +27,15 @@ of the chain in the new view; predecessors and successors are recomputed from th
   skips versions it already has.
 - tail died: its predecessor is the tail; it commits everything it holds.
 - a replacement slot joins at the tail: once it is in its request loop it asks its predecessor
-  for the shard state (``NEED_STATE``); the predecessor forwards nothing to it until then, and
-  answers with the whole state (the message a worker's INIT uses), then forwards as usual. The
-  receiver is ready when the bytes arrive, so the transfer runs at the link's speed, and the
-  replacement's start-up is not counted as transfer time. A member that is sent updates before
-  it has any state (its transfer was cut short by another failure) answers ``NEED_STATE`` too,
-  and its predecessor sends the whole state instead.
+  for the shard state (``NEED_STATE``, version ``ASK_STATE``); the predecessor forwards nothing
+  to it until then. The predecessor answers with the state's size (``STATE_SIZE``); the
+  replacement maps a receive buffer of that size and asks again (version ``READY_FOR_STATE``);
+  the predecessor then sends the whole state (the message a worker's INIT uses) and forwards as
+  usual. The receiver is ready, its memory mapped, when the bytes arrive, so the transfer runs
+  at the link's speed, and neither the replacement's start-up nor its page faults count as
+  transfer time. A member that is sent updates before it has any state (its transfer was cut
+  short by another failure) answers ``NEED_STATE`` (version 0) too, and its predecessor sends
+  the whole state at once.
 
 Every message of an older view is gone with its revoked communicator, so all in-flight forwards
 and acks are re-sent by these rules, never assumed delivered.
@@ -57,7 +60,10 @@ if TYPE_CHECKING:
 
 ASK_STATE = -1
 """The version a ``NEED_STATE`` ack carries when a replacement asks for its state (not in
-answer to a forward)."""
+answer to a forward); the predecessor answers with ``STATE_SIZE``."""
+READY_FOR_STATE = -2
+"""The version of the ``NEED_STATE`` ack a replacement sends once its receive buffer is mapped;
+the predecessor answers with the state."""
 
 
 @dataclass
@@ -287,16 +293,16 @@ class ChainLink:
     def on_ack(self, header: Header) -> None:
         """Record an acknowledgement from the successor; pass commits up the chain."""
         if header.aux == AckKind.NEED_STATE:
-            # A request from a replacement (version ASK_STATE) is answered if this server
-            # expects it; one sent in answer to a forward always. Without state itself, this
-            # server hands the state on when it gets it (INIT).
+            # A replacement's request (ASK_STATE, then READY_FOR_STATE) is answered if this
+            # server expects it; one sent in answer to a forward always. Without state itself,
+            # this server hands the state on when it gets it (INIT).
             succ = self.succ
-            asked = header.version == ASK_STATE
-            if (
-                succ is not None
-                and self.server.grads is not None
-                and (not asked or succ == self.awaiting)
-            ):
+            asked = header.version in (ASK_STATE, READY_FOR_STATE)
+            if succ is None or self.server.grads is None or (asked and succ != self.awaiting):
+                return
+            if header.version == ASK_STATE:
+                self.offer_state(succ)
+            else:
                 self.hand_over_state(succ)
             return
         if header.aux == AckKind.RECEIVED:
@@ -332,6 +338,17 @@ class ChainLink:
             again, self.pending = self.pending, []
             self.finish(self.start_forward(again))
 
+    def offer_state(self, succ: int) -> None:
+        """Tell the successor how many bytes its state will be (``STATE_SIZE``), so that it can
+        map its receive buffer before the bytes come."""
+        nbytes = self.server.state_nbytes()
+        self._send(
+            succ,
+            self._header(Kind.STATE_SIZE, self.server.version, aux=nbytes),
+            None,
+            "offering its state",
+        )
+
     def hand_over_state(self, succ: int) -> None:
         """Send the successor the whole shard state; it then holds (and commits) everything
         this server has, so nothing is left to re-send."""
@@ -349,6 +366,11 @@ class ChainLink:
         request sent in an older view may be lost with its communicator."""
         if self.server.grads is None and self.pred is not None:
             self.ack(AckKind.NEED_STATE, ASK_STATE)
+
+    def ready_for_state(self) -> None:
+        """A replacement whose receive buffer is mapped: ask the predecessor for the state."""
+        if self.server.grads is None and self.pred is not None:
+            self.ack(AckKind.NEED_STATE, READY_FOR_STATE)
 
     def stop_successor(self) -> None:
         """Tell the successor that every update has been forwarded."""

@@ -91,6 +91,10 @@ class ParameterServer:
         self.spec: dict[str, Any] = {}
         self.writer: SnapshotWriter | None = None
         self.link = ChainLink(self) if rt.config.chained else None
+        self.receive_buffer: np.ndarray | None = None
+        """A mapped buffer for an expected state transfer (chain replacement, ``STATE_SIZE``)."""
+        self.buffer_seconds = 0.0
+        """Seconds it took to map ``receive_buffer``."""
         self.new_hparams: list[dict[str, Any]] | None = None
         """Hyper-parameters received since the last update (forwarded down a chain with it)."""
         self.injector = Injector(
@@ -141,6 +145,7 @@ class ParameterServer:
             Kind.CHAIN_STOP: self._on_chain_stop,
             Kind.REPLAY: self._on_replay,
             Kind.SNAPSHOT: self._on_snapshot,
+            Kind.STATE_SIZE: self._on_state_size,
         }
         if self.link is not None and self.rt.incarnations[self.index] > 0:
             self.link.ask_for_state()
@@ -262,7 +267,11 @@ class ParameterServer:
     def _on_init(self, header: Header, src: int) -> None:
         spec: dict[str, Any] = wire.decode_json(self._recv_json(header, src))
         t0 = time.perf_counter()
-        binary = np.empty(int(spec["binary_nbytes"]), dtype=np.uint8)
+        nbytes = int(spec["binary_nbytes"])
+        mapped = self.receive_buffer is not None and self.receive_buffer.nbytes == nbytes
+        binary = self.receive_buffer if mapped else np.empty(nbytes, dtype=np.uint8)
+        assert binary is not None
+        self.receive_buffer = None
         segments = table_segments(spec.get("state_table", []), binary, lead=_weights_nbytes(spec))
         t1 = time.perf_counter()
         self._recv(src, segments, "initial weights", bulk=True)
@@ -271,7 +280,9 @@ class ParameterServer:
                 self.rt.config.run_dir,
                 "state_received",
                 role=f"server {self.index}",
-                nbytes=int(binary.nbytes),
+                nbytes=nbytes,
+                mapped_first=mapped,
+                map_seconds=round(self.buffer_seconds, 6) if mapped else 0.0,
                 alloc_seconds=round(t1 - t0, 6),
                 seconds=round(time.perf_counter() - t1, 6),
             )
@@ -293,6 +304,19 @@ class ParameterServer:
             self._snapshot()
         if src in self.rt.workers:
             self._reply(src, Kind.OK, None)
+
+    def _on_state_size(self, header: Header, src: int) -> None:
+        """A chain predecessor will send this replacement ``header.aux`` bytes of state: map a
+        buffer for them, then ask for the state (see :mod:`ftmpi.chain`)."""
+        assert self.link is not None
+        if self.grads is not None:  # the state came another way meanwhile
+            return
+        nbytes = int(header.aux)
+        if self.receive_buffer is None or self.receive_buffer.nbytes != nbytes:
+            t0 = time.perf_counter()
+            self.receive_buffer = wire.mapped_buffer(nbytes)
+            self.buffer_seconds = time.perf_counter() - t0
+        self.link.ready_for_state()
 
     def _build(self, spec: dict[str, Any], binary: np.ndarray, *, version: int) -> None:
         """(Re)create the shard's tensors and optimizer from ``spec`` and ``binary`` (weights,
@@ -334,6 +358,10 @@ class ParameterServer:
             "state_scalars": scalars,
         }
         return spec, [self._weights_bytes(), *views]
+
+    def state_nbytes(self) -> int:
+        """Bytes of the shard's whole state as :meth:`transfer_state` sends it."""
+        return payload_nbytes(self._state()[1])
 
     def transfer_state(self, slot: int, *, waited: float = 0.0) -> None:
         """Send the whole shard state to server ``slot`` (a chain successor that has none).

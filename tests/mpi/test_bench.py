@@ -44,6 +44,30 @@ def test_bench_quick_tiny_case_writes_json(tmp_path):
         "server_peak_rss_mib",
     ):
         assert key in row, key
-    assert set(doc["targets"]) == {"sync_vs_horovod", "transfer_vs_p2p", "apply_vs_single_core"}
+    assert set(doc["targets"]) == {
+        "sync_vs_horovod",
+        "transfer_vs_p2p",
+        "transfer_vs_spawned_p2p",
+        "apply_vs_single_core",
+    }
     for target in doc["targets"].values():
         assert {"value", "target", "met"} <= target.keys()
+
+
+def test_limits_measure_point_to_point_in_the_job_and_to_a_spawned_rank(tmp_path):
+    res = run_command(
+        [
+            *(sys.executable, "-m", "launch.cli", "-np", "2", "--servers", "0"),
+            *("--run-dir", str(tmp_path), "--", sys.executable, "benchmarks/limits.py"),
+            *("--nbytes", str(4 << 20), "--chunk-bytes", str(1 << 20), "--repeats", "1"),
+            "--spawned",
+        ],
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    (line,) = [x for x in res.stdout.splitlines() if x.startswith("BENCH ")]
+    doc = json.loads(line[6:])
+    assert doc["nbytes"] == 4 << 20
+    for key in ("p2p_bytes_per_s", "spawned_p2p_bytes_per_s"):
+        assert set(doc[key]) == {"unchunked", "chunked_1048576"}, key
+        assert all(rate > 0 for rate in doc[key].values()), doc

@@ -78,8 +78,13 @@ def test_chain_tail_ack_loses_nothing(mpi, tmp_path, chain_reference, victim):
     assert got[0]["weights"] == got[1]["weights"] == chain_reference[0]["weights"]
     assert got[0]["versions"] == [STEPS] and got[0]["computed"] == STEPS
     order(run_dir, "failure_detected", "view_change", "replacement_ready", "state_transfer")
-    transfers = [e for e in read_events(str(run_dir)) if e["event"] == "state_transfer"]
+    events = read_events(str(run_dir))
+    transfers = [e for e in events if e["event"] == "state_transfer"]
     assert transfers[-1]["to"] == f"server {victim}" and transfers[-1]["version"] >= 37
+    # the replacement was told the state's size and received into a buffer mapped beforehand
+    received = [e for e in events if e["event"] == "state_received"]
+    assert received[-1]["role"] == f"server {victim}" and received[-1]["mapped_first"]
+    assert received[-1]["nbytes"] == transfers[-1]["nbytes"]
 
 
 def test_chain_next_ack_every_n_loses_at_most_n_minus_1(mpi, tmp_path):
