@@ -141,9 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.spawned and world.Get_rank() == 0:
         args = ["--nbytes", str(a.nbytes), "--repeats", str(a.repeats), "--chunk-bytes"]
         args += [str(c) for c in a.chunk_bytes]
-        result["spawned_p2p_bytes_per_s"] = spawned_rates(
-            args, a.nbytes, a.chunk_bytes, a.repeats
-        )
+        result["spawned_p2p_bytes_per_s"] = spawned_rates(args, a.nbytes, a.chunk_bytes, a.repeats)
     from ftmpi import wire
 
     # rank 1 waits with ftmpi's polling (sleeps between tests): a spinning Barrier would take a
