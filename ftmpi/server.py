@@ -558,7 +558,7 @@ class ParameterServer:
             self.apply_update(update)
             self._answer(src, at_once=True)
         else:
-            update.grad = grad_bytes.copy()  # kept for re-sending until the tail commits it
+            update.grad = self.link.keep(grad_bytes)
             at_once = self.link.submit(update, lambda: self.apply_update(update))
             self._answer(src, at_once=at_once)
         self.injector.at_step(self.version)
@@ -601,7 +601,7 @@ class ParameterServer:
             self.apply_update(update)
             self._answer(src, at_once=True)
         else:
-            update.grad = grad_bytes.copy()
+            update.grad = self.link.keep(grad_bytes)
             self._answer(src, at_once=self.link.submit(update, lambda: self.apply_update(update)))
         self.injector.at_step(self.version)
 
