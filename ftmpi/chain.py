@@ -10,8 +10,11 @@ weights and optimizer state.
 
 When the head answers a push (:meth:`ChainLink.may_reply`):
 
-- ``chain_ack = "tail"``: once the tail has applied it (``COMMITTED``). A step the worker saw
-  complete is on every live replica, so no failure of fewer than R servers loses it.
+- ``chain_ack = "tail"``: once the tail has it (``COMMITTED``). A step the worker saw complete
+  is on every live replica, so no failure of fewer than R servers loses it. The tail
+  acknowledges on receipt, before its own apply: every member applies what it receives before
+  it handles another message, so the head and middles have applied an update by the time they
+  see its acknowledgement, and the tail applies it next.
 - ``chain_ack = "next"``: once the successor has received it (``RECEIVED``), the paper's relaxed
   mode. With ``replicate_every = N`` the head forwards in batches of N and answers the updates it
   is still holding at once: if the head dies, at most the N - 1 updates of its unsent batch are
@@ -141,7 +144,8 @@ class ChainLink:
         self.unsent: list[Update] = []
         """Applied here, waiting for a full batch of ``replicate_every`` (head only)."""
         self.committed = 0
-        """Highest version the tail has applied, as far as this server knows."""
+        """Highest version the tail has (and applies before anything else), as far as this
+        server knows."""
         self.received = 0
         """Highest version the successor has received (``next`` ack mode)."""
         self.held: list[tuple[int, int]] = []
@@ -308,13 +312,17 @@ class ChainLink:
             )
         if self.rt.config.chain_ack == "next" and updates:
             self.ack(AckKind.RECEIVED, updates[-1].version)
+        tail = self.succ is None
+        if tail:
+            # The tail commits what it has received before applying it: it applies it before
+            # handling anything else, and every other replica applies an update before it
+            # handles the acknowledgement, so the tail's apply is off the worker's wait.
+            self.committed = max(s.version, new[-1].version if new else 0)
+            self.ack(AckKind.COMMITTED, self.committed)
         self.forward_while(new, lambda: [s.apply_update(u) for u in new])
         kept = {id(u) for u in self.pending}
         self.pool.give([u for u in updates if id(u) not in kept])  # at the tail, or duplicates
-        if self.succ is None:
-            self.committed = s.version
-            self.ack(AckKind.COMMITTED, s.version)
-        elif updates and updates[-1].version <= self.committed:
+        if not tail and updates and updates[-1].version <= self.committed:
             # re-sent after a reconfiguration, and already committed downstream
             self.ack(AckKind.COMMITTED, self.committed)
 

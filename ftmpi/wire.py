@@ -66,7 +66,8 @@ class Kind(IntEnum):
 
 
 class AckKind(IntEnum):
-    """What an ACK confirms: the tail has applied the update, or the successor received it."""
+    """What an ACK confirms: the tail has the update (``COMMITTED``), or the successor received
+    it (``RECEIVED``)."""
 
     COMMITTED = 0
     RECEIVED = 1
