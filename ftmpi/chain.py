@@ -315,11 +315,16 @@ class ChainLink:
         tail = self.succ is None
         if tail:
             # The tail commits what it has received before applying it: it applies it before
-            # handling anything else, and every other replica applies an update before it
-            # handles the acknowledgement, so the tail's apply is off the worker's wait.
+            # handling anything else (even if the ack fails), and every other replica applies
+            # an update before it handles the ack, so the tail's apply is off the worker's wait.
             self.committed = max(s.version, new[-1].version if new else 0)
-            self.ack(AckKind.COMMITTED, self.committed)
-        self.forward_while(new, lambda: [s.apply_update(u) for u in new])
+            try:
+                self.ack(AckKind.COMMITTED, self.committed)
+            finally:
+                for u in new:
+                    s.apply_update(u)
+        else:
+            self.forward_while(new, lambda: [s.apply_update(u) for u in new])
         kept = {id(u) for u in self.pending}
         self.pool.give([u for u in updates if id(u) not in kept])  # at the tail, or duplicates
         if not tail and updates and updates[-1].version <= self.committed:
