@@ -227,9 +227,9 @@ def suite_throughput(
     as ratios to plain Horovod and to the MPI backend without servers. ``params``: model sizes;
     ``only``: configurations whose label contains one of these strings."""
     sizes = params or ([1_000_000] if quick else [1_000_000, 25_000_000, 100_000_000])
-    jobs = THROUGHPUT_JOBS[:4] if quick else THROUGHPUT_JOBS[:5]
-    if only:
-        jobs = [j for j in jobs if any(o in j.label for o in only)]
+    jobs = THROUGHPUT_JOBS[:4] if quick else THROUGHPUT_JOBS
+    if only:  # from every configuration, --quick or not
+        jobs = [j for j in THROUGHPUT_JOBS if any(o in j.label for o in only)]
     repeats = repeats or (1 if quick else 2)
     results = interleaved(jobs, sizes, 12 if quick else 15, repeats, log)
     return _compare(jobs, results, sizes, ["plain Horovod", "MPI backend, no servers"])
