@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     from mpi4py import MPI
 
+    from ftmpi import wire
+
     if a.child:  # the spawned receiver of spawned_rates
         parent = MPI.Comm.Get_parent()
         merged = parent.Merge(high=True)
@@ -142,8 +144,6 @@ def main(argv: list[str] | None = None) -> None:
         args = ["--nbytes", str(a.nbytes), "--repeats", str(a.repeats), "--chunk-bytes"]
         args += [str(c) for c in a.chunk_bytes]
         result["spawned_p2p_bytes_per_s"] = spawned_rates(args, a.nbytes, a.chunk_bytes, a.repeats)
-    from ftmpi import wire
-
     # rank 1 waits with ftmpi's polling (sleeps between tests): a spinning Barrier would take a
     # core from the spawned pair
     wire.wait_all([world.Ibarrier()], 600.0, "limits: waiting for rank 0")

@@ -313,6 +313,11 @@ class ChainLink:
         if self.rt.config.chain_ack == "next" and updates:
             self.ack(AckKind.RECEIVED, updates[-1].version)
         tail = self.succ is None
+
+        def apply() -> None:
+            for u in new:
+                s.apply_update(u)
+
         if tail:
             # The tail commits what it has received before applying it: it applies it before
             # handling anything else (even if the ack fails), and every other replica applies
@@ -321,10 +326,9 @@ class ChainLink:
             try:
                 self.ack(AckKind.COMMITTED, self.committed)
             finally:
-                for u in new:
-                    s.apply_update(u)
+                apply()
         else:
-            self.forward_while(new, lambda: [s.apply_update(u) for u in new])
+            self.forward_while(new, apply)
         kept = {id(u) for u in self.pending}
         self.pool.give([u for u in updates if id(u) not in kept])  # at the tail, or duplicates
         if not tail and updates and updates[-1].version <= self.committed:
@@ -408,17 +412,13 @@ class ChainLink:
         self.ack(AckKind.COMMITTED, self.committed)
         self.release()  # answers held while the successor had no state
 
-    def ask_for_state(self) -> None:
+    def ask_for_state(self, version: int = ASK_STATE) -> None:
         """A replacement with no shard state: ask the predecessor for it (see the module
-        docstring). Called when the request loop starts and after every recovery, since a
-        request sent in an older view may be lost with its communicator."""
+        docstring): ``ASK_STATE`` when the request loop starts and after every recovery (a
+        request sent in an older view may be lost with its communicator), ``READY_FOR_STATE``
+        once the receive buffer is mapped."""
         if self.server.grads is None and self.pred is not None:
-            self.ack(AckKind.NEED_STATE, ASK_STATE)
-
-    def ready_for_state(self) -> None:
-        """A replacement whose receive buffer is mapped: ask the predecessor for the state."""
-        if self.server.grads is None and self.pred is not None:
-            self.ack(AckKind.NEED_STATE, READY_FOR_STATE)
+            self.ack(AckKind.NEED_STATE, version)
 
     def stop_successor(self) -> None:
         """Tell the successor that every update has been forwarded."""

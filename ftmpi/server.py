@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ftmpi import events, failpoints, wire
-from ftmpi.chain import ChainLink, Update
+from ftmpi.chain import READY_FOR_STATE, ChainLink, Update
 from ftmpi.faults import Injector, parse_schedule
 from ftmpi.optim_state import (
     apply_hparams,
@@ -268,10 +268,9 @@ class ParameterServer:
         spec: dict[str, Any] = wire.decode_json(self._recv_json(header, src))
         t0 = time.perf_counter()
         nbytes = int(spec["binary_nbytes"])
-        mapped = self.receive_buffer is not None and self.receive_buffer.nbytes == nbytes
-        binary = self.receive_buffer if mapped else np.empty(nbytes, dtype=np.uint8)
-        assert binary is not None
-        self.receive_buffer = None
+        prepared, self.receive_buffer = self.receive_buffer, None
+        mapped = prepared is not None and prepared.nbytes == nbytes
+        binary = prepared if prepared is not None and mapped else np.empty(nbytes, np.uint8)
         segments = table_segments(spec.get("state_table", []), binary, lead=_weights_nbytes(spec))
         t1 = time.perf_counter()
         self._recv(src, segments, "initial weights", bulk=True)
@@ -316,7 +315,7 @@ class ParameterServer:
             t0 = time.perf_counter()
             self.receive_buffer = wire.mapped_buffer(nbytes)
             self.buffer_seconds = time.perf_counter() - t0
-        self.link.ready_for_state()
+        self.link.ask_for_state(READY_FOR_STATE)
 
     def _build(self, spec: dict[str, Any], binary: np.ndarray, *, version: int) -> None:
         """(Re)create the shard's tensors and optimizer from ``spec`` and ``binary`` (weights,
