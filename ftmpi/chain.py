@@ -149,7 +149,7 @@ class ChainLink:
         self.received = 0
         """Highest version the successor has received (``next`` ack mode)."""
         self.held: list[tuple[int, int]] = []
-        """(worker world rank, version) replies the head may not send yet."""
+        """(worker world rank, version it waits for) replies the head may not send yet."""
         self.pred_stopped = False
         """The predecessor has forwarded everything and stopped (``CHAIN_STOP``)."""
         self.awaiting: int | None = None
@@ -228,10 +228,16 @@ class ChainLink:
         )
         return [reqs, doc, grads]
 
-    def forward_while(self, updates: list[Update], apply: Callable[[], None]) -> None:
-        """Forward ``updates`` to the successor while ``apply()`` applies them here. The local
-        apply happens even if the forward fails, so this server never holds (for re-sending) an
-        update it has not applied; the failure is raised afterwards."""
+    def forward_while(
+        self,
+        updates: list[Update],
+        apply: Callable[[], None],
+        then: Callable[[], None] | None = None,
+    ) -> None:
+        """Forward ``updates`` to the successor while ``apply()`` applies them here, then run
+        ``then()`` (if given) before waiting for the forward. The local apply happens even if
+        the forward fails, so this server never holds (for re-sending) an update it has not
+        applied; the failure is raised afterwards, and ``then`` is not run."""
         try:
             started = self.start_forward(updates)
         except wire.PeerFailure:
@@ -240,6 +246,10 @@ class ChainLink:
         if started:
             failpoint("forward")
         apply()
+        if then is not None:
+            then()
+            if started:
+                failpoint("answered")
         self.finish(started)
 
     def finish(self, started: list[Any]) -> None:
@@ -255,20 +265,32 @@ class ChainLink:
 
     # ---------------------------------------------------------------- head
 
-    def submit(self, update: Update, apply: Callable[[], None]) -> bool:
-        """Head: replicate ``update`` while ``apply()`` applies it locally. Returns True when the
-        worker may be answered at once (no successor, or the update waits in a batch)."""
+    def submit(
+        self, update: Update, apply: Callable[[], None], worker: int, *, early: bool = False
+    ) -> None:
+        """Head: replicate ``update`` while ``apply()`` applies it locally, and answer
+        ``worker`` with the new weights: at once when there is no successor or the update waits
+        in a batch, else once :meth:`acked` allows (see the module docstring). ``early`` (a
+        fresh push, with ``tail`` ack): once every earlier update is committed, so the answer
+        goes out while this one is still on its way down the chain."""
         every = self.rt.config.replicate_every
         self.unsent.append(update)
         batch: list[Update] = []
         if len(self.unsent) >= every:
             batch, self.unsent = self.unsent, []
-        self.forward_while(batch, apply)
-        return self.succ is None or not batch
 
-    def hold(self, worker: int, version: int) -> None:
-        """Head: answer ``worker`` once ``version`` is acknowledged (see :meth:`acked`)."""
-        self.held.append((worker, version))
+        def answer() -> None:
+            if self.succ is None or not batch:
+                self.server.reply_weights(worker)
+            else:
+                early_ok = early and self.rt.config.chain_ack == "tail"
+                self.hold(worker, update.base if early_ok else update.version)
+
+        self.forward_while(batch, apply, then=answer)
+
+    def hold(self, worker: int, after: int) -> None:
+        """Head: answer ``worker`` once version ``after`` is acknowledged (see :meth:`acked`)."""
+        self.held.append((worker, after))
         self.release()
 
     def release(self) -> None:

@@ -5,19 +5,26 @@ occupies ``[shard.start, shard.start + shard.numel)``) and talks to the servers 
 shards. Pushes to several servers are in flight at once; each reply's weights are received
 straight into the weight buffer. Every call completes, or raises ``CommTimeout``,
 ``PeerFailure`` or ``RemoteError`` (a server refused the request and said why).
+
+On a chain with ``tail`` ack a head answers a push once every *earlier* update is committed,
+while this one still travels down the chain (``ChainLink.submit``). So the worker that pushed
+keeps the gradient of its last answered push per shard (:attr:`ServerClient.kept`) until its
+next push is answered, and after a recovery sends it again (:meth:`ServerClient.repush`)
+before anything else: a head that died before forwarding it loses nothing.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
-from ftmpi import wire
+from ftmpi import events, wire
 from ftmpi.failpoints import failpoint
 from ftmpi.gradlog import Combined
 from ftmpi.optim_state import Payload, dtype_name, payload_nbytes, unpack_tensors
@@ -25,6 +32,20 @@ from ftmpi.runtime import Runtime
 from ftmpi.sharding import Shard
 from ftmpi.snapshot import SnapshotError, incompatibility
 from ftmpi.wire import Header, Kind
+
+
+@dataclass
+class KeptPush:
+    """A push answered before the chain committed it, kept to be sent again."""
+
+    version: int
+    """The base version it was pushed with."""
+    seq: int
+    """Its sequence number (the worker's data position)."""
+    hparams: str | None
+    """The hyper-parameters in force for it (JSON, as last sent to the shard)."""
+    grad: np.ndarray
+    """A copy of the gradient."""
 
 
 class ServerClient:
@@ -43,6 +64,17 @@ class ServerClient:
         self.position = 0
         """This worker's data position; pushes carry it as their sequence number."""
         self._sent_hparams: list[str | None] = [None] * len(shards)
+        cfg = rt.config
+        self.keeps_pushes = (
+            cfg.strategy in ("chain", "chain+stateless")
+            and cfg.chain_ack == "tail"
+            and cfg.chain_length > 1
+        )
+        """Whether heads answer pushes before they are committed (see the module docstring)."""
+        self.kept: dict[int, KeptPush] = {}
+        """Per shard index: this worker's last answered push, until its next is answered."""
+        self.repush_due = False
+        """Set after a recovery: :meth:`repush` sends :attr:`kept` again before the next push."""
 
     def view(self, buf: torch.Tensor, shard: Shard) -> torch.Tensor:
         return buf[shard.start : shard.start + shard.numel]
@@ -193,11 +225,15 @@ class ServerClient:
             header = self._header(Kind.PUSH, shard, g.nbytes, self.versions[shard.index])
             reqs += self._isend(shard, header, g)
         failpoint("push")
+        pushed = []
         for shard in shards:
             out = self.view(self.weights, shard).numpy()
+            pushed.append((shard, self.versions[shard.index]))
             header, _ = self._recv_reply(shard, Kind.WEIGHTS, out)
             self.versions[shard.index] = header.version
         self._wait(reqs, "pushing gradients")
+        for shard, base in pushed:
+            self._keep(shard, base)
 
     def push_pull_broadcast(
         self, comm: MPI.Comm, workers: int, me: int, shards: Sequence[Shard]
@@ -209,6 +245,7 @@ class ServerClient:
         the same (a worker that takes over a shard's lead pushes with the right base)."""
         cfg = self.rt.config
         mine = [s for s in shards if s.index % workers == me]
+        bases = [self.versions[s.index] for s in mine]
         reqs: list[MPI.Request] = []
         received: list[tuple[int, np.ndarray]] = []  # (shard, its broadcast version)
         for shard in mine:
@@ -248,6 +285,59 @@ class ServerClient:
         self._wait(reqs, "pushing gradients and broadcasting weights")
         for index, version in received:
             self.versions[index] = int(version[0])
+        for shard, base in zip(mine, bases, strict=True):
+            self._keep(shard, base)
+        self.kept = {k: v for k, v in self.kept.items() if k % workers == me}
+
+    def _keep(self, shard: Shard, base: int) -> None:
+        """Keep the gradient just pushed to ``shard`` (from base version ``base``) in place of
+        the one before, whose commit the answer implies."""
+        if not self.keeps_pushes:
+            return
+        g = self.view(self.grads, shard).numpy()
+        old = self.kept.get(shard.index)
+        buf = old.grad if old is not None and old.grad.shape == g.shape else np.empty_like(g)
+        np.copyto(buf, g)
+        self.kept[shard.index] = KeptPush(base, self.position, self._sent_hparams[shard.index], buf)
+
+    def repush(self, shards: Sequence[Shard]) -> None:
+        """After a recovery: send each of ``shards``' kept push again, with the
+        hyper-parameters in force for it, before anything else reaches the shard. A head that
+        has it answers once it is committed; a new head that lacks it applies it. The answer's
+        weights are not kept: this worker already holds the weights it produced. In sync mode
+        only the shard's leader holds (and so sends) a kept push."""
+        if not self.repush_due:
+            return
+        for shard in shards:
+            kept = self.kept.get(shard.index)
+            if kept is None:
+                continue
+            reqs: list[MPI.Request] = []
+            if kept.hparams is not None:
+                doc = wire.encode_json(json.loads(kept.hparams))
+                reqs += self._isend(shard, self._header(Kind.HPARAMS, shard, doc.nbytes), doc)
+                self._sent_hparams[shard.index] = kept.hparams
+            header = Header(
+                Kind.PUSH,
+                self.rt.run,
+                kept.version,
+                shard.index,
+                kept.seq,
+                self.rt.view,
+                kept.grad.nbytes,
+            )
+            reqs += self._isend(shard, header, kept.grad)
+            answer, _ = self._recv_reply(shard, Kind.WEIGHTS, np.empty_like(kept.grad))
+            self._wait(reqs, "sending a kept push again")
+            events.emit(
+                self.rt.config.run_dir,
+                "repushed",
+                role=f"worker {self.rt.role_rank}",
+                shard=shard.index,
+                base=kept.version,
+                server_version=int(answer.version),
+            )
+        self.repush_due = False
 
     def replay(self, shard: Shard, combined: Combined) -> int:
         """Send a folded gradient log for ``shard`` (``stateless``); the server applies it once

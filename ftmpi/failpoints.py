@@ -13,6 +13,8 @@ The places (:data:`PLACES`):
 - ``pull``: a worker has asked for weights and not yet received them;
 - ``apply``: a server has applied an update and not yet answered it;
 - ``forward``: a chain member has started forwarding updates and not yet applied them;
+- ``answered``: a chain head has answered a push whose update may not have reached its
+  successor yet (``tail`` ack answers once every *earlier* update is committed);
 - ``snapshot_write``: a snapshot's temporary file is written and fsynced, not yet renamed;
 - ``reconfigure``: a chain member is in a new view and has not yet re-sent its updates;
 - ``state_transfer``: a server has sent the header of a state transfer, not its bytes;
@@ -35,6 +37,7 @@ PLACES = (
     "pull",
     "apply",
     "forward",
+    "answered",
     "snapshot_write",
     "reconfigure",
     "state_transfer",

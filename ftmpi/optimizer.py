@@ -210,6 +210,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 if not self._recover(str(exc)):
                     return loss  # rolled back outside ftmpi.run: this step is dropped
                 client.versions[:] = base = self._retry_base(base)
+                client.repush_due = True
                 retry = True
         if self._ftmpi_failed_at is not None:  # first step completed since a failure
             events.emit(
@@ -250,6 +251,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._start_servers()
             live = self._live_shards(self._ftmpi_shards)
             with t.phase("push_pull"):
+                self._ftmpi_client.repush(live)
                 self._push_pull(live)
             return
         with t.phase("gather"):
@@ -267,7 +269,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._start_servers()
         live = self._live_shards(self._ftmpi_shards)
         with t.phase("push_pull_broadcast"):
-            self._ftmpi_client.send_hparams(self._live_shards(self._my_shards()), self._hparams())
+            mine = self._live_shards(self._my_shards())
+            self._ftmpi_client.repush(mine)
+            self._ftmpi_client.send_hparams(mine, self._hparams())
             self._ftmpi_client.push_pull_broadcast(rt.group, rt.num_workers, rt.role_rank, live)
         with t.phase("scatter"):
             self._scatter_weights()

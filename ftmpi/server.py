@@ -546,7 +546,7 @@ class ParameterServer:
             return
         self._recv(src, grad_bytes, "a gradient")
         if self._already_applied(header, src):
-            self._answer(src, at_once=False)
+            self._answer(src)
             return
         staleness = max(self.version - header.version, 0)
         self.staleness_sum += staleness
@@ -555,11 +555,10 @@ class ParameterServer:
         update = Update(self.version + 1, src, header.seq, hparams, grad_bytes)
         if self.link is None:
             self.apply_update(update)
-            self._answer(src, at_once=True)
+            self._answer(src)
         else:
             update.grad = self.link.keep(grad_bytes)
-            at_once = self.link.submit(update, lambda: self.apply_update(update))
-            self._answer(src, at_once=at_once)
+            self.link.submit(update, lambda: self.apply_update(update), src, early=True)
         self.injector.at_step(self.version)
 
     def _on_replay(self, header: Header, src: int) -> None:
@@ -571,7 +570,7 @@ class ParameterServer:
         grad_bytes = self.grads.numpy()
         self._recv(src, grad_bytes, "a folded gradient log")
         if doc["last_seq"] <= self.last_seq.get(src, -1):
-            self._answer(src, at_once=False)
+            self._answer(src)
             return
         failpoints.failpoint("replay")
         count = int(doc["count"])
@@ -598,10 +597,10 @@ class ParameterServer:
         )
         if self.link is None:
             self.apply_update(update)
-            self._answer(src, at_once=True)
+            self._answer(src)
         else:
             update.grad = self.link.keep(grad_bytes)
-            self._answer(src, at_once=self.link.submit(update, lambda: self.apply_update(update)))
+            self.link.submit(update, lambda: self.apply_update(update), src)
         self.injector.at_step(self.version)
 
     def apply_update(self, u: Update) -> None:
@@ -633,9 +632,10 @@ class ParameterServer:
         if self.writer is not None and self.version % self.rt.config.checkpoint_every == 0:
             self._snapshot()
 
-    def _answer(self, src: int, *, at_once: bool) -> None:
-        """Reply to a push with the current weights: now, or (on a chain) once acknowledged."""
-        if self.link is None or at_once:
+    def _answer(self, src: int) -> None:
+        """Reply to a push with the current weights: now, or (on a chain) once the ack mode
+        covers this server's version."""
+        if self.link is None:
             self.reply_weights(src)
         else:
             self.link.hold(src, self.version)

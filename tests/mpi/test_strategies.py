@@ -203,18 +203,32 @@ def test_worker_kill_with_respawn_is_bit_exact(mpi, tmp_path, kill):
     "env",
     [
         {"FTMPI_FAILPOINTS": "forward@server:1#30"},
+        {"FTMPI_FAILPOINTS": "answered@server:0#30"},
         {"FTMPI_KILL": "server:0@step=30", "FTMPI_FAILPOINTS": "reconfigure@server:1"},
         {"FTMPI_KILL": "server:0@step=30", "FTMPI_FAILPOINTS": "state_transfer@server:2"},
     ],
-    ids=["middle-while-forwarding", "successor-during-reconfiguration", "during-state-transfer"],
+    ids=[
+        "middle-while-forwarding",
+        "head-after-answering",
+        "successor-during-reconfiguration",
+        "during-state-transfer",
+    ],
 )
 def test_chain_failpoints_lose_nothing(mpi, tmp_path, chain_reference, env):
     """Deaths at named moments (failpoints), including two in one recovery."""
     got, run_dir = train(mpi, tmp_path, "kill", env={**CHAIN, **env})
     assert got[0]["weights"] == got[1]["weights"] == chain_reference[0]["weights"]
     assert got[0]["versions"] == [STEPS]
-    kills = [e for e in read_events(str(run_dir)) if e["event"] == "kill"]
+    log = read_events(str(run_dir))
+    kills = [e for e in log if e["event"] == "kill"]
     assert len(kills) == 1 + ("FTMPI_KILL" in env), kills
+    if "answered" in env["FTMPI_FAILPOINTS"]:
+        # the head answered update 30 and died, maybe before its successor had it: worker 0
+        # (shard 0's leader) sent it again, and the new head has it (applied now or before)
+        again = [e for e in log if e["event"] == "repushed"]
+        assert [(e["role"], e["base"], e["server_version"]) for e in again] == [
+            ("worker 0", 29, 30)
+        ], again
 
 
 def test_worker_dying_in_the_pull_after_a_rebuild_loses_nothing(mpi, tmp_path):
