@@ -228,16 +228,10 @@ class ChainLink:
         )
         return [reqs, doc, grads]
 
-    def forward_while(
-        self,
-        updates: list[Update],
-        apply: Callable[[], None],
-        then: Callable[[], None] | None = None,
-    ) -> None:
-        """Forward ``updates`` to the successor while ``apply()`` applies them here, then run
-        ``then()`` (if given) before waiting for the forward. The local apply happens even if
-        the forward fails, so this server never holds (for re-sending) an update it has not
-        applied; the failure is raised afterwards, and ``then`` is not run."""
+    def forward_while(self, updates: list[Update], apply: Callable[[], None]) -> None:
+        """Forward ``updates`` to the successor while ``apply()`` applies them here. The local
+        apply happens even if the forward fails, so this server never holds (for re-sending) an
+        update it has not applied; the failure is raised afterwards."""
         try:
             started = self.start_forward(updates)
         except wire.PeerFailure:
@@ -246,10 +240,6 @@ class ChainLink:
         if started:
             failpoint("forward")
         apply()
-        if then is not None:
-            then()
-            if started:
-                failpoint("answered")
         self.finish(started)
 
     def finish(self, started: list[Any]) -> None:
@@ -268,25 +258,27 @@ class ChainLink:
     def submit(
         self, update: Update, apply: Callable[[], None], worker: int, *, early: bool = False
     ) -> None:
-        """Head: replicate ``update`` while ``apply()`` applies it locally, and answer
-        ``worker`` with the new weights: at once when there is no successor or the update waits
-        in a batch, else once :meth:`acked` allows (see the module docstring). ``early`` (a
-        fresh push, with ``tail`` ack): once every earlier update is committed, so the answer
-        goes out while this one is still on its way down the chain."""
+        """Head: apply ``update`` (``apply()``), answer ``worker`` with the new weights, then
+        forward the update down the chain. The answer goes out at once when there is no
+        successor or the update waits in a batch, else once :meth:`acked` allows (see the
+        module docstring); ``early`` (a fresh push, with ``tail`` ack): once every *earlier*
+        update is committed, so the worker computes its next gradient while this one travels
+        down the chain. The forward starts even if the answer fails (the worker died)."""
         every = self.rt.config.replicate_every
         self.unsent.append(update)
         batch: list[Update] = []
         if len(self.unsent) >= every:
             batch, self.unsent = self.unsent, []
-
-        def answer() -> None:
+        apply()
+        try:
             if self.succ is None or not batch:
                 self.server.reply_weights(worker)
             else:
                 early_ok = early and self.rt.config.chain_ack == "tail"
                 self.hold(worker, update.base if early_ok else update.version)
-
-        self.forward_while(batch, apply, then=answer)
+                failpoint("answered")
+        finally:
+            self.finish(self.start_forward(batch))
 
     def hold(self, worker: int, after: int) -> None:
         """Head: answer ``worker`` once version ``after`` is acknowledged (see :meth:`acked`)."""

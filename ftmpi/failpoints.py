@@ -13,8 +13,8 @@ The places (:data:`PLACES`):
 - ``pull``: a worker has asked for weights and not yet received them;
 - ``apply``: a server has applied an update and not yet answered it;
 - ``forward``: a chain member has started forwarding updates and not yet applied them;
-- ``answered``: a chain head has answered a push whose update may not have reached its
-  successor yet (``tail`` ack answers once every *earlier* update is committed);
+- ``answered``: a chain head has applied a push and handled its answer (sent it, with
+  ``tail`` ack, when every earlier update is committed), and not yet forwarded it;
 - ``snapshot_write``: a snapshot's temporary file is written and fsynced, not yet renamed;
 - ``reconfigure``: a chain member is in a new view and has not yet re-sent its updates;
 - ``state_transfer``: a server has sent the header of a state transfer, not its bytes;

@@ -223,8 +223,8 @@ def test_chain_failpoints_lose_nothing(mpi, tmp_path, chain_reference, env):
     kills = [e for e in log if e["event"] == "kill"]
     assert len(kills) == 1 + ("FTMPI_KILL" in env), kills
     if "answered" in env["FTMPI_FAILPOINTS"]:
-        # the head answered update 30 and died, maybe before its successor had it: worker 0
-        # (shard 0's leader) sent it again, and the new head has it (applied now or before)
+        # the head answered update 30 and died before forwarding it: worker 0 (shard 0's
+        # leader) sent it again, and the new head applied it
         again = [e for e in log if e["event"] == "repushed"]
         assert [(e["role"], e["base"], e["server_version"]) for e in again] == [
             ("worker 0", 29, 30)
