@@ -8,13 +8,21 @@ the chain, and each server forgets the updates it had kept for re-sending once t
 committed. Replicas run the same optimizer on the same gradients, so they hold bit-identical
 weights and optimizer state.
 
-When the head answers a push (:meth:`ChainLink.may_reply`):
+When the head answers a push (:meth:`ChainLink.submit`; it applies the update, answers, then
+forwards it):
 
-- ``chain_ack = "tail"``: once the tail has it (``COMMITTED``). A step the worker saw complete
-  is on every live replica, so no failure of fewer than R servers loses it. The tail
-  acknowledges on receipt, before its own apply: every member applies what it receives before
-  it handles another message, so the head and middles have applied an update by the time they
-  see its acknowledgement, and the tail applies it next.
+- ``chain_ack = "tail"``: an update commits when the tail has it (``COMMITTED``), and the head
+  answers a fresh push once every *earlier* update is committed. So the worker computes its next
+  gradient while this update travels down the chain, and by the time its next push is answered
+  this one is on every live replica. Until then the pushing worker keeps the gradient and, after
+  a recovery, sends it again before anything else (``ServerClient.repush``): a head that answered
+  and died before forwarding loses nothing, and a head that has it answers the repeat once it is
+  committed. No failure of fewer than R servers loses an update (in sync mode, unless the shard's
+  leader worker, which alone keeps the gradient, dies with the head). Repeated pushes and replayed
+  gradient logs are answered only once committed. The tail acknowledges on receipt, before its
+  own apply: every member applies what it receives before it handles another message, so the
+  head and middles have applied an update by the time they see its acknowledgement, and the
+  tail applies it next.
 - ``chain_ack = "next"``: once the successor has received it (``RECEIVED``), the paper's relaxed
   mode. With ``replicate_every = N`` the head forwards in batches of N and answers the updates it
   is still holding at once: if the head dies, at most the N - 1 updates of its unsent batch are

@@ -46,8 +46,9 @@ class Config:
     chain_length: int = 3
     """``chain``: servers per shard (head -> ... -> tail); ``servers`` must be a multiple."""
     chain_ack: str = "tail"
-    """``chain``: a push commits when the ``tail`` has it (no update is ever lost) or when
-    the ``next`` server has received it (the paper's relaxed mode)."""
+    """``chain``: a push commits when the ``tail`` has it (no update is lost; the head answers
+    once the previous one has committed and the pushing worker keeps the gradient until then)
+    or when the ``next`` server has received it (the paper's relaxed mode)."""
     replicate_every: int = 1
     """``chain``: the head forwards updates down the chain in batches of N (at most N - 1 are
     lost if the head dies)."""

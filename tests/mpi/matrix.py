@@ -108,7 +108,16 @@ STRATEGIES = {
 }
 MODES = ("sync", "async")
 VICTIMS = ("head", "middle", "tail", "worker", "two", "twice")
-MOMENTS = ("push", "pull", "snapshot_write", "reconfigure", "state_transfer", "step", "time")
+MOMENTS = (
+    "push",
+    "answered",
+    "pull",
+    "snapshot_write",
+    "reconfigure",
+    "state_transfer",
+    "step",
+    "time",
+)
 
 
 @dataclass(frozen=True)
@@ -219,6 +228,11 @@ def _make(s: Strategy, mode: str, victim: str, moment: str) -> Cell | None:
     if not s.chain or victim == "two":
         return None
     me = slots[0]
+    if moment == "answered":
+        # the head has answered a push and not yet forwarded it (with tail ack the pushing
+        # worker sends it again). The head passes there once per forwarded batch.
+        every = int(s.env.get("FTMPI_REPLICATE_EVERY", "1"))
+        return cell(fps=f"answered@head:0#{HIT // every}") if victim == "head" else None
     if moment == "reconfigure":
         # another member dies first; the victim dies in the reconfiguration that follows
         other = 2 if me == 0 else 0
