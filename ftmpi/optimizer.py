@@ -317,6 +317,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             if result.respawned:
                 rebuild = [s for s in live if s.index in lost]
                 stale.rebuild(rebuild, class_path(self._ftmpi_base_class), self._hparams())
+                for s in rebuild:  # rebuilt from weights that hold the kept push already
+                    self._ftmpi_client.kept.pop(s.index, None)
             cut_short = [s for s in live if s.index in stale.unfinished]
             stale.finish_rebuilds(cut_short)
             if result.respawned or cut_short:
