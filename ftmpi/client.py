@@ -74,7 +74,7 @@ class ServerClient:
         self.kept: dict[int, KeptPush] = {}
         """Per shard index: this worker's last answered push, until its next is answered."""
         self.repush_due = False
-        """Set after a recovery: :meth:`repush` sends :attr:`kept` again before the next push."""
+        """Set by :meth:`recovered`: :meth:`repush` sends :attr:`kept` before the next push."""
 
     def view(self, buf: torch.Tensor, shard: Shard) -> torch.Tensor:
         return buf[shard.start : shard.start + shard.numel]
@@ -288,6 +288,12 @@ class ServerClient:
         for shard, base in zip(mine, bases, strict=True):
             self._keep(shard, base)
         self.kept = {k: v for k, v in self.kept.items() if k % workers == me}
+
+    def recovered(self) -> None:
+        """After a recovery: send the kept pushes again (:meth:`repush`), and the
+        hyper-parameters again with the next push (a server that had them may be gone)."""
+        self.repush_due = True
+        self._sent_hparams = [None] * len(self.shards)
 
     def _keep(self, shard: Shard, base: int) -> None:
         """Keep the gradient just pushed to ``shard`` (from base version ``base``) in place of

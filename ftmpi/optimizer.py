@@ -210,7 +210,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 if not self._recover(str(exc)):
                     return loss  # rolled back outside ftmpi.run: this step is dropped
                 client.versions[:] = base = self._retry_base(base)
-                client.repush_due = True
+                client.recovered()
                 retry = True
         if self._ftmpi_failed_at is not None:  # first step completed since a failure
             events.emit(
