@@ -282,7 +282,7 @@ class ChainLink:
             if self.succ is None or not batch:
                 self.server.reply_weights(worker)
             else:
-                early_ok = early and self.rt.config.chain_ack == "tail"
+                early_ok = early and self.rt.config.answers_before_commit
                 self.hold(worker, update.base if early_ok else update.version)
                 failpoint("answered")
         finally:

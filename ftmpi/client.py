@@ -64,13 +64,6 @@ class ServerClient:
         self.position = 0
         """This worker's data position; pushes carry it as their sequence number."""
         self._sent_hparams: list[str | None] = [None] * len(shards)
-        cfg = rt.config
-        self.keeps_pushes = (
-            cfg.strategy in ("chain", "chain+stateless")
-            and cfg.chain_ack == "tail"
-            and cfg.chain_length > 1
-        )
-        """Whether heads answer pushes before they are committed (see the module docstring)."""
         self.kept: dict[int, KeptPush] = {}
         """Per shard index: this worker's last answered push, until its next is answered."""
         self.repush_due = False
@@ -82,9 +75,12 @@ class ServerClient:
     def _server(self, shard: Shard) -> int:
         return self.rt.shard_head(shard.index)
 
-    def _header(self, kind: Kind, shard: Shard, nbytes: int, version: int = 0) -> Header:
+    def _header(
+        self, kind: Kind, shard: Shard, nbytes: int, version: int = 0, seq: int | None = None
+    ) -> Header:
         self._seq += 1
-        seq = self.position if kind == Kind.PUSH else self._seq
+        if seq is None:
+            seq = self.position if kind == Kind.PUSH else self._seq
         return Header(kind, self.rt.run, version, shard.index, seq, self.rt.view, nbytes)
 
     def _isend(self, shard: Shard, header: Header, payload: np.ndarray | None) -> list[MPI.Request]:
@@ -225,15 +221,13 @@ class ServerClient:
             header = self._header(Kind.PUSH, shard, g.nbytes, self.versions[shard.index])
             reqs += self._isend(shard, header, g)
         failpoint("push")
-        pushed = []
+        bases = [self.versions[s.index] for s in shards]
         for shard in shards:
             out = self.view(self.weights, shard).numpy()
-            pushed.append((shard, self.versions[shard.index]))
             header, _ = self._recv_reply(shard, Kind.WEIGHTS, out)
             self.versions[shard.index] = header.version
         self._wait(reqs, "pushing gradients")
-        for shard, base in pushed:
-            self._keep(shard, base)
+        self._keep(shards, bases)
 
     def push_pull_broadcast(
         self, comm: MPI.Comm, workers: int, me: int, shards: Sequence[Shard]
@@ -285,9 +279,9 @@ class ServerClient:
         self._wait(reqs, "pushing gradients and broadcasting weights")
         for index, version in received:
             self.versions[index] = int(version[0])
-        for shard, base in zip(mine, bases, strict=True):
-            self._keep(shard, base)
-        self.kept = {k: v for k, v in self.kept.items() if k % workers == me}
+        self._keep(mine, bases)
+        if self.kept:  # a worker that no longer leads a shard has nothing to send it again
+            self.kept = {k: v for k, v in self.kept.items() if k % workers == me}
 
     def recovered(self) -> None:
         """After a recovery: send the kept pushes again (:meth:`repush`), and the
@@ -295,16 +289,18 @@ class ServerClient:
         self.repush_due = True
         self._sent_hparams = [None] * len(self.shards)
 
-    def _keep(self, shard: Shard, base: int) -> None:
-        """Keep the gradient just pushed to ``shard`` (from base version ``base``) in place of
-        the one before, whose commit the answer implies."""
-        if not self.keeps_pushes:
+    def _keep(self, shards: Sequence[Shard], bases: list[int]) -> None:
+        """Keep the gradients just pushed to ``shards`` (from base versions ``bases``), each
+        in place of the one before, whose commit the answer implies."""
+        if not self.rt.config.answers_before_commit:
             return
-        g = self.view(self.grads, shard).numpy()
-        old = self.kept.get(shard.index)
-        buf = old.grad if old is not None and old.grad.shape == g.shape else np.empty_like(g)
-        np.copyto(buf, g)
-        self.kept[shard.index] = KeptPush(base, self.position, self._sent_hparams[shard.index], buf)
+        for shard, base in zip(shards, bases, strict=True):
+            g = self.view(self.grads, shard).numpy()
+            old = self.kept.get(shard.index)
+            buf = old.grad if old is not None and old.grad.shape == g.shape else np.empty_like(g)
+            np.copyto(buf, g)
+            hparams = self._sent_hparams[shard.index]
+            self.kept[shard.index] = KeptPush(base, self.position, hparams, buf)
 
     def repush(self, shards: Sequence[Shard]) -> None:
         """After a recovery: send each of ``shards``' kept push again, with the
@@ -318,21 +314,10 @@ class ServerClient:
             kept = self.kept.get(shard.index)
             if kept is None:
                 continue
-            reqs: list[MPI.Request] = []
             if kept.hparams is not None:
-                doc = wire.encode_json(json.loads(kept.hparams))
-                reqs += self._isend(shard, self._header(Kind.HPARAMS, shard, doc.nbytes), doc)
-                self._sent_hparams[shard.index] = kept.hparams
-            header = Header(
-                Kind.PUSH,
-                self.rt.run,
-                kept.version,
-                shard.index,
-                kept.seq,
-                self.rt.view,
-                kept.grad.nbytes,
-            )
-            reqs += self._isend(shard, header, kept.grad)
+                self.send_hparams([shard], json.loads(kept.hparams))
+            header = self._header(Kind.PUSH, shard, kept.grad.nbytes, kept.version, kept.seq)
+            reqs = self._isend(shard, header, kept.grad)
             answer, _ = self._recv_reply(shard, Kind.WEIGHTS, np.empty_like(kept.grad))
             self._wait(reqs, "sending a kept push again")
             events.emit(

@@ -241,6 +241,13 @@ class Config:
         return self.strategy in ("chain", "chain+stateless")
 
     @property
+    def answers_before_commit(self) -> bool:
+        """Whether a chain head answers a fresh push once every *earlier* update is committed
+        (``tail`` ack on chains of more than one server), so the pushing worker keeps it until
+        its next push is answered (``ServerClient.kept``)."""
+        return self.chained and self.chain_ack == "tail" and self.chain_length > 1
+
+    @property
     def logs_gradients(self) -> bool:
         """Whether workers keep computing and log gradients while a shard has no server."""
         return self.strategy in ("stateless", "chain+stateless")
