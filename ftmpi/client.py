@@ -68,6 +68,8 @@ class ServerClient:
         """Per shard index: this worker's last answered push, until its next is answered."""
         self.repush_due = False
         """Set by :meth:`recovered`: :meth:`repush` sends :attr:`kept` before the next push."""
+        self._spare: dict[int, np.ndarray] = {}
+        """Per shard index: a kept push's buffer, free again, for the next push's copy."""
 
     def view(self, buf: torch.Tensor, shard: Shard) -> torch.Tensor:
         return buf[shard.start : shard.start + shard.numel]
@@ -222,12 +224,13 @@ class ServerClient:
             reqs += self._isend(shard, header, g)
         failpoint("push")
         bases = [self.versions[s.index] for s in shards]
+        copies = self._copy_pushed(shards)
         for shard in shards:
             out = self.view(self.weights, shard).numpy()
             header, _ = self._recv_reply(shard, Kind.WEIGHTS, out)
             self.versions[shard.index] = header.version
         self._wait(reqs, "pushing gradients")
-        self._keep(shards, bases)
+        self._keep(shards, bases, copies)
 
     def push_pull_broadcast(
         self, comm: MPI.Comm, workers: int, me: int, shards: Sequence[Shard]
@@ -248,6 +251,7 @@ class ServerClient:
             reqs += self._isend(shard, header, g)
         if mine:
             failpoint("push")
+        copies = self._copy_pushed(mine)
         for shard in shards:
             root = shard.index % workers
             chunks = wire.chunks(self.view(self.weights, shard).numpy(), cfg.chunk_bytes)
@@ -279,7 +283,7 @@ class ServerClient:
         self._wait(reqs, "pushing gradients and broadcasting weights")
         for index, version in received:
             self.versions[index] = int(version[0])
-        self._keep(mine, bases)
+        self._keep(mine, bases, copies)
         if self.kept:  # a worker that no longer leads a shard has nothing to send it again
             self.kept = {k: v for k, v in self.kept.items() if k % workers == me}
 
@@ -289,16 +293,31 @@ class ServerClient:
         self.repush_due = True
         self._sent_hparams = [None] * len(self.shards)
 
-    def _keep(self, shards: Sequence[Shard], bases: list[int]) -> None:
-        """Keep the gradients just pushed to ``shards`` (from base versions ``bases``), each
-        in place of the one before, whose commit the answer implies."""
+    def _copy_pushed(self, shards: Sequence[Shard]) -> list[np.ndarray]:
+        """Copies of the gradients just sent to ``shards``, made while the push is in flight
+        (off this worker's critical path), into buffers :meth:`_keep` gave back; none unless
+        heads answer before the commit."""
+        if not self.rt.config.answers_before_commit:
+            return []
+        copies = []
+        for shard in shards:
+            g = self.view(self.grads, shard).numpy()
+            buf = self._spare.pop(shard.index, None)
+            buf = buf if buf is not None and buf.shape == g.shape else np.empty_like(g)
+            np.copyto(buf, g)
+            copies.append(buf)
+        return copies
+
+    def _keep(self, shards: Sequence[Shard], bases: list[int], copies: list[np.ndarray]) -> None:
+        """Keep the answered pushes to ``shards`` (from base versions ``bases``; their gradients
+        in ``copies``), each in place of the one before, whose commit the answer implies; the
+        one before's buffer takes the next push's copy."""
         if not self.rt.config.answers_before_commit:
             return
-        for shard, base in zip(shards, bases, strict=True):
-            g = self.view(self.grads, shard).numpy()
+        for shard, base, buf in zip(shards, bases, copies, strict=True):
             old = self.kept.get(shard.index)
-            buf = old.grad if old is not None and old.grad.shape == g.shape else np.empty_like(g)
-            np.copyto(buf, g)
+            if old is not None:
+                self._spare[shard.index] = old.grad
             hparams = self._sent_hparams[shard.index]
             self.kept[shard.index] = KeptPush(base, self.position, hparams, buf)
 

@@ -157,6 +157,7 @@ class ParameterServer:
                     tag=wire.TAG_HEADER,
                     timeout=cfg.server_idle_timeout,
                     what=f"server {self.index} waiting for requests",
+                    polling=self._idle_polling(),
                 )
                 handler = (
                     handlers.get(Kind(header.kind))
@@ -176,6 +177,14 @@ class ParameterServer:
                 self._recover(str(exc))
         if self.writer is not None:
             self.writer.flush()
+
+    def _idle_polling(self) -> wire.Polling:
+        """How this server waits for its next request: a chain member behind the head hears
+        only from its chain (forwards, acks), never from a waiting worker, so it waits
+        patiently and leaves the cores to the workers and the head."""
+        if self.link is not None and not self.link.is_head:
+            return wire.PATIENT
+        return wire.URGENT
 
     def _done(self) -> bool:
         """Every worker has stopped and (on a chain) everything is forwarded and committed; a
@@ -558,7 +567,9 @@ class ParameterServer:
             self._answer(src)
         else:
             update.grad = self.link.keep(grad_bytes)
-            self.link.submit(update, lambda: self.apply_update(update), src, early=True)
+            self.link.submit(
+                update, lambda: self.apply_update(update, loaded=True), src, early=True
+            )
         self.injector.at_step(self.version)
 
     def _on_replay(self, header: Header, src: int) -> None:
@@ -600,14 +611,16 @@ class ParameterServer:
             self._answer(src)
         else:
             update.grad = self.link.keep(grad_bytes)
-            self.link.submit(update, lambda: self.apply_update(update), src)
+            self.link.submit(update, lambda: self.apply_update(update, loaded=True), src)
         self.injector.at_step(self.version)
 
-    def apply_update(self, u: Update) -> None:
-        """Apply one update (a gradient and the hyper-parameters in force for it)."""
+    def apply_update(self, u: Update, *, loaded: bool = False) -> None:
+        """Apply one update (a gradient and the hyper-parameters in force for it). ``loaded``:
+        the optimizer's gradient buffer already holds ``u``'s gradient (it was received there),
+        so it is not copied in again."""
         assert self.optimizer is not None and self.grads is not None
         grad_bytes = self.grads.numpy().view(np.uint8).reshape(-1)
-        if u.grad.ctypes.data != grad_bytes.ctypes.data:
+        if not loaded and u.grad.ctypes.data != grad_bytes.ctypes.data:
             grad_bytes[:] = u.grad.view(np.uint8).reshape(-1)
         if u.hparams is not None:
             apply_hparams(self.optimizer, u.hparams)

@@ -35,10 +35,25 @@ TAG_REPLY_DATA = 7004
 
 HEADER_LEN = 8
 
-# Polling schedule for waits: spin this many tests, then sleep with capped exponential backoff.
-_SPIN_TESTS = 2000
+
+@dataclass(frozen=True)
+class Polling:
+    """How a wait polls: ``spin`` tests back to back, then sleeps between tests, from 20 µs
+    doubling up to ``sleep_max`` seconds. MPI's shared-memory transport has no blocking
+    receive, so a rank waiting for a message either holds a core (spinning) or sees the
+    message only when its sleep ends; on a node with more ranks than cores both cost."""
+
+    spin: int
+    sleep_max: float
+
+
+URGENT = Polling(spin=2000, sleep_max=200e-6)
+"""For waits a worker's step waits on: answer within microseconds while the wait is short."""
+PATIENT = Polling(spin=20, sleep_max=1e-3)
+"""For waits nothing urgent depends on (a chain member behind the head waiting for its next
+forward, a head waiting for its forward to be taken): give the core to the ranks that have
+work. Up to a millisecond late, which the chain absorbs while workers compute."""
 _SLEEP_MIN = 20e-6
-_SLEEP_MAX = 200e-6
 
 
 class Kind(IntEnum):
@@ -157,8 +172,11 @@ class Header:
         return cls(*(int(x) for x in a))
 
 
-def wait_all(reqs: Sequence[MPI.Request], timeout: float, what: str) -> list[MPI.Status]:
-    """Wait for every request, polling, until ``timeout`` seconds have passed.
+def wait_all(
+    reqs: Sequence[MPI.Request], timeout: float, what: str, polling: Polling = URGENT
+) -> list[MPI.Status]:
+    """Wait for every request, polling (see :class:`Polling`), until ``timeout`` seconds have
+    passed.
 
     Raises :class:`CommTimeout` (requests are cancelled) or :class:`PeerFailure` on an MPI error.
     Returns the statuses in request order.
@@ -173,13 +191,13 @@ def wait_all(reqs: Sequence[MPI.Request], timeout: float, what: str) -> list[MPI
     try:
         while not MPI.Request.Testall(reqs, statuses):
             tests += 1
-            if tests < _SPIN_TESTS:
+            if tests < polling.spin:
                 continue
             if time.monotonic() > deadline:
                 _cancel(reqs)
                 raise CommTimeout(f"{what}: no completion within {timeout:g} s")
             time.sleep(sleep)
-            sleep = min(sleep * 2, _SLEEP_MAX)
+            sleep = min(sleep * 2, polling.sleep_max)
     except MPI.Exception as exc:
         _cancel(reqs)
         cls = exc.Get_error_class()
@@ -327,11 +345,17 @@ def post_header(comm: MPI.Comm, source: int, tag: int) -> tuple[MPI.Request, np.
 
 
 def recv_header(
-    comm: MPI.Comm, source: int, *, tag: int, timeout: float, what: str
+    comm: MPI.Comm,
+    source: int,
+    *,
+    tag: int,
+    timeout: float,
+    what: str,
+    polling: Polling = URGENT,
 ) -> tuple[Header, int]:
     """Receive one header from ``source`` (may be ``MPI.ANY_SOURCE``); return it and its sender."""
     req, buf = post_header(comm, source, tag)
-    (status,) = wait_all([req], timeout, what)
+    (status,) = wait_all([req], timeout, what, polling)
     return Header.from_array(buf), status.Get_source()
 
 
