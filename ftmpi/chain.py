@@ -48,6 +48,11 @@ of the chain in the new view; predecessors and successors are recomputed from th
   short by another failure) answers ``NEED_STATE`` (version 0) too, and its predecessor sends
   the whole state at once.
 
+Nothing behind the head is on a worker's wait while the chain keeps up, so the members behind
+the head wait for their next message, and a head for its successor to take a forward, with
+``wire.PATIENT`` polling: on a node with more ranks than cores they leave the cores to the
+workers and the head (``ParameterServer._idle_polling``).
+
 Every message of an older view is gone with its revoked communicator, so all in-flight forwards
 and acks are re-sent by these rules, never assumed delivered.
 """
