@@ -15,9 +15,11 @@ runs through ``ftmpi-run`` twice with 2 workers:
   update never reached the final weights: steps minus the shard's final version).
 
 Chains run 3 server ranks per shard: with 2 workers that is 5 ranks on this machine's 2 cores
-(oversubscribed; the table says how many ranks each row ran). The control ``none, 3 servers``
-runs 5 ranks without replication (three shards, one server each), so a chain's ratio can be
-read against the cost of the rank count alone.
+(oversubscribed; the table says how many ranks each row ran and whether they outnumber the
+cores: there a ratio measures the sharing of cores as much as the strategy, and on the 2-core
+development machine the chain's varies by more than 0.1 between invocations). The control
+``none, 3 servers`` runs 5 ranks without replication (three shards, one server each), so a
+chain's ratio can be read against the cost of the rank count alone.
 
     python benchmarks/bench_strategies.py [--steps 600] [--kill-at 300] [--repeats 3]
 """
@@ -38,6 +40,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ftmpi.events import read_events  # noqa: E402
+
+CORES = os.cpu_count() or 1
+
+
+def oversubscribed(ranks: int) -> str:
+    """``"yes (N ranks / C cores)"`` or ``"no"``: whether a job's ranks outnumber the cores,
+    so that its ratios measure the sharing of cores as much as the strategy."""
+    return f"yes ({ranks}/{CORES})" if ranks > CORES else "no"
+
 
 STRATEGIES: dict[str, dict[str, str]] = {
     "none": {"FTMPI_STRATEGY": "none"},
@@ -139,9 +150,11 @@ def main() -> None:
     rows = []
     for n in names:
         env = STRATEGIES[n]
+        ranks = 2 + int(env.get("FTMPI_SERVERS", "1"))
         row: dict[str, Any] = {
             "strategy": n,
-            "ranks": 2 + int(env.get("FTMPI_SERVERS", "1")),
+            "ranks": ranks,
+            "oversubscribed": oversubscribed(ranks),
             "steps_per_s": round(statistics.median(sps[n]), 2),
             "ratio": round(statistics.median(sps[n]) / base, 3),
         }
@@ -152,7 +165,8 @@ def main() -> None:
             row.update(kill_costs(events, summary, stateless=n == "stateless"))
         rows.append(row)
         print(json.dumps(row), flush=True)
-    cols = ["strategy", "ranks", "steps_per_s", "ratio", "failover_s", "idle_s", "updates_lost"]
+    cols = ["strategy", "ranks", "oversubscribed", "steps_per_s", "ratio"]
+    cols += ["failover_s", "idle_s", "updates_lost"]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for row in rows:
         print("| " + " | ".join(str(row.get(c, "")) for c in cols) + " |")

@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import limits
-from benchmarks.bench_strategies import STRATEGIES, kill_costs
+from benchmarks.bench_strategies import STRATEGIES, kill_costs, oversubscribed
 from ftmpi.events import read_events
 
 ROOT = Path(__file__).resolve().parents[1]
-CORES = os.cpu_count() or 1
 MIB = 1 << 20
 
 
@@ -103,11 +102,6 @@ def run_job(job: Job, params: list[int], steps: int, *, kill: str = "", timeout:
                 f"{job.label}: rc {proc.returncode}\n{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}"
             )
         return Result(lines, read_events(tmp), time.monotonic() - t0)
-
-
-def oversubscribed(ranks: int) -> str:
-    """``"yes (N ranks / C cores)"`` or ``"no"``."""
-    return f"yes ({ranks}/{CORES})" if ranks > CORES else "no"
 
 
 def peak_rss_mib(result: Result, params: int | None = None) -> dict[str, float]:
