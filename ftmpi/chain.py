@@ -325,8 +325,8 @@ class ChainLink:
         fwd = wire.decode_json(doc)
         metas, nbytes = fwd["updates"], int(fwd["grad_nbytes"])
         tail = self.succ is None
-        own = None if s.grads is None else s.grads.numpy().view(np.uint8).reshape(-1)
-        if tail and len(metas) == 1 and own is not None and own.nbytes == nbytes:
+        own = s.grads.numpy().view(np.uint8).reshape(-1) if tail and s.grads is not None else None
+        if own is not None and len(metas) == 1 and own.nbytes == nbytes:
             grads = [own]  # the tail keeps nothing: one update goes straight where it applies
         else:
             grads = [self.pool.take(nbytes) for _ in metas]

@@ -562,14 +562,7 @@ class ParameterServer:
         self.staleness_max = max(self.staleness_max, staleness)
         hparams, self.new_hparams = self.new_hparams, None
         update = Update(self.version + 1, src, header.seq, hparams, grad_bytes)
-        if self.link is None:
-            self.apply_update(update)
-            self._answer(src)
-        else:
-            update.grad = self.link.keep(grad_bytes)
-            self.link.submit(
-                update, lambda: self.apply_update(update, loaded=True), src, early=True
-            )
+        self._take(update, src, early=True)
         self.injector.at_step(self.version)
 
     def _on_replay(self, header: Header, src: int) -> None:
@@ -606,13 +599,19 @@ class ParameterServer:
             lr_scale=update.lr_scale,
             version=update.version,
         )
-        if self.link is None:
-            self.apply_update(update)
-            self._answer(src)
-        else:
-            update.grad = self.link.keep(grad_bytes)
-            self.link.submit(update, lambda: self.apply_update(update, loaded=True), src)
+        self._take(update, src, early=False)
         self.injector.at_step(self.version)
+
+    def _take(self, update: Update, src: int, *, early: bool) -> None:
+        """Apply ``update``, whose gradient is in the gradient buffer, and answer ``src``; on a
+        chain the head keeps a copy for forwarding and submits it (``ChainLink.submit``;
+        ``early``: a fresh push, which may be answered before it commits)."""
+        if self.link is None:
+            self.apply_update(update, loaded=True)
+            self._answer(src)
+            return
+        update.grad = self.link.keep(update.grad)
+        self.link.submit(update, lambda: self.apply_update(update, loaded=True), src, early=early)
 
     def apply_update(self, u: Update, *, loaded: bool = False) -> None:
         """Apply one update (a gradient and the hyper-parameters in force for it). ``loaded``:
