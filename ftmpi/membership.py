@@ -159,6 +159,12 @@ def recover(
         failed_servers=result.failed_servers,
         workers=len(rt.workers),
     )
+    if is_coordinator(rt) and (result.failed_workers or result.failed_servers):
+        _say(
+            rt,
+            f"{_names(result.failed_servers, result.failed_workers)} died; "
+            f"recovering with strategy {rt.config.strategy}, {rt.num_workers} worker(s) left",
+        )
     # Replace down servers now if workers would wait for them anyway, or if the coordinator says
     # their down time has passed (the coordinator revoked the world to get everyone here).
     if (rt.down_since or rt.workers_down) and blocking_strategy and spawn and is_coordinator(rt):
@@ -244,6 +250,7 @@ def spawn_replacements(rt: Runtime) -> list[int]:
     new_workers = len(rt.workers_down)
     if not slots and not new_workers:
         return []
+    detected = min([rt.down_since[j] for j in slots] or [time.monotonic()])
     script = sys.argv[0] if sys.argv else ""
     if not script or script == "-c" or not os.path.exists(script):
         raise RuntimeError(
@@ -282,6 +289,7 @@ def spawn_replacements(rt: Runtime) -> list[int]:
         chain.remove(j)
         chain.append(j)  # a replacement joins its chain at the tail
     rt.workers += [base + len(slots) + k for k in range(new_workers)]
+    waited = time.monotonic() - min([detected, *rt.workers_down])
     rt.workers_down = []
     rt.intercomms.append(inter)
     _bcast_json(merged, _assignment(rt) if merged.Get_rank() == 0 else None, rt.config.timeout)
@@ -295,7 +303,25 @@ def spawn_replacements(rt: Runtime) -> list[int]:
         workers=new_workers,
         view=rt.view,
     )
+    if is_coordinator(rt):
+        _say(
+            rt,
+            f"recovered: {_names(slots, [], replaced=new_workers)} replaced, "
+            f"{waited:.1f} s after the failure (view {rt.view})",
+        )
     return slots
+
+
+def _names(servers: list[int], workers: list[int], *, replaced: int = 0) -> str:
+    parts = [f"server {j}" for j in servers] + [f"worker {i}" for i in workers]
+    if replaced:
+        parts.append(f"{replaced} worker(s)")
+    return ", ".join(parts) or "nothing"
+
+
+def _say(rt: Runtime, text: str) -> None:
+    """One line on the terminal for a failure or a recovery (the coordinator says it)."""
+    print(f"ftmpi: {text}", file=sys.stderr, flush=True)
 
 
 def join_as_replacement(parent: MPI.Comm) -> Runtime:

@@ -31,8 +31,9 @@ from launch import bench, diff, experiment, replay, summary
 from launch.command import LAUNCHERS, JobSpec, build_command, find_launcher, process_env
 from launch.jobenv import add_config_flags, config_overrides, job_environment, server_updates
 from launch.kills import kill_flags_text, parse_kill_flags, random_schedule
+from launch.preflight import refuse_unusable_checkpoint_dir
 from launch.restart import LaunchReport, run_with_restarts
-from launch.rundir import refuse_finished, resolve
+from launch.rundir import refuse_finished, refuse_other_unfinished, resolve
 
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "summary": summary.main,
@@ -124,6 +125,7 @@ def launch(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int
     if args.dry_run:
         print("ftmpi-run:", shlex.join(make_command(env)), flush=True)
         return 0
+    report.load_earlier()
     run_with_restarts(
         make_command,
         env,
@@ -131,6 +133,7 @@ def launch(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int
         schedule=parse_schedule(env.get("FTMPI_KILL", "")),
         job_start=float(env["FTMPI_JOB_START"]),
         process_env=lambda e: process_env(e, environ),
+        resume_command=resume_command(argv, command, report.run_dir),
     )
     print(report.final_line(), flush=True)
     return report.returncode
@@ -147,7 +150,8 @@ def _plan(
         raise ValueError(f"--max-restarts {args.max_restarts} is negative; use 0 or more")
     workers = args.workers if args.workers is not None else _env_int(environ, "FTMPI_WORKERS", 2)
     explicit = parse_kill_flags(args.kill)
-    run_id, run_dir = resolve(args.run_dir, environ)
+    resume = bool(args.resume) or environ.get("FTMPI_RESUME") == "1"
+    run_id, run_dir = resolve(args.run_dir, environ, resume=resume)
     overrides = {**config_overrides(args), "run_id": run_id, "run_dir": run_dir}
     length = {"steps": args.steps, "duration": args.duration}
     for name, value in length.items():
@@ -187,6 +191,8 @@ def _plan(
     )
     if not args.dry_run:
         refuse_finished(run_dir)
+        refuse_unusable_checkpoint_dir(config)  # exits 2, before anything starts
+        refuse_other_unfinished(run_dir, run_id)
     env.setdefault("FTMPI_JOB_START", repr(time.time()))  # time-scheduled kills count from here
     random_info = None
     if randoms:
@@ -205,6 +211,19 @@ def _plan(
         random_kills=random_info,
     )
     return env, make_command, report
+
+
+def resume_command(argv: Sequence[str], command: Sequence[str], run_dir: str) -> str:
+    """The ``ftmpi-run`` command line that resumes this run: ``argv`` with ``--resume`` and
+    ``--run-dir RUN_DIR`` before the training ``command`` (its last words)."""
+    argv = list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv) - len(command)
+    options, command = argv[:cut], argv[cut:]
+    if "--resume" not in options:
+        options.append("--resume")
+    if "--run-dir" not in options and not any(a.startswith("--run-dir=") for a in options):
+        options += ["--run-dir", run_dir]
+    return shlex.join(["ftmpi-run", *options, *command])
 
 
 def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:

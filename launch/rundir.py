@@ -8,6 +8,8 @@ has no summary yet.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import secrets
 import time
@@ -26,11 +28,41 @@ def new_run_id() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
-def resolve(run_dir: str | None, environ: Mapping[str, str]) -> tuple[str, str]:
-    """``(run_id, run_dir)``: the id from ``FTMPI_RUN_ID`` or a new one; the directory from
-    ``run_dir`` (``--run-dir``), ``FTMPI_RUN_DIR`` or ``runs/<id>``."""
-    run_id = environ.get("FTMPI_RUN_ID") or new_run_id()
-    return run_id, run_dir or environ.get("FTMPI_RUN_DIR") or os.path.join("runs", run_id)
+def resolve(
+    run_dir: str | None, environ: Mapping[str, str], *, resume: bool = False
+) -> tuple[str, str]:
+    """``(run_id, run_dir)``: the id from ``FTMPI_RUN_ID``, else (resuming a run directory that
+    holds a run) the id recorded there, else a new one; the directory from ``run_dir``
+    (``--run-dir``), ``FTMPI_RUN_DIR`` or ``runs/<id>``. A resumed run keeps its identity, so
+    its snapshots are its own."""
+    directory = run_dir or environ.get("FTMPI_RUN_DIR")
+    run_id = environ.get("FTMPI_RUN_ID") or (
+        recorded_run_id(directory) if resume and directory else None
+    )
+    run_id = run_id or new_run_id()
+    return run_id, directory or os.path.join("runs", run_id)
+
+
+def recorded_run_id(run_dir: str) -> str | None:
+    """The run id ``run_dir``'s ``launcher.json`` (else ``manifest.json``) records, if any."""
+    for name in (LAUNCHER_RECORD, "manifest.json"):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            with open(os.path.join(run_dir, name)) as f:
+                run_id = json.load(f).get("run_id")
+            if isinstance(run_id, str) and run_id:
+                return run_id
+    return None
+
+
+def refuse_other_unfinished(run_dir: str, run_id: str) -> None:
+    """Raise :class:`RunDirError` if ``run_dir`` holds another run that did not finish: its
+    snapshots are what a resume of it needs, and a new run must not overwrite them."""
+    other = recorded_run_id(run_dir)
+    if other is not None and other != run_id and not is_finished(run_dir):
+        raise RunDirError(
+            f"{run_dir} holds run {other}, which did not finish; resume it with --resume, or "
+            "choose another --run-dir (nothing was overwritten)"
+        )
 
 
 def is_finished(run_dir: str) -> bool:

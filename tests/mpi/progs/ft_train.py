@@ -2,10 +2,12 @@
 ftmpi.run so rollbacks replay the same batches. Worker 0 prints one JSON line at the end.
 
     ft_train.py STEPS [--corrupt-at STEP] [--usr1-at STEP] [--step-sleep S] [--hidden N]
+                      [--raise-at STEP [--raise-worker W]]
 
 --corrupt-at: worker 0 truncates the newest snapshot; --usr1-at: worker 0 sends itself SIGUSR1
 (a checkpoint request); --step-sleep: extra seconds per step (to span a server's down time);
---hidden: width of the hidden layer (another model, e.g. to resume from a mismatched snapshot).
+--hidden: width of the hidden layer (another model, e.g. to resume from a mismatched snapshot);
+--raise-at: worker --raise-worker (default 1) raises ValueError at that step (a bug on one rank).
 """
 
 import argparse
@@ -28,6 +30,8 @@ p.add_argument("--corrupt-at", type=int, default=0)
 p.add_argument("--usr1-at", type=int, default=0, help="worker 0 sends itself SIGUSR1 here")
 p.add_argument("--step-sleep", type=float, default=0.0, help="seconds of extra work per step")
 p.add_argument("--hidden", type=int, default=64, help="width of the hidden layer")
+p.add_argument("--raise-at", type=int, default=-1, help="a worker raises ValueError here")
+p.add_argument("--raise-worker", type=int, default=1, help="the worker that raises")
 args = p.parse_args()
 
 rt = ftmpi.init()
@@ -60,6 +64,8 @@ def train(state):
             d = rt.config.snapshot_dir
             newest = snapshot_path(d, 0, list_versions(d, 0)[-1])
             os.truncate(newest, os.path.getsize(newest) // 2)
+        if step == args.raise_at and me == args.raise_worker:
+            raise ValueError(f"a bug in the training script at step {step}")
         if args.usr1_at and step == args.usr1_at and me == 0:
             os.kill(os.getpid(), signal.SIGUSR1)
         torch.manual_seed(step_seed(0, step, me))

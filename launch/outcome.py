@@ -1,0 +1,128 @@
+"""What an attempt of a job came to, from the run's own record: the exit status is the outcome.
+
+``mpirun``'s exit status does not say whether training finished: Open MPI 5 exits 137 after a job
+that survived the death of a re-spawned rank (open-mpi/ompi#13325), and 0 after its runtime ended
+the whole job because a node was lost. :func:`judge` reads the run directory instead:
+
+======  =====================================================================================
+status  meaning
+======  =====================================================================================
+0       training finished: ``summary.json`` says every worker reached the end
+1       a rank raised an uncaught exception (``fatal.json``: which rank and role, the error)
+2       bad input: a configuration or storage error a rank raised (one line, no traceback)
+3       the job ended before its workers finished, for no reason ftmpi could name
+4       a node was lost (PRRTE lost its daemon there and ended the job)
+5       a wait ran out of time (``CommTimeout``: a peer that neither answered nor died)
+75      a recovery could not complete (a rank died during ``MPI_Comm_spawn``; see the README)
+128+N   ended by signal N (``ftmpi-run`` itself was interrupted, or the job was killed)
+======  =====================================================================================
+
+``python -m launch.outcome RUN_DIR`` prints a run's outcome and exits with its status (what the
+Slurm scripts end with).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ftmpi.events import read_events
+from ftmpi.fatal import RAISED_EXIT, USER_ERROR_EXIT, read_fatal
+from launch.rundir import is_finished
+
+FINISHED = 0
+UNFINISHED = 3
+NODE_LOST = 4
+TIMED_OUT = 5
+STUCK = 75
+
+_LOST_DAEMON = re.compile(
+    r"lost communication with a remote daemon|daemon failed to report back|"
+    r"A daemon .* has unexpectedly failed|lost connection to a remote daemon",
+    re.I,
+)
+_REMOTE = re.compile(r"Remote daemon:.*? on node (\S+)|daemon on node (\S+)", re.I)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """An attempt's result: the exit status and one line saying what happened."""
+
+    status: int
+    cause: str
+
+    @property
+    def finished(self) -> bool:
+        return self.status == FINISHED
+
+    @property
+    def retryable(self) -> bool:
+        """Whether a relaunch (``--max-restarts``) can help: not after bad input, not after
+        an interruption by the user."""
+        return self.status not in (FINISHED, USER_ERROR_EXIT) and self.status < 128
+
+
+def judge(
+    run_dir: str,
+    returncode: int | None,
+    output: Sequence[str] = (),
+    *,
+    since: float = 0.0,
+    signal_name: str | None = None,
+) -> Outcome:
+    """The outcome of the attempt that started at ``since`` and ended with ``returncode``
+    (negative: killed by that signal), from ``run_dir`` and the attempt's ``output`` lines."""
+    rc = 128 - returncode if returncode is not None and returncode < 0 else int(returncode or 0)
+    if is_finished(run_dir):
+        return Outcome(FINISHED, "training finished (summary.json: every worker finished)")
+    if signal_name is not None:
+        return Outcome(rc if rc >= 128 else 128 + 15, f"interrupted by {signal_name}")
+    fatal = read_fatal(run_dir)
+    if fatal is not None and float(fatal.get("time", 0)) >= since:
+        where = f"{fatal.get('role', 'a rank')} (rank {fatal.get('rank')})"
+        what = f"{fatal.get('type')}: {fatal.get('message')}"
+        if fatal.get("type") == "CommTimeout":
+            return Outcome(TIMED_OUT, f"a wait ran out of time on {where}: {what}")
+        status = USER_ERROR_EXIT if fatal.get("user_error") else RAISED_EXIT
+        return Outcome(status, f"{where} raised {what}")
+    text = "".join(output)
+    if _LOST_DAEMON.search(text):
+        node = _REMOTE.search(text)
+        name = next((g for g in node.groups() if g), None) if node else None
+        where = f"node {name}" if name else "a node"
+        return Outcome(
+            NODE_LOST,
+            f"{where} was lost: Open MPI's runtime lost its daemon there and ended the whole job",
+        )
+    stuck = [e for e in read_events(run_dir) if e.get("event") == "recovery_stuck"]
+    if any(float(e.get("time", 0)) >= since for e in stuck):
+        return Outcome(
+            STUCK,
+            "a recovery could not complete (a rank died while a replacement was being spawned)",
+        )
+    if rc >= 128:
+        return Outcome(rc, f"the job was ended by signal {rc - 128} before training finished")
+    if rc:
+        return Outcome(rc, f"the job exited with status {rc} before training finished")
+    return Outcome(
+        UNFINISHED,
+        "the job ended (mpirun status 0) before its workers finished training (no summary.json "
+        "saying so)",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m launch.outcome RUN_DIR``: print the run's outcome, exit with its status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python -m launch.outcome RUN_DIR", file=sys.stderr)
+        return 2
+    outcome = judge(args[0], 0)
+    print(f"ftmpi: {args[0]}: {outcome.cause} (status {outcome.status})")
+    return outcome.status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
