@@ -40,7 +40,7 @@ STUCK = 75
 
 _LOST_DAEMON = re.compile(
     r"lost communication with a remote daemon|daemon failed to report back|"
-    r"A daemon .* has unexpectedly failed|lost connection to a remote daemon",
+    r"daemon has unexpectedly failed|lost connection to a remote daemon",
     re.I,
 )
 _REMOTE = re.compile(r"Remote daemon:.*? on node (\S+)|daemon on node (\S+)", re.I)

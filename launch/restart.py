@@ -42,9 +42,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import json
-import os
 import shlex
 import signal
 import subprocess
@@ -59,6 +57,7 @@ from typing import IO, Any
 from ftmpi.fatal import read_fatal
 from ftmpi.faults import KillSpec, format_schedule
 from ftmpi.manifest import write_json_atomic
+from ftmpi.runtime import die_with_parent
 from launch.kills import log_injected, logged_kills, remaining_schedule
 from launch.noise import OutputFilter, open_log
 from launch.outcome import Outcome, judge
@@ -392,9 +391,6 @@ def _catch_stop_signals(interrupted: list[str]) -> dict[int, Any]:
 
 def _die_with_parent() -> None:
     """In the child before exec: receive SIGTERM when ``ftmpi-run`` dies (even by SIGKILL),
-    so prterun ends the job instead of running on without a parent."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)
+    so prterun ends the job instead of running on without a parent (its ranks, in turn, die
+    with prterun: see ``ftmpi.runtime.init``)."""
+    die_with_parent(signal.SIGTERM)

@@ -143,6 +143,8 @@ print(json.dumps({k: v for k, v in os.environ.items() if k.startswith("FTMPI_")}
 if os.environ.get("FTMPI_RESUME") != "1":
     print("ftmpi: injected failure: server:0@step=3 (pid 1)", file=sys.stderr, flush=True)
     sys.exit(5)
+with open(os.path.join(os.environ["FTMPI_RUN_DIR"], "summary.json"), "w") as f:
+    json.dump({"run_id": "rid", "finished": True}, f)
 """
 
 
@@ -183,6 +185,67 @@ def test_restart_loop_gives_up_after_max_restarts(tmp_path):
         process_env=lambda e: {**BASE, **e},
     )
     assert report.restarts == 1 and report.returncode == 3
+    assert "before training finished" in report.final_line()
+
+
+def test_a_job_that_exits_0_without_finishing_training_is_a_failure(tmp_path, capfd):
+    report = LaunchReport("rid", str(tmp_path), 0, "", None)
+    run_with_restarts(
+        lambda e: [sys.executable, "-c", "print('bye')"],
+        {},
+        report,
+        schedule=[],
+        job_start=0.0,
+        process_env=lambda e: {**BASE, **e},
+    )
+    out = capfd.readouterr().out
+    assert report.returncode == 3 and report.attempts[0].returncode == 0
+    assert "mpirun exited with status 0, but the job ended" in out
+    assert json.loads((tmp_path / "launcher.json").read_text())["finished"] is False
+
+
+def test_a_finished_job_that_exits_non_zero_is_a_success_and_said_so(tmp_path, capfd):
+    job = (
+        "import json, os, sys\n"
+        f"json.dump({{'finished': True}}, open({str(tmp_path / 'summary.json')!r}, 'w'))\n"
+        "sys.exit(137)"
+    )
+    report = LaunchReport("rid", str(tmp_path), 2, "", None)
+    run_with_restarts(
+        lambda e: [sys.executable, "-c", job],
+        {},
+        report,
+        schedule=[],
+        job_start=0.0,
+        process_env=lambda e: {**BASE, **e},
+    )
+    assert report.returncode == 0 and report.restarts == 0
+    assert "mpirun exited with status 137, but every worker finished" in capfd.readouterr().out
+
+
+def test_a_resume_appends_to_the_launcher_record(tmp_path):
+    job = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    for _ in range(2):
+        report = LaunchReport("rid", str(tmp_path), 0, "", None)
+        report.load_earlier()
+        run_with_restarts(
+            lambda e: job, {}, report, schedule=[], job_start=0.0, process_env=lambda e: BASE
+        )
+    record = json.loads((tmp_path / "launcher.json").read_text())
+    assert [a["number"] for a in record["earlier_attempts"]] == [0]
+    assert [a["number"] for a in record["attempts"]] == [1]
+
+
+def test_the_resume_command_names_the_run_directory():
+    from launch.cli import resume_command
+
+    argv = ["-np", "2", "--steps", "9", "--", "python", "t.py", "--resume"]
+    assert resume_command(argv, ["python", "t.py", "--resume"], "runs/x") == (
+        "ftmpi-run -np 2 --steps 9 --resume --run-dir runs/x -- python t.py --resume"
+    )
+    assert resume_command(["-np", "2", "python", "t.py"], ["python", "t.py"], "r") == (
+        "ftmpi-run -np 2 --resume --run-dir r python t.py"
+    )
 
 
 def test_summary_subcommand_prints_results_config_restarts_and_events(tmp_path, capsys):
