@@ -1,5 +1,5 @@
 # ftmpi: two commands on a fresh machine with Python >= 3.11:
-#   make demo   set up .venv (idempotent) and run the main demo: 1 server + 2 workers on digits
+#   make demo   set up .venv (idempotent) and run the demo: a chain loses its head mid-run
 #   make test   set up .venv (idempotent) and run the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile scripts/install-horovod.sh
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/ftmpi-run -np 2 --servers 1 -- $(PY) examples/paper_trainer.py --steps 300
+	$(PY) examples/demo.py
 
 test: setup
 	$(PY) -m pytest -q -ra

@@ -129,12 +129,18 @@ class HorovodBackend(MPIBackend):
             )
 
     def _wait(self, handle: int, what: str) -> torch.Tensor:
+        """Wait for a Horovod collective. Horovod does not see ULFM: a worker that is waiting
+        here when another worker starts a recovery (a server died) would wait for a peer that
+        is no longer coming, so the workers' communicator is watched too: once the recovery
+        has revoked it, this raises ``PeerFailure`` and the worker joins the recovery."""
         deadline = time.monotonic() + self.timeout
         sleep = 20e-6
         try:
             while not self.hvd.poll(handle):
                 if time.monotonic() > deadline:
                     raise CommTimeout(f"{what}: no completion within {self.timeout:g} s")
+                if self.comm.Is_revoked():
+                    raise PeerFailure(f"{what}: a recovery began", MPI.ERR_REVOKED)
                 time.sleep(sleep)
                 sleep = min(sleep * 2, 200e-6)
             return self.hvd.synchronize(handle)
