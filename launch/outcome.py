@@ -17,8 +17,8 @@ status  meaning
 128+N   ended by signal N (``ftmpi-run`` itself was interrupted, or the job was killed)
 ======  =====================================================================================
 
-``python -m launch.outcome RUN_DIR`` prints a run's outcome and exits with its status (what the
-Slurm scripts end with).
+``python -m launch.outcome RUN_DIR [MPIRUN_STATUS]`` prints a run's outcome and exits with its
+status (what the Slurm scripts end with).
 """
 
 from __future__ import annotations
@@ -71,9 +71,11 @@ def judge(
     *,
     since: float = 0.0,
     signal_name: str | None = None,
+    injected: Sequence[str] = (),
 ) -> Outcome:
     """The outcome of the attempt that started at ``since`` and ended with ``returncode``
-    (negative: killed by that signal), from ``run_dir`` and the attempt's ``output`` lines."""
+    (negative: killed by that signal), from ``run_dir``, the attempt's ``output`` lines and
+    the ``ftmpi: injected failure`` lines its ranks printed (``injected``)."""
     rc = 128 - returncode if returncode is not None and returncode < 0 else int(returncode or 0)
     if is_finished(run_dir):
         return Outcome(FINISHED, "training finished (summary.json: every worker finished)")
@@ -102,10 +104,14 @@ def judge(
             STUCK,
             "a recovery could not complete (a rank died while a replacement was being spawned)",
         )
+    after = ""
+    if injected:
+        specs = [line.split("injected failure: ", 1)[-1].split()[0] for line in injected]
+        after = f" after the injected failure {', '.join(specs)}"
     if rc >= 128:
-        return Outcome(rc, f"the job was ended by signal {rc - 128} before training finished")
+        return Outcome(rc, f"the job was ended by signal {rc - 128}{after} before it finished")
     if rc:
-        return Outcome(rc, f"the job exited with status {rc} before training finished")
+        return Outcome(rc, f"the job exited with status {rc}{after} before training finished")
     return Outcome(
         UNFINISHED,
         "the job ended (mpirun status 0) before its workers finished training (no summary.json "
@@ -114,12 +120,13 @@ def judge(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m launch.outcome RUN_DIR``: print the run's outcome, exit with its status."""
+    """``python -m launch.outcome RUN_DIR [MPIRUN_STATUS]``: print the run's outcome (judged
+    from the run directory and, when given, the MPI launcher's exit status); exit with it."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        print("usage: python -m launch.outcome RUN_DIR", file=sys.stderr)
+    if len(args) not in (1, 2) or (len(args) == 2 and not args[1].lstrip("-").isdigit()):
+        print("usage: python -m launch.outcome RUN_DIR [MPIRUN_STATUS]", file=sys.stderr)
         return 2
-    outcome = judge(args[0], 0)
+    outcome = judge(args[0], int(args[1]) if len(args) == 2 else 0)
     print(f"ftmpi: {args[0]}: {outcome.cause} (status {outcome.status})")
     return outcome.status
 

@@ -218,6 +218,7 @@ def run_with_restarts(
             tail,
             since=attempt.started,
             signal_name=attempt.signal,
+            injected=attempt.injected,
         )
         attempt.status, attempt.cause = outcome.status, outcome.cause
         if report.attempts:
