@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
 
-from tests.conftest import PROGS, ROOT
+from tests.conftest import PROGS, ROOT, run_command
 
 pytestmark = pytest.mark.mpi
 
@@ -41,6 +44,29 @@ def test_horovod_ranks_match_ftmpi_and_servers_stay_out(mpi, compression):
     for i, r in enumerate(reports):
         assert (r["hvd_rank"], r["hvd_size"]) == (r["rank"], r["size"]) == (i, 3)
     assert reports[0]["servers_in_horovod"] == [False]
+
+
+def test_a_chain_head_killed_under_the_horovod_backend_is_survived_bit_exact(tmp_path):
+    """A worker waiting in a Horovod collective while another starts a recovery joins it
+    (it waited out the timeout before); the run ends as the one without the failure."""
+    digests = []
+    for name, kill in (("ref", []), ("hit", ["--kill", "head@step=20"])):
+        run_dir = tmp_path / name
+        res = run_command(
+            [
+                *(sys.executable, "-m", "launch.cli", "-np", "2", "--servers", "3"),
+                *("--strategy", "chain", *kill, "--run-dir", str(run_dir), "--"),
+                *(sys.executable, str(PROGS / "ft_train.py"), "40"),
+            ],
+            env={"FTMPI_BACKEND": "horovod"},
+            timeout=150,
+        )
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["steps"] == 40
+        digests.append(summary["weights_sha256"])
+    assert "ftmpi: recovered: server 0 replaced" in res.stderr
+    assert digests[0] == digests[1]
 
 
 def test_bit_exact_through_the_horovod_backend(mpi):
