@@ -52,9 +52,12 @@ from ftmpi.sharding import Shard
 from ftmpi.snapshot import (
     SnapshotError,
     SnapshotWriter,
+    encoded_nbytes,
     incompatibility,
+    lineage,
     list_versions,
     read_snapshot,
+    require_room,
     snapshot_path,
 )
 from ftmpi.wire import Header, Kind
@@ -90,6 +93,9 @@ class ParameterServer:
         """World rank of a worker -> sequence number of its last applied push (async dedup)."""
         self.spec: dict[str, Any] = {}
         self.writer: SnapshotWriter | None = None
+        self.resumed_from: list[str] = []
+        """Runs this shard's state descends from (sorted; not this run): a resumed
+        run's later snapshots may replace theirs (see :func:`ftmpi.snapshot.lineage`)."""
         self.link = ChainLink(self) if rt.config.chained else None
         self.receive_buffer: np.ndarray | None = None
         """A mapped buffer for an expected state transfer (chain replacement, ``STATE_SIZE``)."""
@@ -128,6 +134,9 @@ class ParameterServer:
 
         Raises :class:`~ftmpi.wire.CommTimeout` if no request arrives for
         ``config.server_idle_timeout`` seconds, and :class:`~ftmpi.wire.PeerFailure` if a peer dies.
+        Raises :class:`~ftmpi.snapshot.SnapshotError` when a snapshot cannot be written (or,
+        written in the background, has failed by the end of the next request), so the job
+        ends instead of training on without durable state.
         """
         cfg = self.rt.config
         handlers = {
@@ -168,6 +177,8 @@ class ParameterServer:
                     self._drop(header, src)
                     continue
                 handler(header, src)
+                if self.writer is not None:  # a failed background write ends the job now
+                    self.writer.raise_if_failed()
             except wire.PeerFailure as exc:
                 if set(self.rt.workers) <= self.stopped:
                     # training is over and the workers are leaving: they will not join a
@@ -433,6 +444,7 @@ class ParameterServer:
             **spec,
             "format": 1,
             "run_id": self.rt.run_id,
+            "resumed_from": self.resumed_from,
             "version": self.version,
             "positions": positions,
             "rng": rng_policy(self.rt.config.seed),
@@ -440,8 +452,14 @@ class ParameterServer:
         self.writer.submit(self.version, meta, payload)
 
     def _ensure_writer(self) -> None:
+        """Create the snapshot writer once the shard's state exists, first checking that the
+        checkpoint directory has room for two snapshots of the model (this shard's size times
+        the shards, which share the directory); raises :class:`SnapshotError` if not."""
         if self.writer is None:
             cfg = self.rt.config
+            spec, payload = self._state()
+            shards = max(self.rt.num_shards, 1)
+            require_room(cfg.snapshot_dir, shards * encoded_nbytes(spec, payload))
             self.writer = SnapshotWriter(
                 cfg.snapshot_dir,
                 self.index,
@@ -472,16 +490,19 @@ class ParameterServer:
             except SnapshotError as exc:
                 self._warn(f"skipping invalid snapshot: {exc}")
                 continue
-            why = None if cfg.resume else self._foreign(snap.meta)
-            if why:  # an in-job rollback only returns to this run's own states
+            # a resumed job's first restore may start from any run's snapshots (the worker
+            # checks the model); later rollbacks return only to this state's own lineage
+            why = None if cfg.resume and self.optimizer is None else self._foreign(snap.meta)
+            if why:
                 self._warn(f"skipping snapshot {snap.path}: {why}")
                 continue
             valid.append(v)
         self._reply(src, Kind.JSON, wire.encode_json({"versions": valid}))
 
     def _foreign(self, meta: dict[str, Any]) -> str | None:
-        """Why a verified snapshot is not one of this run's states of this model, or None."""
-        if meta.get("run_id") != self.rt.run_id:
+        """Why a verified snapshot is not one of this run's states (or of a run it resumed
+        from) of this model, or None."""
+        if meta.get("run_id") not in {self.rt.run_id, *self.resumed_from}:
             return f"written by run {meta.get('run_id')!r}, not this run {self.rt.run_id!r}"
         return incompatibility(meta, self.spec["shard"]) if self.spec else None
 
@@ -508,6 +529,7 @@ class ParameterServer:
             if int(w) < len(workers)
         }
         self.last_seq = {}
+        self.resumed_from = sorted(str(r) for r in lineage(snap.meta) - {self.rt.run_id} if r)
         self._ensure_writer()
         events.emit(
             cfg.run_dir,

@@ -10,6 +10,15 @@ none. Loading verifies the magic, lengths and checksum and never executes code (
 bytes; no pickle). The writer keeps the newest ``keep`` snapshots of its shard and deletes
 older ones only after a newer one is durable. A background writer (``asynchronous=True``)
 takes a copy of the bytes and writes them while training continues.
+
+Identity: ``meta["run_id"]`` is the run that wrote a snapshot and ``meta["resumed_from"]`` the
+runs whose snapshots its state descends from (a resumed run's ancestors). A write
+may replace or prune only files of its own lineage (:func:`lineage`), so a resumed run's later
+snapshots replace the ones it resumed from, while another run's are never touched.
+
+Room: a checkpoint directory must hold :data:`ROOM_FOR` more snapshots than it does
+(:func:`require_room`); servers check when they first know their shard's size, and
+``ftmpi-run`` checks before it launches anything.
 """
 
 from __future__ import annotations
@@ -35,10 +44,16 @@ MAGIC = b"FTMPICK1"
 MAX_META_BYTES = 1 << 30
 """A metadata length above this is a damaged or foreign file, not a snapshot."""
 _NAME = re.compile(r"^shard(\d{3})-v(\d{12})\.ftck$")
+ROOM_FOR = 2
+"""Snapshots of the model a checkpoint directory must have free space for: the one being
+written while the previous ones still exist, and one to spare."""
+_FIX = "choose another directory with FTMPI_CHECKPOINT_DIR (ftmpi-run --checkpoint-dir)"
 
 
 class SnapshotError(ValueError):
-    """A snapshot file is missing, truncated, corrupt or from another model."""
+    """A snapshot file is missing, truncated, corrupt or from another model, or the checkpoint
+    directory cannot hold one (unwritable, full). The message names the file or directory and
+    the fix; it is a problem to fix and start again, not one to recover from in the job."""
 
 
 @dataclass(frozen=True)
@@ -86,8 +101,8 @@ def write_snapshot(
 
     Raises :class:`SnapshotError` naming the directory and the cause when it cannot be created
     or written (missing permissions, a full disk): nothing is left behind and no existing
-    snapshot is touched. A valid snapshot of another run (``meta["run_id"]``) under the same
-    name is never overwritten, and pruning deletes only this run's snapshots older than
+    snapshot is touched. A valid snapshot outside this write's :func:`lineage` under the same
+    name is never overwritten, and pruning deletes only the lineage's snapshots older than
     ``version`` (never a newer one, never another run's)."""
     directory = Path(directory)
     final = snapshot_path(directory, shard, version)
@@ -118,11 +133,74 @@ def write_snapshot(
         tmp.unlink(missing_ok=True)
         raise
     older = [v for v in list_versions(directory, shard) if v < version]
+    ours = lineage(meta)
     for old in older[: max(0, len(older) - (keep - 1))]:
         path = snapshot_path(directory, shard, old)
-        if read_meta(path).get("run_id") == meta.get("run_id"):
+        if read_meta(path).get("run_id") in ours:
             path.unlink(missing_ok=True)
     return final
+
+
+def lineage(meta: dict[str, Any]) -> set[str | None]:
+    """The runs whose snapshots a state described by ``meta`` supersedes: the run that wrote
+    it (``run_id``; None when unnamed, matching other unnamed snapshots) and the runs it
+    resumed from (``resumed_from``)."""
+    return {meta.get("run_id"), *meta.get("resumed_from", [])}
+
+
+def encoded_nbytes(meta: dict[str, Any], payload: Payload) -> int:
+    """Bytes of the snapshot file :func:`encode` makes of ``meta`` and ``payload``."""
+    head = len(json.dumps(meta, sort_keys=True).encode())
+    return len(MAGIC) + 8 + head + sum(int(s.nbytes) for s in segments_of(payload)) + 32
+
+
+def free_bytes(directory: str | os.PathLike[str]) -> int:
+    """Bytes an unprivileged writer may still use on the filesystem of ``directory`` (or of
+    its nearest existing parent, when it does not exist yet)."""
+    d = Path(directory).absolute()
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    st = os.statvfs(d)
+    return st.f_bavail * st.f_frsize
+
+
+def largest_snapshots(directory: str | os.PathLike[str]) -> int:
+    """Bytes of one snapshot of the whole model as ``directory`` holds them: the largest file
+    of each shard, summed (0 when it holds none)."""
+    largest: dict[int, int] = {}
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for e in entries:
+        m = _NAME.match(e.name)
+        if m:
+            with contextlib.suppress(OSError):
+                largest[int(m[1])] = max(largest.get(int(m[1]), 0), e.stat().st_size)
+    return sum(largest.values())
+
+
+def require_room(directory: str | os.PathLike[str], snapshot_nbytes: int) -> None:
+    """Raise :class:`SnapshotError` naming ``directory``, its free space and the fix unless it
+    has room for :data:`ROOM_FOR` more snapshots of ``snapshot_nbytes`` bytes each."""
+    need = ROOM_FOR * snapshot_nbytes
+    free = free_bytes(directory)
+    if free < need:
+        raise SnapshotError(
+            f"checkpoint directory {directory} has {format_bytes(free)} free, less than the "
+            f"{format_bytes(need)} that {ROOM_FOR} snapshots of {format_bytes(snapshot_nbytes)} "
+            f"need; free space there or {_FIX}"
+        )
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes for a message: ``512 B``, ``64.0 KiB``, ``3.2 GiB``."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
 
 
 def make_private_dir(directory: Path) -> None:
@@ -143,24 +221,23 @@ def make_private_dir(directory: Path) -> None:
 def _write_error(directory: Path, exc: OSError) -> SnapshotError:
     return SnapshotError(
         f"cannot write a snapshot in {directory}: {exc.strerror or exc} "
-        f"(errno {exc.errno}); make the directory writable, free space, or choose another "
-        "with FTMPI_CHECKPOINT_DIR (ftmpi-run --checkpoint-dir)"
+        f"(errno {exc.errno}); make the directory writable, free space, or {_FIX}"
     )
 
 
 def _refuse_foreign(final: Path, meta: dict[str, Any]) -> None:
-    """Refuse to replace a valid snapshot written by another run."""
+    """Refuse to replace a valid snapshot written by a run outside ``meta``'s lineage."""
     if not final.exists():
         return
     try:
         other = read_snapshot(final).meta.get("run_id")
     except SnapshotError:
         return  # an invalid file may be replaced
-    if other != meta.get("run_id"):
+    if other not in lineage(meta):
         raise SnapshotError(
             f"{final} is a valid snapshot of run {other!r}, not of this run "
-            f"{meta.get('run_id')!r}; refusing to overwrite it: give this run its own "
-            "FTMPI_CHECKPOINT_DIR"
+            f"{meta.get('run_id')!r} nor of a run it resumed from; refusing to overwrite it: "
+            "give this run its own FTMPI_CHECKPOINT_DIR, or resume from it (FTMPI_RESUME=1)"
         )
 
 
@@ -278,8 +355,7 @@ class SnapshotWriter:
         """Snapshot ``payload`` (one array or segments) at ``version``. Synchronous: written
         from the caller's memory before returning. Asynchronous: copied now (once), so the
         caller may change its tensors as soon as this returns."""
-        if self.error is not None:
-            raise SnapshotError(f"background snapshot writer failed: {self.error}")
+        self.raise_if_failed()
         if self._queue is None:
             write_snapshot(self.directory, self.shard, version, meta, payload, keep=self.keep)
             self.written.append(version)
@@ -299,9 +375,15 @@ class SnapshotWriter:
             finally:
                 self._queue.task_done()
 
-    def flush(self) -> None:
-        """Wait until every submitted snapshot is durable."""
-        if self._queue is not None:
-            self._queue.join()
+    def raise_if_failed(self) -> None:
+        """Raise :class:`SnapshotError` if a background write has failed (its message says
+        why and the fix); the caller should end the job rather than train on without
+        snapshots."""
         if self.error is not None:
             raise SnapshotError(f"background snapshot writer failed: {self.error}")
+
+    def flush(self) -> None:
+        """Wait until every submitted snapshot is durable; raises as :meth:`raise_if_failed`."""
+        if self._queue is not None:
+            self._queue.join()
+        self.raise_if_failed()

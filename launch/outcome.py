@@ -24,6 +24,7 @@ status (what the Slurm scripts end with).
 from __future__ import annotations
 
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,6 +53,8 @@ class Outcome:
 
     status: int
     cause: str
+    interrupted: bool = False
+    """``ftmpi-run`` itself was interrupted (a signal to it, not to the job)."""
 
     @property
     def finished(self) -> bool:
@@ -61,7 +64,7 @@ class Outcome:
     def retryable(self) -> bool:
         """Whether a relaunch (``--max-restarts``) can help: not after bad input, not after
         an interruption by the user."""
-        return self.status not in (FINISHED, USER_ERROR_EXIT) and self.status < 128
+        return self.status not in (FINISHED, USER_ERROR_EXIT) and not self.interrupted
 
 
 def judge(
@@ -80,7 +83,8 @@ def judge(
     if is_finished(run_dir):
         return Outcome(FINISHED, "training finished (summary.json: every worker finished)")
     if signal_name is not None:
-        return Outcome(rc if rc >= 128 else 128 + 15, f"interrupted by {signal_name}")
+        code = 128 + int(getattr(signal, signal_name, signal.SIGTERM))
+        return Outcome(code, f"interrupted by {signal_name}", interrupted=True)
     fatal = read_fatal(run_dir)
     if fatal is not None and float(fatal.get("time", 0)) >= since:
         where = f"{fatal.get('role', 'a rank')} (rank {fatal.get('rank')})"

@@ -50,3 +50,23 @@ def test_resume_with_another_model_names_the_parameters(mpi, tmp_path):
     assert "3.weight: model [4, 32], snapshot [4, 64]" in res.stderr
     # the other model's snapshots are left exactly as they were
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+
+
+MIXED_DTYPES = """
+import torch
+import ftmpi
+ftmpi.init()
+model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2).double())
+ftmpi.DistributedOptimizer(
+    torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters()
+)
+"""
+
+
+def test_mixed_dtypes_end_the_job_with_one_line(mpi, tmp_path):
+    env = {"FTMPI_SERVERS": "1", "FTMPI_BACKEND": "mpi", "FTMPI_RUN_DIR": str(tmp_path / "run")}
+    res = mpi(3, ["-c", MIXED_DTYPES], env={**env, "FTMPI_TIMEOUT": "120"}, timeout=100)
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.splitlines() if "share one dtype" in line]
+    assert len(lines) == 1 and "UserError" in lines[0] and "model.float()" in lines[0], lines
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]

@@ -35,7 +35,7 @@ def test_an_unfinished_run_is_never_0(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"finished": False}))
     outcome = judge(str(tmp_path), 0)
     assert outcome.status == UNFINISHED and "before its workers finished" in outcome.cause
-    assert judge(str(tmp_path), 137).status == 137
+    assert judge(str(tmp_path), 137).status == 137 and judge(str(tmp_path), 137).retryable
     assert judge(str(tmp_path), -9).status == 137
 
 
@@ -60,8 +60,9 @@ def test_a_rank_that_raised_is_named_and_bad_input_is_not_retried(tmp_path):
 
 
 def test_an_interruption_is_named_and_not_retried(tmp_path):
-    outcome = judge(str(tmp_path), -15, signal_name="SIGTERM")
+    outcome = judge(str(tmp_path), 0, signal_name="SIGTERM")
     assert outcome.status == 143 and "SIGTERM" in outcome.cause and not outcome.retryable
+    assert judge(str(tmp_path), 0, signal_name="SIGHUP").status == 129
 
 
 def _filtered(text: str, *, fatal: bool = False) -> tuple[str, str]:

@@ -34,6 +34,7 @@ from ftmpi.snapshot import (
     list_versions,
     newest_valid,
     read_snapshot,
+    require_room,
     snapshot_path,
     write_snapshot,
 )
@@ -145,6 +146,30 @@ def test_another_runs_snapshots_are_never_overwritten_or_pruned(tmp_path):
     with pytest.raises(SnapshotError, match=r"valid snapshot of run 'other'.*refusing"):
         write_snapshot(tmp_path, 0, 20, _meta(20), np.zeros(4, np.uint8), keep=1)
     assert read_snapshot(snapshot_path(tmp_path, 0, 20)).meta["run_id"] == "other"
+
+
+def test_a_resumed_run_replaces_and_prunes_its_lineage_but_no_other_run(tmp_path):
+    for v in (20, 30, 40):
+        write_snapshot(tmp_path, 0, v, _meta(v, "first"), np.ones(4, np.uint8), keep=3)
+    resumed = {**_meta(40, "again"), "resumed_from": ["first"]}
+    write_snapshot(tmp_path, 0, 40, resumed, np.zeros(4, np.uint8), keep=3)  # over first's 40
+    assert read_snapshot(snapshot_path(tmp_path, 0, 40)).meta["run_id"] == "again"
+    for v in (50, 60):
+        write_snapshot(tmp_path, 0, v, {**resumed, "version": v}, np.zeros(4, np.uint8), keep=3)
+    assert list_versions(tmp_path, 0) == [40, 50, 60]  # first's 20 and 30 pruned as its own
+    # a run outside the lineage still may not replace them
+    with pytest.raises(SnapshotError, match=r"run 'again', not of this run 'other'.*refusing"):
+        write_snapshot(tmp_path, 0, 50, _meta(50, "other"), np.ones(4, np.uint8), keep=3)
+    assert read_snapshot(snapshot_path(tmp_path, 0, 50)).meta["run_id"] == "again"
+
+
+def test_too_little_room_for_two_snapshots_is_a_clear_error(tmp_path):
+    d = tmp_path / "full"
+    with full_disk(d):
+        with pytest.raises(SnapshotError, match=r"has .* free, less than the .* that 2 snapshots"):
+            require_room(d, TINY)
+        require_room(d, TINY // 4)
+    require_room(tmp_path / "not" / "yet", 1024)  # measured on the nearest existing parent
 
 
 def test_pruning_never_deletes_a_newer_snapshot(tmp_path):
