@@ -93,8 +93,9 @@ def main() -> None:
         model.eval()
         with torch.no_grad():
             acc = (model(test_x).argmax(1) == test_y).float().mean().item()
-        digest = hashlib.sha256()
-        for _, t in sorted(model.state_dict().items()):
+        digest = hashlib.sha256()  # names and raw bytes in name order, as ftmpi's summary.json
+        for name, t in sorted(model.state_dict().items()):
+            digest.update(name.encode())
             digest.update(t.detach().numpy().tobytes())
         print(
             json.dumps(

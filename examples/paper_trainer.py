@@ -5,8 +5,10 @@ Run on every rank of one MPI job, e.g. one server and two workers::
     ftmpi-run -np 2 --servers 1 -- python examples/paper_trainer.py --steps 300
 
 Worker 0 evaluates on the held-out split every ``--eval-every`` steps, writes
-``metrics.csv``/``metrics.jsonl``/``manifest.json``/``summary.json`` to the run directory and
-prints a results table at the end. It also writes ``steps.csv``: the wall-clock (``time.time()``)
+``metrics.csv``/``metrics.jsonl`` to the run directory, adds the data and its arguments to the
+``manifest.json`` that ``ftmpi.init()`` wrote, hands its results to ``ftmpi.record`` (ftmpi
+writes them into ``summary.json`` and the manifest's outcome at exit) and prints a results table
+at the end. It also writes ``steps.csv``: the wall-clock (``time.time()``)
 start and end of each of its training steps, redone steps after a rollback included, which is
 what ``ftmpi-run experiment`` derives idle time and lost updates from.
 """
@@ -25,8 +27,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import ftmpi
+from ftmpi import record
 from ftmpi.datasets import load_dataset
-from ftmpi.manifest import record_outcome, weights_sha256, write_json_atomic, write_manifest
+from ftmpi.manifest import weights_sha256, write_manifest
 from ftmpi.metrics import MetricsWriter
 from ftmpi.models import PaperCNN
 from ftmpi.sampler import ShardedBatches
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     lead = me == 0
     metrics = None
     run_dir = args.run_dir or rt.config.run_dir or os.path.join("runs", rt.run_id)
-    write_manifest(  # every worker takes part (their hosts are gathered); worker 0 writes
+    write_manifest(  # adds to the manifest ftmpi.init() wrote (worker 0)
         rt,
         run_dir,
         data={
@@ -225,13 +228,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "weights_sha256": weights_sha256(model),
         "step_times_ms": opt.step_times(),
     }
-    write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
-    record_outcome(
-        run_dir,
-        {
-            **{k: summary[k] for k in OUTCOME},
-            "best_test_accuracy": max(r["test_accuracy"] for r in metrics.records),
-        },
+    record.add_summary(**summary)  # ftmpi writes summary.json with them at exit
+    record.add_outcome(
+        **{k: summary[k] for k in OUTCOME},
+        best_test_accuracy=max(r["test_accuracy"] for r in metrics.records),
     )
     metrics.close()
     print_table(metrics.records, summary)

@@ -1,11 +1,16 @@
 """The run manifest: what produced a run, written to ``<run_dir>/manifest.json`` by worker 0.
 
-It records the configuration (every ``FTMPI_*`` setting), seeds and the RNG policy, software
-versions (Python, torch, numpy, mpi4py, the MPI library, Horovod and its build flags), the CPU
-and GPU models, the rank layout with each worker's host, the training script's content hash and
-git commit (dirty flag, diff hash), the data's content hash, the determinism settings and their
-caveats, and the failure schedule. :func:`record_outcome` adds, at the end, the failures that
-happened (from ``events.jsonl``) and the outcome (final weights hash, accuracy).
+``ftmpi.init()`` writes it for any script (:func:`write_manifest`, on every worker but a late
+joiner, into ``config.run_dir`` or ``runs/<run id>``). It records the configuration (every
+``FTMPI_*`` setting), seeds and the RNG policy, software versions (Python, torch, numpy,
+mpi4py, the MPI library, Horovod and its build flags), the CPU and GPU models, the rank layout
+with each worker's host, the training script (``__main__``'s file: its path, content hash and
+git commit, dirty flag, diff hash), the determinism settings and their caveats, and the failure
+schedule. A trainer may add fields afterwards (another :func:`write_manifest` call in the same
+process: e.g. the data's content hash and its own arguments), which updates the same manifest.
+At the end of training :mod:`ftmpi.record` calls :func:`record_outcome`, which adds the failures
+that happened (from ``events.jsonl``) and the outcome (final weights hash, steps, and the
+trainer's own results such as accuracy).
 
 Files are written atomically (temporary name, fsync, rename), so a reader never sees half a
 manifest. :func:`read_manifest` refuses a manifest of a newer :data:`FORMAT_VERSION` with a
@@ -24,6 +29,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -161,6 +167,17 @@ def git_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     }
 
 
+def script_record(script: str | None) -> dict[str, Any]:
+    """The script section: absolute path, content hash and git state (``{}`` without a file)."""
+    if not script or not os.path.isfile(script):
+        return {}
+    return {
+        "path": os.path.abspath(script),
+        "sha256": file_sha256(script),
+        "git": git_state(script),
+    }
+
+
 def build_manifest(
     config: Config,
     *,
@@ -175,20 +192,16 @@ def build_manifest(
 ) -> dict[str, Any]:
     """Collect the manifest of this run (no I/O except reading the script, git and /proc).
 
-    ``layout`` (from :func:`rank_layout`) replaces the plain role table built from the counts.
+    ``script`` defaults to :func:`main_script`. ``layout`` (from :func:`rank_layout`) replaces
+    the plain role table built from the counts. ``started`` is when this job (this attempt of
+    the run) wrote its manifest, ``time.time()``.
     """
-    script = script or (sys.argv[0] if sys.argv and sys.argv[0] else None)
-    script_info: dict[str, Any] = {}
-    if script and os.path.isfile(script):
-        script_info = {
-            "path": os.path.abspath(script),
-            "sha256": file_sha256(script),
-            "git": git_state(script),
-        }
+    script_info = script_record(script or main_script())
     return {
         "format_version": FORMAT_VERSION,
         "run_id": run_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "started": time.time(),
         "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "extra"},
         "ftmpi_env": {k: v for k, v in os.environ.items() if k.startswith("FTMPI_")},
         "environment": {k: os.environ[k] for k in ENVIRONMENT if k in os.environ},
@@ -233,54 +246,118 @@ def rank_layout(rt: Runtime) -> dict[str, Any]:
     }
 
 
+def main_script() -> str | None:
+    """The training script: ``__main__``'s file (``sys.argv[0]`` if it has none, e.g. under
+    ``python -m``), or ``None`` (``python -c``, an interactive session)."""
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main:
+        return str(main)
+    return sys.argv[0] if sys.argv and sys.argv[0] not in ("", "-c") else None
+
+
+def default_run_dir(rt: Runtime) -> str:
+    """The run's directory: ``config.run_dir``, else ``runs/<run id>`` (relative to the
+    working directory)."""
+    return rt.config.run_dir or os.path.join("runs", rt.run_id)
+
+
+@dataclasses.dataclass
+class _Written:
+    layout: dict[str, Any] | None = None
+    """The rank layout this process gathered (every worker, at its first call)."""
+    paths: set[Path] = dataclasses.field(default_factory=set)
+    """Manifests this process wrote (worker 0)."""
+    last: Path | None = None
+    """The directory of the last one."""
+
+
+_written = _Written()
+
+
+def written_run_dir() -> str | None:
+    """The directory of the manifest this process wrote last (worker 0), else ``None``."""
+    return str(_written.last) if _written.last else None
+
+
 def write_manifest(
     rt: Runtime,
-    run_dir: str,
+    run_dir: str | None = None,
     *,
     data: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     script: str | None = None,
 ) -> dict[str, Any] | None:
-    """Gather the rank layout (collective: every worker calls this) and, on worker 0, write
-    ``<run_dir>/manifest.json``; returns the manifest there, ``None`` on other workers.
+    """Write ``<run_dir>/manifest.json`` (default :func:`default_run_dir`) on worker 0;
+    returns the manifest there, ``None`` on other workers.
 
+    ``ftmpi.init()`` calls this on every worker. The first call in a process gathers the rank
+    layout (collective: every worker makes it, so every worker must call this the same number
+    of times, or once only); a later call (a trainer adding ``data`` or ``extra`` fields)
+    gathers nothing and updates the manifest this process wrote: ``data`` replaces the data
+    section, ``extra``'s keys are set at the top level, ``script`` replaces the script section.
     A worker spawned to replace a dead one returns ``None`` at once (the run's manifest exists).
-    A relaunch of the same run (``ftmpi-run --max-restarts``) rewrites the manifest and keeps
-    the first attempt's failure schedule, counting the restarts in ``restarts``.
+    A relaunch of the same run (``ftmpi-run --max-restarts``: a new job) rewrites the manifest
+    and keeps the first attempt's failure schedule, counting the relaunches in ``restarts``.
+    Raises ``OSError`` on worker 0 if the directory cannot be written.
     """
     if rt.late_joiner:
         return None
-    layout = rank_layout(rt)
+    if _written.layout is None:
+        _written.layout = rank_layout(rt)
     if rt.role_rank != 0:
         return None
-    doc = build_manifest(
-        rt.config,
-        run_id=rt.run_id,
-        num_workers=rt.num_workers,
-        num_servers=rt.num_servers,
-        backend=rt.backend.name if rt.backend else "none",
-        script=script,
-        data=data,
-        extra=extra,
-        layout=layout,
-    )
-    path = Path(run_dir) / MANIFEST
-    if path.exists():
-        earlier = read_manifest(path)
-        if earlier.get("run_id") == rt.run_id:
-            doc["failures"] = earlier.get("failures", doc["failures"])
-            doc["restarts"] = int(earlier.get("restarts", 0)) + 1
+    path = Path(run_dir or default_run_dir(rt)) / MANIFEST
+    if path in _written.paths and path.exists():
+        doc = read_manifest(path)
+        if data is not None:
+            doc["data"] = data
+        if script is not None:
+            doc["script"] = script_record(script)
+        doc.update(extra or {})
+    else:
+        doc = build_manifest(
+            rt.config,
+            run_id=rt.run_id,
+            num_workers=rt.num_workers,
+            num_servers=rt.num_servers,
+            backend=rt.backend.name if rt.backend else "none",
+            script=script,
+            data=data,
+            extra=extra,
+            layout=_written.layout,
+        )
+        if path.exists():
+            earlier = read_manifest(path)
+            if earlier.get("run_id") == rt.run_id:
+                doc["failures"] = earlier.get("failures", doc["failures"])
+                doc["restarts"] = int(earlier.get("restarts", 0)) + 1
     write_json_atomic(path, doc)
+    _written.paths.add(path)
+    _written.last = path.parent
     return doc
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
     """SHA-256 of a model's parameters and buffers (names and raw bytes, in name order)."""
+    return named_sha256(model.state_dict().items())
+
+
+def named_sha256(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 of named tensors: each name (UTF-8) then the tensor's raw bytes (C order, on
+    the CPU), in name order. :func:`weights_sha256` of a model without buffers equals this of
+    its ``named_parameters()``."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in sorted(tensors, key=lambda item: item[0]):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(_raw_bytes(t))
     return h.hexdigest()
+
+
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    import torch
+
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
 def failures_happened(run_dir: str) -> dict[str, Any]:

@@ -33,9 +33,10 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from ftmpi import events
+from ftmpi import events, record
 from ftmpi.client import ServerClient
 from ftmpi.compression import Compression, Compressor, changes_dtype
+from ftmpi.fatal import UserError
 from ftmpi.faults import Injector, parse_schedule
 from ftmpi.loop import Rollback
 from ftmpi.membership import request_due_replacements
@@ -94,8 +95,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._ftmpi_params: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
         dtypes = {p.dtype for p in self._ftmpi_params}
         if len(dtypes) != 1:
-            raise TypeError(
-                f"all parameters must share one dtype; found {sorted(map(str, dtypes))}"
+            raise UserError(
+                f"all parameters must share one dtype; found {sorted(map(str, dtypes))}: "
+                "convert the model to one (e.g. model.float()) before wrapping its optimizer"
             )
         backend_name = rt.backend.name if rt.backend else "none"
         if backend_name != "horovod" and changes_dtype(compression, next(iter(dtypes))):
@@ -155,6 +157,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._join()
         elif rt.config.resume and rt.config.strategy == "checkpoint":
             self._resume()
+        record.track(self)  # its steps and weights go into the run's summary.json
 
     # ---------------------------------------------------------- Horovod API
 
@@ -585,6 +588,12 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._ftmpi_position = self._ftmpi_client.position = int(value)
 
     @property
+    def parameters_by_name(self) -> dict[str, torch.Tensor]:
+        """Every optimized parameter by its name (``named_parameters``' names, else Horovod's
+        ``param.N``): a new dict of the live tensors."""
+        return {name: p for p, name in self._ftmpi_names.items()}
+
+    @property
     def shards(self) -> list[Shard]:
         """The shard plan: which parameters each server owns."""
         return list(self._ftmpi_shards)
@@ -745,7 +754,8 @@ def DistributedOptimizer(
 
     Call :func:`ftmpi.init` first. The result is an instance of a subclass of
     ``type(optimizer)`` over the same param groups. Raises ``ValueError``/``TypeError`` for bad
-    arguments, unnamed or mixed-dtype parameters, before any communication.
+    arguments and unnamed parameters, :class:`ftmpi.fatal.UserError` for mixed-dtype ones,
+    before any communication.
     """
     op = _reduce_op(op)
     if not gradient_predivide_factor > 0:

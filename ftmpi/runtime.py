@@ -12,6 +12,7 @@ import atexit
 import contextlib
 import os
 import secrets
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ftmpi import fatal
 from ftmpi.config import Config
 from ftmpi.repro import apply_deterministic, warn_caveats
 from ftmpi.resources import start_from_env as start_resource_sampler
@@ -142,6 +144,9 @@ def init(servers: int | None = None, mode: str | None = None, **options: Any) ->
     global _RUNTIME
     if _RUNTIME is not None:
         return _RUNTIME
+    fatal.install()  # an uncaught exception on any rank ends the whole job (ftmpi.fatal)
+    if _parent_name() in MPI_DAEMONS:
+        die_with_parent(signal.SIGKILL)  # a rank whose launcher died is of no use
     config = Config.from_env(servers=servers, mode=mode, **options)
     apply_deterministic(config)
     start_resource_sampler(config.run_dir)  # FTMPI_SAMPLE_RESOURCES=<seconds>
@@ -152,6 +157,7 @@ def init(servers: int | None = None, mode: str | None = None, **options: Any) ->
         from ftmpi.membership import join_as_replacement
 
         _RUNTIME = rt = join_as_replacement(MPI.Comm.Get_parent())
+        fatal.install(rt)
         if rt.is_server:
             _run_server_and_exit(rt)
         _start_worker(rt)
@@ -183,6 +189,7 @@ def init(servers: int | None = None, mode: str | None = None, **options: Any) ->
     )
     rt.comms += [world, group]
     _RUNTIME = rt
+    fatal.install(rt)
     _catch_checkpoint_signal(rt)
     if not rt.ulfm and world.Get_rank() == 0 and config.strategy != "none":
         print(
@@ -218,6 +225,9 @@ def _start_worker(rt: Runtime) -> None:
     )
     if rt.role_rank == 0:
         warn_caveats(rt.config, backend=rt.backend.name, workers=rt.num_workers)
+    from ftmpi.manifest import write_manifest
+
+    write_manifest(rt)  # collective among the workers; worker 0 writes manifest.json
     atexit.register(shutdown)
 
 
@@ -263,6 +273,30 @@ def ulfm_enabled() -> bool:
     return flag.lower() in ("1", "true", "yes")
 
 
+MPI_DAEMONS = frozenset({"prterun", "prted", "mpirun", "mpiexec", "prte", "slurmstepd"})
+"""Parents of a rank: the MPI launcher or its node daemon, or Slurm's step daemon."""
+
+
+def die_with_parent(sig: int) -> None:
+    """Have the kernel send ``sig`` to this process when its parent dies
+    (``PR_SET_PDEATHSIG``; Linux only, a no-op elsewhere). Exits at once (status 1) if the
+    parent is already gone."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:
+        os._exit(1)
+
+
+def _parent_name() -> str:
+    try:
+        with open(f"/proc/{os.getppid()}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def _agree_run_id(world: MPI.Comm, config: Config) -> tuple[str, float]:
     """Worker 0's run id (from the config, or generated) and start time, known to every rank."""
     from ftmpi.wire import wait_all
@@ -281,16 +315,14 @@ def _agree_run_id(world: MPI.Comm, config: Config) -> tuple[str, float]:
 def _run_server_and_exit(rt: Runtime) -> None:
     from ftmpi.server import ParameterServer
 
-    code = 0
     try:
         ParameterServer(rt).serve()
-    except Exception as exc:  # the server's failure ends this rank, loudly
-        print(f"ftmpi server {rt.server_index} (rank {rt.world_rank}): {exc}", file=sys.stderr)
-        code = 1
+    except Exception as exc:  # a server's error is the job's: shown once, every rank ended
+        fatal.end_job(exc, exc.__traceback__)
     release(rt)
     sys.stdout.flush()
     sys.stderr.flush()
-    sys.exit(code)
+    sys.exit(0)
 
 
 def runtime() -> Runtime:
@@ -301,11 +333,16 @@ def runtime() -> Runtime:
 
 
 def shutdown() -> None:
-    """Tell every server this worker is done. Idempotent; also runs at interpreter exit."""
+    """Record the run's end (:func:`ftmpi.record.finish`: every worker reports to worker 0,
+    which writes ``summary.json``) and tell every server this worker is done. Idempotent; also
+    runs at interpreter exit. Worker 0 waits up to ``config.timeout`` for the others' reports."""
     rt = _RUNTIME
     if rt is None or rt.is_server or rt._stopped:
         return
     rt._stopped = True
+    from ftmpi.record import finish
+
+    finish(rt)  # summary.json and the manifest's outcome (worker 0), never raises
     from ftmpi.wire import TAG_DATA, TAG_HEADER, Header, Kind, PeerFailure, send
 
     for s in range(rt.num_servers):

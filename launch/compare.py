@@ -8,14 +8,15 @@ a newer format is refused by :func:`ftmpi.manifest.read_manifest`), ``summary.js
 **Manifest fields.** Manifests are flattened to dotted keys (``config.mode``, ``trainer.lr``,
 ``script.sha256``; lists stay whole values) and compared key by key, grouped in the sections of
 :data:`SECTIONS`. Left out, because they differ between any two runs or repeat another field:
-the run's identity and times (``run_id``, ``created``, ``FTMPI_RUN_ID``, ``FTMPI_JOB_START``),
-``FTMPI_*`` variables that are also ``config`` fields, ``seed``/``rng.seed`` (``config.seed``),
-``config.kill`` (``failures.schedule`` holds the first attempt's schedule; a relaunch's
-``config.kill`` is what was left of it),
-the determinism caveats (derived from the config), the outcome and event counts (compared as
-metrics), and ``argv`` when the script recorded its parsed arguments (``trainer``). A value
-holding the run's own directory is compared with that directory written ``<RUN_DIR>``, so two
-runs in different directories do not differ by it.
+the run's identity and times (``run_id``, ``created``, ``started``, ``FTMPI_RUN_ID``,
+``FTMPI_JOB_START``), ``FTMPI_*`` variables that are also ``config`` fields,
+``seed``/``rng.seed`` (``config.seed``), ``config.kill`` (``failures.schedule`` holds the first
+attempt's schedule; a relaunch's ``config.kill`` is what was left of it), the determinism
+caveats (derived from the config), the outcome and event counts (compared as metrics), and
+``argv`` when the script recorded its parsed arguments (``trainer``). A value holding the run's
+own directory is compared with that directory written ``<RUN_DIR>``, so two runs in different
+directories do not differ by it. :func:`script_change` names the script files when their
+contents differ.
 
 **Metrics.** Evaluations (``metrics.jsonl`` rows) are matched by step; the first step where
 ``loss``, ``train_loss`` or ``test_accuracy`` differ is the first divergence.
@@ -49,6 +50,7 @@ IGNORED = (
     "format_version",
     "run_id",
     "created",
+    "started",
     "seed",
     "rng.seed",
     "config.run_id",
@@ -198,6 +200,21 @@ def divergence_line(a: Run, b: Run) -> str:
         return "metrics: every evaluation both runs made agrees"
     step, name, va, vb = div
     return f"metrics first diverge at step {step}: {name} {va} (A) vs {vb} (B)"
+
+
+def script_change(a: Run, b: Run) -> str | None:
+    """One line naming both runs' script files when their contents (``script.sha256``) differ,
+    else ``None``."""
+    sa, sb = a.manifest.get("script") or {}, b.manifest.get("script") or {}
+    if sa.get("sha256") == sb.get("sha256"):
+        return None
+
+    def name(script: dict[str, Any]) -> str:
+        if not script:
+            return "no script file recorded"
+        return f"{script.get('path', '?')} (sha256 {str(script.get('sha256'))[:12]})"
+
+    return f"the training script differs: {name(sa)} (A) vs {name(sb)} (B)"
 
 
 def format_value(value: Any) -> str:

@@ -1,11 +1,13 @@
 """``ftmpi-run diff RUN_A RUN_B``: what differs between two runs, and how their results compare.
 
 Prints the manifest fields that differ, by section (failures, config, environment, versions,
-code, data, host and layout; see :mod:`launch.compare` for what is compared), then a table of
-both runs' results (final and best test accuracy, final loss, steps, wall seconds, steps/s,
-restarts, failures that happened, final weights hash) and the first evaluation where their
-metrics diverge. Exit status 0 whether or not they differ; a directory without a manifest, or
-with a manifest of a newer format, ends with a message naming it.
+code, data, host and layout; see :mod:`launch.compare` for what is compared), a line naming
+both script files when their contents differ, then a table of both runs' results (finished,
+final and best test accuracy, final loss, steps, wall seconds, steps/s, restarts, failures that
+happened, final weights hash) and the first evaluation where their metrics diverge. Any
+script's runs can be compared: ftmpi writes every run's ``manifest.json`` and ``summary.json``.
+Exit status 0 whether or not they differ; a directory without a manifest, or with a manifest of
+a newer format, ends with a message naming it.
 """
 
 from __future__ import annotations
@@ -14,9 +16,17 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from launch.compare import Run, difference_lines, divergence_line, field_differences, load_run
+from launch.compare import (
+    Run,
+    difference_lines,
+    divergence_line,
+    field_differences,
+    load_run,
+    script_change,
+)
 
 RESULT_ROWS = (
+    ("finished", "finished"),
     ("final test accuracy", "final_test_accuracy"),
     ("best test accuracy", "best_test_accuracy"),
     ("final loss", "final_loss"),
@@ -65,6 +75,9 @@ def render(a: Run, b: Run) -> str:
         lines += difference_lines(diffs)
     else:
         lines.append("manifest fields: no difference")
+    changed = script_change(a, b)
+    if changed:
+        lines.append(changed)
     rows = result_rows(a, b)
     width = max(len(r[0]) for r in rows)
     cols = [max(len("A"), *(len(r[1]) for r in rows)), max(len("B"), *(len(r[2]) for r in rows))]

@@ -12,7 +12,8 @@ directory is changed to the new one, and ``FTMPI_RESUME`` is dropped (the replay
 step 0).
 
 **The verdict.** Exit status 0 when both runs' final weights hashes (manifest outcome, else
-``summary.json``) are equal. Otherwise 1, with the first evaluation where the runs' metrics
+``summary.json``, which ftmpi writes for any script) are equal and the replay finished
+(its ``summary.json`` says so). Otherwise 1, with the first evaluation where the runs' metrics
 diverge and the manifest fields that differ (as ``ftmpi-run diff`` shows them); the replayed
 job's own status if it failed before writing its results. Time-scheduled kills (``@30s``) are
 replayed at the same time, not the same step, which is warned about before the run.
@@ -30,8 +31,15 @@ from dataclasses import dataclass
 
 from ftmpi.config import ENV_PREFIX
 from ftmpi.faults import parse_schedule
-from launch.compare import Run, difference_lines, divergence_line, field_differences, load_run
-from launch.rundir import refuse_finished
+from launch.compare import (
+    Run,
+    difference_lines,
+    divergence_line,
+    field_differences,
+    load_run,
+    script_change,
+)
+from launch.rundir import SUMMARY, refuse_finished
 
 DROPPED_VARS = ("FTMPI_RUN_ID", "FTMPI_RUN_DIR", "FTMPI_JOB_START", "FTMPI_RESUME")
 """Variables of the recorded run that a replay does not take over."""
@@ -131,14 +139,23 @@ def run_plan(plan: ReplayPlan, environ: Mapping[str, str]) -> int:
 
 
 def verdict(original: Run, replayed: Run) -> tuple[bool, list[str]]:
-    """Whether the final weights match, and the report lines."""
+    """Whether the replay finished with the original's final weights, and the report lines."""
     a, b = original.weights, replayed.weights
-    if a is not None and a == b:
+    finished = (replayed.summary or {}).get("finished", replayed.summary is not None)
+    if a is not None and a == b and finished:
         return True, [f"ftmpi-run replay: final weights hash matches ({a})"]
+    if a is not None and a == b:
+        return False, [
+            f"ftmpi-run replay: final weights hash matches ({a}), but the replay did not "
+            f"finish ({SUMMARY}: finished {finished})"
+        ]
     lines = [
         f"ftmpi-run replay: final weights hash DIFFERS: original {a or 'missing'}, "
         f"replay {b or 'missing'}"
     ]
+    changed = script_change(original, replayed)
+    if changed:
+        lines.append(f"  {changed} (A: original, B: replay)")
     lines.append("  " + divergence_line(original, replayed) + " (A: original, B: replay)")
     diffs = field_differences(original, replayed)
     lines.append(

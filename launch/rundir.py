@@ -1,9 +1,9 @@
 """Run identity and directory: ``runs/<id>/`` by default, never a finished run's directory.
 
 A run id is ``YYYYMMDD-HHMMSS-<6 hex>`` (local time plus a random suffix, so two runs started in
-the same second differ). A directory holding ``summary.json`` holds a finished run and is
-refused, so nothing is overwritten; a relaunch after a failure reuses its own directory, which
-has no summary yet.
+the same second differ). A directory holding a finished run (:func:`is_finished`) is refused,
+so nothing is overwritten; a relaunch after a failure reuses its own directory, which has no
+finished summary.
 """
 
 from __future__ import annotations
@@ -66,8 +66,18 @@ def refuse_other_unfinished(run_dir: str, run_id: str) -> None:
 
 
 def is_finished(run_dir: str) -> bool:
-    """Whether ``run_dir`` holds a finished run (its trainer wrote ``summary.json``)."""
-    return os.path.exists(os.path.join(run_dir, SUMMARY))
+    """Whether ``run_dir`` holds a finished run: its ``summary.json`` (written by ftmpi when
+    training ends) exists and says ``"finished": true``. A summary without the field (written
+    by an earlier ftmpi) counts as finished; one that cannot be read as JSON does not."""
+    path = os.path.join(run_dir, SUMMARY)
+    if not os.path.exists(path):
+        return False
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("finished", True) is True
 
 
 def refuse_finished(run_dir: str) -> None:

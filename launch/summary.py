@@ -1,15 +1,19 @@
 """``ftmpi-run summary RUN_DIR``: one run's results, configuration, restarts and events.
 
-Reads what the run left: ``summary.json`` (the trainer's results, e.g. from
-``examples/paper_trainer.py``), ``manifest.json`` (its configuration), ``launcher.json``
-(restarts and lost time) and ``events.jsonl`` (recovery events). Missing files are reported as
-missing; a directory holding none of them is an error.
+Reads what the run left: ``summary.json`` (written by ftmpi when training ends, for any script,
+with a trainer's own results such as ``examples/paper_trainer.py``'s), ``manifest.json`` (its
+configuration), ``launcher.json`` (restarts and lost time) and ``events.jsonl`` (recovery
+events). Missing files are reported as missing; a directory holding none of them is an error.
+The first line after the run's name says whether it finished: ``summary.json``'s ``finished``
+(every worker reached the end of training normally; :func:`launch.rundir.is_finished`).
 
-Event counts: **kills** are the distinct ``kill`` events (see :func:`launch.kills.kill_events`),
-**detections** ``failure_detected`` events, and **recoveries** ``replacement_ready`` events (a
-re-spawn inside the job) plus the launcher's restarts. ftmpi records the events on every rank
-that takes part, so one failure in a job of four ranks counts up to three detections.
-Every event kind's count is listed as well.
+Event counts are per event, not per rank (every rank that takes part logs a recovery; see
+:func:`ftmpi.record.count_failures`), summed over the launcher's attempts: **kills** are the
+distinct ``kill`` events (injected failures, whoever logged them) plus the failed ranks of a
+view change that no kill explains (killed from outside the job, e.g. ``kill -9``),
+**detections** the distinct views of ``failure_detected`` events, and **recoveries** the
+distinct views of ``replacement_ready`` events (a re-spawn inside the job) plus the launcher's
+restarts. Every event kind's raw count (one per rank that logged it) is listed as well.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from typing import Any
 
 from ftmpi.config import Config
 from ftmpi.events import read_events
-from launch.kills import kill_events
-from launch.rundir import LAUNCHER_RECORD, SUMMARY
+from ftmpi.record import count_failures
+from launch.rundir import LAUNCHER_RECORD, SUMMARY, is_finished
 
 HEADLINE_CONFIG = ("mode", "strategy", "servers", "seed", "kill")
 _DEFAULTS = {k: v for k, v in vars(Config()).items() if k != "extra"}
@@ -50,7 +54,7 @@ def summarize(run_dir: str) -> str:
             "events.jsonl); pass the directory a run wrote, e.g. runs/<run id>"
         )
     run_id = next((d["run_id"] for d in (summary, manifest, launcher) if d and "run_id" in d), "?")
-    lines = [f"run {run_id} ({run_dir})"]
+    lines = [f"run {run_id} ({run_dir})", _status(run_dir, summary)]
     lines += _section("results (summary.json)", _flat(summary), f"no {SUMMARY}: not finished")
     config = (manifest or {}).get("config", {})
     shown = {k: v for k, v in config.items() if k in HEADLINE_CONFIG or _DEFAULTS.get(k, v) != v}
@@ -58,6 +62,14 @@ def summarize(run_dir: str) -> str:
     lines += _section("launcher", _launcher_rows(launcher), f"no {LAUNCHER_RECORD}")
     lines += _section("events", _event_rows(events, launcher), "no events.jsonl")
     return "\n".join(lines)
+
+
+def _status(run_dir: str, summary: dict[str, Any] | None) -> str:
+    if is_finished(run_dir):
+        return "status: finished (every worker reached the end of training)"
+    if summary is None:
+        return f"status: not finished (no {SUMMARY})"
+    return f"status: not finished ({SUMMARY}: finished {summary.get('finished')})"
 
 
 def _section(title: str, rows: dict[str, Any] | None, missing: str) -> list[str]:
@@ -100,14 +112,33 @@ def _event_rows(
 ) -> dict[str, Any] | None:
     if not events and launcher is None:
         return None
+    starts = [float(a["started"]) for a in (launcher or {}).get("attempts", []) if "started" in a]
+    jobs = [count_failures(job) for job in split_by_attempt(events, starts)]
     counts = Counter(str(e.get("event")) for e in events)
+    outside = sum(1 for job in jobs for k in job["killed"] if k["source"] == "outside")
     rows: dict[str, Any] = {
-        "kills": len(kill_events(events)),
-        "detections": counts["failure_detected"],
-        "recoveries": counts["replacement_ready"] + (launcher or {}).get("restarts", 0),
+        "kills": sum(job["kills"] for job in jobs),
+        "detections": sum(job["detections"] for job in jobs),
+        "recoveries": sum(job["recoveries"] for job in jobs) + (launcher or {}).get("restarts", 0),
     }
+    if outside:
+        rows["kills from outside"] = outside
     rows.update({f"  {kind}": n for kind, n in sorted(counts.items())})
     return rows
+
+
+def split_by_attempt(
+    events: list[dict[str, Any]], starts: list[float]
+) -> list[list[dict[str, Any]]]:
+    """``events`` split into the jobs the launcher started at ``starts`` (``time.time()``): an
+    event belongs to the last attempt started at or before it (the first, if before all). A
+    relaunch's views count from 0 again, so events are deduplicated within one job only."""
+    bounds = sorted(starts)[1:]
+    jobs: list[list[dict[str, Any]]] = [[] for _ in range(len(bounds) + 1)]
+    for e in events:
+        t = float(e.get("time", 0.0))
+        jobs[sum(1 for b in bounds if b <= t)].append(e)
+    return jobs
 
 
 def main(argv: Sequence[str]) -> int:
