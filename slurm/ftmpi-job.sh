@@ -6,9 +6,15 @@
 #   ftmpi_supervise CMD...  run the training command and look after it until it ends:
 #                           - SIGUSR1 to the batch script (preemption, time limit): forward it
 #                             to the MPI launcher, wait until the training reports a durable
-#                             checkpoint, then `scontrol requeue` this job;
-#                           - training finished (summary.json written) but the MPI job does not
-#                             exit: stop it after EXIT_GRACE seconds and report success.
+#                             checkpoint, then `scontrol requeue` this job (not once training
+#                             has finished);
+#                           - training ended (summary.json written) but the MPI job does not
+#                             exit: stop it after EXIT_GRACE seconds;
+#                           - its status is the run's outcome (ftmpi_finished): 0 exactly when
+#                             the run's record says every worker finished training, whatever
+#                             the launcher returned; otherwise non-zero. A re-run of a job whose
+#                             training had finished ends at once with 0.
+#   ftmpi_finished          whether the run's record says training finished
 #
 # Variables a site or a submission may set (sbatch --export=ALL,NAME=VALUE):
 #   FTMPI_HOME       the ftmpi checkout (default: the directory sbatch was run from)
@@ -62,6 +68,14 @@ ftmpi_training_setup() {
     ftmpi_log "$WORKERS worker(s) + $SERVERS server(s), run directory $FTMPI_RUN_DIR"
 }
 
+# Whether the run's record says every worker finished training: `launch.rundir.is_finished`
+# (summary.json with "finished": true), the rule ftmpi-run's own exit status follows.
+ftmpi_finished() {
+    "$PYTHON" -c 'import sys
+from launch.rundir import is_finished
+sys.exit(0 if is_finished(sys.argv[1]) else 1)' "$FTMPI_RUN_DIR"
+}
+
 # The number of `EVENT` records in the run's events.jsonl.
 _ftmpi_count_events() {
     local n
@@ -74,6 +88,11 @@ _ftmpi_count_events() {
 # itself (ftmpi-run, Python) is left alone.
 _ftmpi_checkpoint_and_requeue() {
     local before wait_s=${CHECKPOINT_WAIT:-90}
+    if ftmpi_finished; then
+        ftmpi_log "SIGUSR1: training has finished ($FTMPI_RUN_DIR/summary.json); no checkpoint," \
+            "no requeue"
+        return
+    fi
     before=$(_ftmpi_count_events signal_checkpoint)
     ftmpi_log "SIGUSR1: asking the training for a checkpoint (waiting up to $wait_s s)"
     pkill -USR1 -P "$_ftmpi_launcher" ||
@@ -91,6 +110,10 @@ _ftmpi_checkpoint_and_requeue() {
         ftmpi_log "checkpoint durable: $(grep '"event": "signal_checkpoint"' \
             "$FTMPI_RUN_DIR/events.jsonl" | tail -n 1)"
     fi
+    if ftmpi_finished; then
+        ftmpi_log "training has finished ($FTMPI_RUN_DIR/summary.json); not requeueing"
+        return
+    fi
     if scontrol requeue "$SLURM_JOB_ID"; then
         ftmpi_log "requeued job $SLURM_JOB_ID; its re-run resumes from the newest snapshot"
     else
@@ -99,9 +122,9 @@ _ftmpi_checkpoint_and_requeue() {
     fi
 }
 
-# Stop a launcher that has not exited EXIT_GRACE seconds after the training finished.
+# Stop a launcher that has not exited EXIT_GRACE seconds after the training ended.
 _ftmpi_stop_hung_launcher() {
-    ftmpi_log "training finished ($FTMPI_RUN_DIR/summary.json) but the MPI job has not exited" \
+    ftmpi_log "training ended ($FTMPI_RUN_DIR/summary.json) but the MPI job has not exited" \
         "after ${EXIT_GRACE:-60} s (Open MPI can hang in MPI_Finalize after a re-spawn); stopping it"
     local children
     children=$(pgrep -P "$_ftmpi_launcher" | tr '\n' ' ')
@@ -111,23 +134,29 @@ _ftmpi_stop_hung_launcher() {
     kill -KILL $children "$_ftmpi_launcher" 2>/dev/null
 }
 
-# Run "$@" (the launcher command) in the background and look after it; returns its status
-# (0 when it was stopped only because it hung after finishing).
+# Run "$@" (the launcher command) in the background and look after it; returns the run's
+# outcome: 0 exactly when ftmpi_finished, otherwise the launcher's non-zero status (if it exited
+# 0, that of `python -m launch.outcome`, which prints the cause). A re-run
+# (SLURM_RESTART_COUNT > 0) of a run that had finished returns 0 without running anything.
 ftmpi_supervise() {
+    if ((${SLURM_RESTART_COUNT:-0} > 0)) && ftmpi_finished; then
+        ftmpi_log "training had already finished ($FTMPI_RUN_DIR/summary.json); nothing to run"
+        return 0
+    fi
     _ftmpi_usr1=0
     trap '_ftmpi_usr1=1' USR1
     "$@" &
     _ftmpi_launcher=$!
-    local finished_at="" stopped=0
+    local ended_at="" stopped=0
     while kill -0 "$_ftmpi_launcher" 2>/dev/null; do
         if ((_ftmpi_usr1)); then
             _ftmpi_usr1=0
             _ftmpi_checkpoint_and_requeue
         fi
-        if [[ -z $finished_at && -e $FTMPI_RUN_DIR/summary.json ]]; then
-            finished_at=$SECONDS
+        if [[ -z $ended_at && -e $FTMPI_RUN_DIR/summary.json ]]; then
+            ended_at=$SECONDS
         fi
-        if [[ -n $finished_at ]] && ((SECONDS - finished_at > ${EXIT_GRACE:-60})); then
+        if [[ -n $ended_at ]] && ((SECONDS - ended_at > ${EXIT_GRACE:-60})); then
             _ftmpi_stop_hung_launcher
             stopped=1
             break
@@ -137,10 +166,18 @@ ftmpi_supervise() {
     local rc=0
     wait "$_ftmpi_launcher" || rc=$?
     trap - USR1
-    if ((stopped)); then
-        ftmpi_log "training finished; the hung MPI job was stopped (status $rc), reporting success"
+    local how="exited with status $rc"
+    ((stopped)) && how="was stopped after hanging (status $rc)"
+    if ftmpi_finished; then
+        ftmpi_log "training finished ($FTMPI_RUN_DIR/summary.json); the training command $how;" \
+            "the job succeeds"
         return 0
     fi
-    ftmpi_log "training command exited with status $rc"
+    if ((rc == 0)); then # the record has the last word: its cause and status
+        "$PYTHON" -m launch.outcome "$FTMPI_RUN_DIR" || rc=$?
+        ((rc == 0)) && return 0
+    fi
+    ftmpi_log "training did not finish (no finished summary.json in $FTMPI_RUN_DIR); the" \
+        "training command $how; the job fails with status $rc"
     return "$rc"
 }

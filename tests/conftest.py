@@ -71,6 +71,30 @@ def run_mpi(
     )
 
 
+def start_command(
+    cmd: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    merge_stderr: bool = False,
+) -> subprocess.Popen[str]:
+    """Start ``cmd`` in its own process group (text pipes; stderr into stdout with
+    ``merge_stderr``), without the caller's ``FTMPI_*`` variables; the caller waits for it
+    under a deadline and kills its tree (:func:`launch.proctree.kill_tree`) if it overruns."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("FTMPI_")}
+    full_env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    full_env.update(env or {})
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+        text=True,
+        env=full_env,
+        cwd=cwd or ROOT,
+        start_new_session=True,
+    )
+
+
 def run_command(
     cmd: list[str],
     *,
@@ -83,18 +107,7 @@ def run_command(
     """Run ``cmd`` (``mpirun`` or a launcher such as ``ftmpi-run``) in its own process group,
     without the caller's ``FTMPI_*`` variables, under the wall-clock limit and exit-hang
     tolerance of :func:`run_mpi`."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("FTMPI_")}
-    full_env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
-    full_env.update(env or {})
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=full_env,
-        cwd=cwd or ROOT,
-        start_new_session=True,
-    )
+    proc = start_command(cmd, env=env, cwd=cwd)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

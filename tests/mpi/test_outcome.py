@@ -13,7 +13,7 @@ import time
 import pytest
 
 from launch.proctree import descendants, kill_tree
-from tests.conftest import PROGS, ROOT, run_command
+from tests.conftest import PROGS, run_command, start_command
 
 pytestmark = pytest.mark.mpi
 
@@ -85,20 +85,10 @@ def _job_pids(launcher: subprocess.Popen, run_id: str) -> set[int]:
 
 
 def _start(tmp_path, run_id: str, *extra: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FTMPI_")}
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", FTMPI_BACKEND="mpi")
-    env["FTMPI_RUN_ID"] = run_id
     cmd = [*FTMPI_RUN, "-np", "2", "--servers", "1", *extra]
     cmd += ["--run-dir", str(tmp_path / "run"), "--", *TRAIN, "100000", "--step-sleep", "0.02"]
-    return subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    env = {"FTMPI_BACKEND": "mpi", "FTMPI_RUN_ID": run_id}
+    return start_command(cmd, env=env, merge_stderr=True)
 
 
 def _wait_for_ranks(launcher: subprocess.Popen, run_id: str, ranks: int) -> set[int]:

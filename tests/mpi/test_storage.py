@@ -22,7 +22,7 @@ import pytest
 
 from ftmpi.snapshot import list_versions
 from launch.proctree import kill_tree
-from tests.conftest import ROOT
+from tests.conftest import start_command
 from tests.mpi.common import PROG
 
 pytestmark = pytest.mark.mpi
@@ -84,22 +84,8 @@ def test_a_directory_that_goes_bad_mid_run_ends_the_job_within_seconds(
         cmd += ["--strategy", "checkpoint", "--checkpoint-every", "10"]
         cmd += ["--checkpoint-dir", str(ck), "--run-dir", str(run_dir), "--timeout", "120"]
         cmd += ["--", sys.executable, PROG, "100000", "--step-sleep", "0.05"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FTMPI_")}
-        env.update(
-            FTMPI_BACKEND="mpi",
-            FTMPI_ASYNC_CHECKPOINT=async_writer,
-            PYTHONUNBUFFERED="1",
-            OMP_NUM_THREADS="1",
-        )
-        proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            cwd=ROOT,
-            start_new_session=True,
-        )
+        env = {"FTMPI_BACKEND": "mpi", "FTMPI_ASYNC_CHECKPOINT": async_writer}
+        proc = start_command(cmd, env=env, merge_stderr=True)
         try:
             deadline = time.monotonic() + 150
             while not [v for v in list_versions(ck, 0) if v >= 10]:

@@ -1,11 +1,13 @@
-"""A real single-node Slurm cluster in a temporary directory, for tests.
+"""A real single-node Slurm cluster with job accounting in a temporary directory, for tests.
 
-``munged`` (as the munge user), ``slurmctld -D`` and ``slurmd -D`` run in the background with
-everything they write (key, sockets, state, spool, logs) under one directory and on free ports,
-so the cluster touches nothing system-wide and two test sessions on one machine do not meet.
-Clients find it through ``SLURM_CONF``. Every process started here, and every job process
-(they inherit ``SLURM_CONF``), carries that variable; :meth:`SlurmCluster.stop` ends them all by
-PID and checks that none is left.
+``munged`` (as the munge user), a throw-away MariaDB (``mariadbd`` on 127.0.0.1), ``slurmdbd -D``
+(accounting, so ``sacct`` answers), ``slurmctld -D`` and ``slurmd -D`` run in the background
+with everything they write (key, sockets, database, state, spool, logs) under one directory and
+on free ports, so the cluster touches nothing system-wide and two test sessions on one machine
+do not meet. Clients find it through ``SLURM_CONF`` (slurmdbd finds ``slurmdbd.conf`` beside
+it). Every process started here, and every job process (they inherit ``SLURM_CONF``), carries
+that variable or the directory's path; :meth:`SlurmCluster.stop` ends them all by PID and checks
+that none is left.
 """
 
 from __future__ import annotations
@@ -47,14 +49,37 @@ KillWait=5
 MinJobAge=600
 SchedulerParameters=bf_interval=2,sched_interval=5
 MailProg=/bin/true
-AccountingStorageType=accounting_storage/none
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost={host}
+AccountingStoragePort={dbd_port}
+AccountingStoragePass={root}/munge/munge.socket
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 {node} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
-"""A cluster without systemd, cgroups or accounting; ``cred_expire=10`` and the scheduler
-intervals let a requeued job start again within about 15 s."""
+"""A cluster without systemd or cgroups; ``cred_expire=10`` and the scheduler intervals let a
+requeued job start again within about 15 s. Jobs are accounted (state, exit code, restarts)
+through slurmdbd, but no usage is gathered and no limits are enforced."""
+
+SLURMDBD_CONF = """\
+AuthType=auth/munge
+AuthInfo=socket={root}/munge/munge.socket
+DbdHost={host}
+DbdPort={dbd_port}
+SlurmUser=root
+PidFile={root}/slurmdbd.pid
+LogFile={root}/log/slurmdbd.log
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort={db_port}
+StorageUser=root
+StorageLoc=slurm_acct_db
+"""
+"""slurmdbd on the throw-away database: its root user (no password) over TCP on 127.0.0.1."""
+
+MARIADB_OPTIONS = ("--no-defaults", "--skip-name-resolve", "--innodb-log-file-size=8M")
+"""No system option files; small redo log (the database holds a few test jobs)."""
 
 
 class SlurmError(RuntimeError):
@@ -82,23 +107,31 @@ class SlurmCluster:
     # ---- daemons ----
 
     def start(self, timeout: float = 30.0) -> None:
-        """Write the key and slurm.conf, start the daemons, wait until the node is idle."""
+        """Write the key and the configuration, start the daemons (munged, the database,
+        slurmdbd, slurmctld, slurmd), wait until the node is idle."""
         self.root.chmod(0o755)  # munged, running as munge, must reach its socket
-        for sub in ("state", "spool", "log"):
+        for sub in ("state", "spool", "log", "db"):
             (self.root / sub).mkdir()
         self._write_munge_key()
         node_line = _run(["slurmd", "-C"]).splitlines()[0]
         self.node = node_line.split()[0].split("=", 1)[1]
-        ctld_port, slurmd_port = _free_ports(2)
+        ctld_port, slurmd_port, dbd_port, db_port = _free_ports(4)
+        host = socket.gethostname().split(".")[0]
         self.conf.write_text(
             SLURM_CONF.format(
-                host=socket.gethostname().split(".")[0],
+                host=host,
                 ctld_port=ctld_port,
                 slurmd_port=slurmd_port,
+                dbd_port=dbd_port,
                 root=self.root,
                 node=node_line,
             )
         )
+        dbd_conf = self.root / "slurmdbd.conf"
+        dbd_conf.write_text(
+            SLURMDBD_CONF.format(host=host, dbd_port=dbd_port, db_port=db_port, root=self.root)
+        )
+        dbd_conf.chmod(0o600)  # slurmdbd refuses a configuration others can read
         munge = self.root / "munge"
         pw = pwd.getpwnam("munge")
         self._spawn(
@@ -115,10 +148,54 @@ class SlurmCluster:
             user=pw.pw_uid,
             group=pw.pw_gid,
         )
+        self._start_database(db_port, timeout)
         self._wait(lambda: (munge / "munge.socket").exists(), timeout, "munged's socket")
+        self._spawn("slurmdbd", ["slurmdbd", "-D"])
+        self._wait(lambda: self._listening(dbd_port), timeout, "slurmdbd's port")
         self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
         self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf)])
         self._wait(self._node_idle, timeout, f"node {self.node} to be idle")
+
+    def _start_database(self, port: int, timeout: float) -> None:
+        """Create an empty MariaDB data directory and start ``mariadbd`` on 127.0.0.1:port."""
+        db = self.root / "db"
+        data = f"--datadir={db}/data"
+        out = subprocess.run(
+            [
+                "mariadb-install-db",
+                *MARIADB_OPTIONS,
+                data,
+                "--user=root",
+                "--skip-test-db",
+                "--auth-root-authentication-method=normal",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            cwd=self.root,
+        )
+        if out.returncode != 0:
+            raise SlurmError(
+                f"mariadb-install-db exited with status {out.returncode}:\n"
+                f"{out.stdout[-2000:]}{out.stderr[-2000:]}"
+            )
+        self._spawn(
+            "mariadbd",
+            [
+                "mariadbd",
+                *MARIADB_OPTIONS,
+                data,
+                "--user=root",
+                "--bind-address=127.0.0.1",
+                f"--port={port}",
+                f"--socket={db}/mariadbd.sock",
+                f"--pid-file={db}/mariadbd.pid",
+                f"--log-error={self.root}/log/mariadbd.log",
+                "--innodb-buffer-pool-size=32M",
+            ],
+        )
+        self._wait(lambda: self._listening(port), timeout, "the database's port")
 
     def stop(self, timeout: float = 30.0) -> list[str]:
         """Cancel every job, stop the daemons, end any process left; returns what was left
@@ -127,7 +204,7 @@ class SlurmCluster:
             self.client(["scancel", "--full", "--user", pwd.getpwuid(os.getuid()).pw_name])
             with contextlib.suppress(SlurmError):
                 self._wait(lambda: not self.client(["squeue", "-h"]).strip(), timeout, "no jobs")
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in ("slurmd", "slurmctld", "slurmdbd", "mariadbd", "munged"):
             proc = self.procs.get(name)
             if proc is not None and proc.poll() is None:
                 proc.terminate()
@@ -184,10 +261,19 @@ class SlurmCluster:
                 **kwargs,  # type: ignore[arg-type]
             )
 
-    def _node_idle(self) -> bool:
+    def _check_daemons(self) -> None:
         for name, proc in self.procs.items():
             if proc.poll() is not None:
                 raise SlurmError(f"{name} exited with status {proc.returncode}\n{self.logs()}")
+
+    def _listening(self, port: int) -> bool:
+        self._check_daemons()
+        with socket.socket() as s:
+            s.settimeout(1.0)
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    def _node_idle(self) -> bool:
+        self._check_daemons()
         state = self.client(["sinfo", "-h", "-N", "-o", "%T"], check=False)
         return state.strip() == "idle"
 
@@ -238,6 +324,30 @@ class SlurmCluster:
                 )
             time.sleep(1)
         return fields
+
+    def accounting(self, job_id: int, timeout: float = 30.0) -> tuple[str, str]:
+        """``(State, ExitCode)`` of the job's allocation in ``sacct`` (its latest run, for a
+        requeued job), once accounting has it in a final state; slurmctld sends a job's end to
+        slurmdbd a moment after ``scontrol`` shows it. Raises :class:`SlurmError` after
+        ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        cmd = ["sacct", "-j", str(job_id), "-X", "-o", "State,ExitCode", "-n", "-P"]
+        while True:
+            rows = [r.split("|") for r in self.client(cmd).splitlines() if r.strip()]
+            if rows and rows[-1][0].split()[0] in FINAL_STATES:
+                return rows[-1][0], rows[-1][1]
+            if time.monotonic() > deadline:
+                raise SlurmError(
+                    f"job {job_id}: no final state in sacct after {timeout} s: {rows}\n"
+                    f"{self.logs()}"
+                )
+            time.sleep(0.5)
+
+
+FINAL_STATES = frozenset(
+    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
+)
+"""Job states after which a job neither runs nor waits to run."""
 
 
 def _run(

@@ -1,4 +1,4 @@
-"""Install munge and Slurm (Debian's slurm-wlm) with apt-get when they are missing.
+"""Install munge, Slurm (Debian's slurm-wlm, slurmdbd) and MariaDB with apt-get when missing.
 
 Fast path: every package already installed, nothing runs. Otherwise ``apt-get install`` (and,
 if that fails, ``apt-get update`` and one more try); a failure stops the tests with apt's own
@@ -13,9 +13,21 @@ import subprocess
 
 import pytest
 
-PACKAGES = ("munge", "slurm-wlm", "slurmctld", "slurmd", "slurm-client", "libpmix-dev")
-"""The daemons, the client commands, and PMIx for ``srun --mpi=pmix`` (Slurm's pmix plugin
-loads ``libpmix.so``, which only the -dev package provides)."""
+PACKAGES = (
+    "munge",
+    "slurm-wlm",
+    "slurmctld",
+    "slurmd",
+    "slurm-client",
+    "libpmix-dev",
+    "slurmdbd",
+    "mariadb-server-core",
+    "mariadb-client-core",
+)
+"""The daemons, the client commands, PMIx for ``srun --mpi=pmix`` (Slurm's pmix plugin loads
+``libpmix.so``, which only the -dev package provides), and accounting: slurmdbd on a MariaDB
+server the fixture starts itself (the -core packages hold ``mariadbd`` and
+``mariadb-install-db`` without a system service that would start on installation)."""
 
 APT_TIMEOUT = 600
 

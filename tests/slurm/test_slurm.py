@@ -1,7 +1,9 @@
 """The sbatch scripts in slurm/, submitted to a real single-node Slurm (fixture ``slurm``).
 
 Each job runs 2 workers + 1 server (3 tasks overcommitted on a small machine) on a short
-training run; the scripts' site variables are overridden through the job's environment.
+training run; the scripts' site variables are overridden through the job's environment. A job's
+final state is also checked where a site sees it, in accounting (``sacct``): it follows the
+training's outcome, not the MPI launcher's exit status.
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ import pytest
 
 from ftmpi.events import read_events
 from tests.conftest import ROOT
-from tests.slurm.cluster import SlurmCluster
+from tests.slurm.cluster import FINAL_STATES, SlurmCluster, SlurmError
 
 pytestmark = pytest.mark.slurm
 
 SCRIPTS = ROOT / "slurm"
 ONE_NODE = ("--nodes=1", "--ntasks=3", "--overcommit", "--time=10")
 """Two workers and a server on this one node, whatever the scripts ask for."""
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
+FINAL = FINAL_STATES
 QUICK = "--data synthetic --eval-every 20 --no-progress"
 
 
@@ -40,8 +42,12 @@ def submit(slurm: SlurmCluster, script: str, *options: str, **variables: str) ->
 
 
 def finish(slurm: SlurmCluster, job_id: int, timeout: float) -> tuple[dict[str, str], str]:
-    """Wait until the job has ended; its fields and its output."""
-    fields = slurm.wait_job(job_id, lambda f: f["JobState"] in FINAL, timeout, "the job to end")
+    """Wait until the job has ended; its fields and its output. A job still running after
+    ``timeout`` seconds fails the test with the tail of its output."""
+    try:
+        fields = slurm.wait_job(job_id, lambda f: f["JobState"] in FINAL, timeout, "the job to end")
+    except SlurmError as exc:
+        pytest.fail(f"{exc}\njob output:\n{output(slurm, job_id)[-6000:]}")
     return fields, output(slurm, job_id)
 
 
@@ -59,6 +65,7 @@ def test_training_job_runs_workers_and_servers_under_mpirun(slurm):
     job = submit(slurm, "train.sbatch", TRAINER_ARGS=f"{QUICK} --steps 60")
     fields, out = finish(slurm, job, 170)
     assert fields["JobState"] == "COMPLETED", out[-4000:]
+    assert slurm.accounting(job) == ("COMPLETED", "0:0"), out[-4000:]
     assert "mpirun --with-ft ulfm" in out
     assert "2 worker(s), 1 server(s)" in out
     assert "final test accuracy" in out
@@ -80,7 +87,8 @@ def test_failure_injection_job_survives_a_server_kill(slurm):
     )
     fields, out = finish(slurm, job, 170)
     assert fields["JobState"] == "COMPLETED", out[-4000:]
-    assert "injected failure: server:0@step=25" in out
+    assert slurm.accounting(job) == ("COMPLETED", "0:0"), out[-4000:]
+    assert "server 0 died; recovering with strategy checkpoint" in out, out[-4000:]
     events = read_events(str(run_dir(slurm, job)))
     assert {e["spec"] for e in events if e["event"] == "kill"} == {"server:0@step=25"}, events
     kinds = [e["event"] for e in events]
@@ -93,6 +101,54 @@ def test_failure_injection_job_survives_a_server_kill(slurm):
         assert kinds.index(before) < kinds.index(after), kinds
     summary = json.loads((run_dir(slurm, job) / "summary.json").read_text())
     assert summary["steps"] == 60
+
+
+@pytest.mark.timeout(180)
+def test_job_that_survives_its_replacement_killed_too_is_completed(slurm):
+    """Server 0 is killed, and so is its replacement: Open MPI's mpirun then exits 137 although
+    training goes on and finishes (open-mpi/ompi#13325). The job's state follows the training's
+    record (a finished summary.json), so accounting says COMPLETED with exit code 0."""
+    job = submit(
+        slurm,
+        "train-faults.sbatch",
+        TRAINER_ARGS=f"{QUICK} --steps 50",
+        KILL="server:0@step=15,server:0@step=35",
+        FTMPI_DOWN_FOR="1",
+        FTMPI_CHECKPOINT_EVERY="10",
+        EXIT_GRACE="15",
+    )
+    fields, out = finish(slurm, job, 170)
+    assert slurm.accounting(job) == ("COMPLETED", "0:0"), out[-4000:]
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", fields
+    events = read_events(str(run_dir(slurm, job)))
+    kills = {e["spec"] for e in events if e["event"] == "kill"}
+    assert kills == {"server:0@step=15", "server:0@step=35"}, events
+    assert [e["version"] for e in events if e["event"] == "restored"] == [10, 30], events
+    summary = json.loads((run_dir(slurm, job) / "summary.json").read_text())
+    assert summary["steps"] == 50
+    assert "training finished" in out and "the job succeeds" in out, out[-4000:]
+
+
+@pytest.mark.timeout(120)
+def test_job_whose_training_did_not_finish_is_failed(slurm):
+    """A worker raises at step 5: training does not finish, so the job fails, in scontrol and in
+    accounting, with a non-zero exit code, and is not requeued."""
+    job = submit(
+        slurm,
+        "train.sbatch",
+        TRAINER="tests/mpi/progs/ft_train.py",
+        TRAINER_ARGS="30 --raise-at 5",
+    )
+    fields, out = finish(slurm, job, 110)
+    state, exit_code = slurm.accounting(job)
+    assert state == "FAILED", (state, exit_code, out[-4000:])
+    assert exit_code != "0:0" and exit_code.endswith(":0"), exit_code  # a status, not a signal
+    assert fields["JobState"] == "FAILED" and fields["Restarts"] == "0", fields
+    assert not (run_dir(slurm, job) / "summary.json").exists() or not json.loads(
+        (run_dir(slurm, job) / "summary.json").read_text()
+    ).get("finished")
+    assert "training did not finish" in out, out[-4000:]
+    assert "a bug in the training script at step 5" in out, out[-4000:]
 
 
 @pytest.mark.timeout(240)
@@ -109,6 +165,7 @@ def test_usr1_checkpoints_requeues_and_the_rerun_resumes(slurm):
     fields, out = finish(slurm, job, 200)
     assert fields["JobState"] == "COMPLETED", out[-4000:]
     assert fields["Restarts"] == "1", fields
+    assert slurm.accounting(job) == ("COMPLETED", "0:0"), out[-4000:]
     assert "SLURM_RESTART_COUNT=1" in out and "FTMPI_RESUME=1" in out, out[-4000:]
     events = read_events(str(run_dir(slurm, job)))
     checkpoints = [e for e in events if e["event"] == "signal_checkpoint"]
@@ -133,6 +190,7 @@ def test_srun_job_restarts_from_durable_state_after_a_rank_death(slurm):
     )
     fields, out = finish(slurm, job, 170)
     assert fields["JobState"] == "COMPLETED", out[-4000:]
+    assert slurm.accounting(job) == ("COMPLETED", "0:0"), out[-4000:]
     assert "srun --mpi=pmix" in out
     launcher = json.loads((run_dir(slurm, job) / "launcher.json").read_text())
     assert launcher["restarts"] >= 1, launcher

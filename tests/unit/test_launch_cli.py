@@ -174,30 +174,28 @@ def test_restart_loop_resumes_without_repeating_fired_kills(tmp_path, capfd):
     assert "after 1 restart(s)" in report.final_line()
 
 
-def test_restart_loop_gives_up_after_max_restarts(tmp_path):
-    report = LaunchReport("rid", str(tmp_path), 1, "", None)
+def _run_code(report: LaunchReport, code: str) -> None:
+    """Run ``python -c CODE`` as the job, without kills, under ``run_with_restarts``."""
     run_with_restarts(
-        lambda e: [sys.executable, "-c", "import sys; sys.exit(3)"],
+        lambda e: [sys.executable, "-c", code],
         {},
         report,
         schedule=[],
         job_start=0.0,
         process_env=lambda e: {**BASE, **e},
     )
+
+
+def test_restart_loop_gives_up_after_max_restarts(tmp_path):
+    report = LaunchReport("rid", str(tmp_path), 1, "", None)
+    _run_code(report, "import sys; sys.exit(3)")
     assert report.restarts == 1 and report.returncode == 3
     assert "before training finished" in report.final_line()
 
 
 def test_a_job_that_exits_0_without_finishing_training_is_a_failure(tmp_path, capfd):
     report = LaunchReport("rid", str(tmp_path), 0, "", None)
-    run_with_restarts(
-        lambda e: [sys.executable, "-c", "print('bye')"],
-        {},
-        report,
-        schedule=[],
-        job_start=0.0,
-        process_env=lambda e: {**BASE, **e},
-    )
+    _run_code(report, "print('bye')")
     out = capfd.readouterr().out
     assert report.returncode == 3 and report.attempts[0].returncode == 0
     assert "mpirun exited with status 0, but the job ended" in out
@@ -211,26 +209,16 @@ def test_a_finished_job_that_exits_non_zero_is_a_success_and_said_so(tmp_path, c
         "sys.exit(137)"
     )
     report = LaunchReport("rid", str(tmp_path), 2, "", None)
-    run_with_restarts(
-        lambda e: [sys.executable, "-c", job],
-        {},
-        report,
-        schedule=[],
-        job_start=0.0,
-        process_env=lambda e: {**BASE, **e},
-    )
+    _run_code(report, job)
     assert report.returncode == 0 and report.restarts == 0
     assert "mpirun exited with status 137, but every worker finished" in capfd.readouterr().out
 
 
 def test_a_resume_appends_to_the_launcher_record(tmp_path):
-    job = [sys.executable, "-c", "import sys; sys.exit(3)"]
     for _ in range(2):
         report = LaunchReport("rid", str(tmp_path), 0, "", None)
         report.load_earlier()
-        run_with_restarts(
-            lambda e: job, {}, report, schedule=[], job_start=0.0, process_env=lambda e: BASE
-        )
+        _run_code(report, "import sys; sys.exit(3)")
     record = json.loads((tmp_path / "launcher.json").read_text())
     assert [a["number"] for a in record["earlier_attempts"]] == [0]
     assert [a["number"] for a in record["attempts"]] == [1]
