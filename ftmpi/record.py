@@ -285,15 +285,15 @@ def count_failures(events: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     outside: list[dict[str, Any]] = []
     for view, e in views.items():
         at = float(e.get("time", 0.0))
-        for role, key in (("worker", "failed_workers"), ("server", "failed_servers")):
-            for index in e.get(key) or []:
-                kill = _explaining(unexplained, role, at)
+        for victim, failed in (("worker", "failed_workers"), ("server", "failed_servers")):
+            for index in e.get(failed) or []:
+                kill = _explaining(unexplained, victim, at)
                 if kill is not None:
                     unexplained.remove(kill)
                 else:
                     outside.append(
                         {
-                            "role": role,
+                            "role": victim,
                             "index": index,
                             "view": view,
                             "time": at,
