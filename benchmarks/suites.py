@@ -33,6 +33,7 @@ from typing import Any
 from benchmarks import limits
 from benchmarks.bench_strategies import STRATEGIES, kill_costs, oversubscribed
 from ftmpi.events import read_events
+from launch.command import JobSpec, build_command, find_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
@@ -171,13 +172,9 @@ def suite_limits(
             rate = limits.apply_rate(numel, opt)
             rows.append(_rate_row(f"{opt} step, {numel:,} params, 1 thread", rate, "params/s"))
     chunk_sizes = [MIB, 16 * MIB] if quick else [256 << 10, MIB, 4 * MIB, 16 * MIB]
-    cmd = [
-        *(sys.executable, "-m", "launch.cli", "-np", "2", "--servers", "0"),
-        *("--run-dir", tempfile.mkdtemp(prefix="ftmpi-bench-"), "--"),
-        *(sys.executable, str(ROOT / "benchmarks" / "limits.py"), "--nbytes", str(nbytes)),
-        *("--chunk-bytes", *map(str, chunk_sizes), "--repeats", "3" if quick else "5"),
-        "--spawned",
-    ]
+    probe = [sys.executable, str(ROOT / "benchmarks" / "limits.py"), "--nbytes", str(nbytes)]
+    probe += ["--chunk-bytes", *map(str, chunk_sizes), "--repeats", "3" if quick else "5"]
+    cmd = limits_command([*probe, "--spawned"])  # a plain MPI program: no ftmpi run record
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
         cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env, check=True
@@ -191,6 +188,20 @@ def suite_limits(
             rows.append(_rate_row(label, rate, "bytes/s"))
     log("limits done")
     return rows
+
+
+def limits_command(probe: list[str]) -> list[str]:
+    """The ``mpirun`` line (2 ranks, ULFM, as ``ftmpi-run`` builds it) for ``limits.py``."""
+    spec = JobSpec(
+        launcher="mpirun",
+        executable=find_launcher("mpirun", None),
+        nprocs=2,
+        env={},
+        command=probe,
+        as_root=os.geteuid() == 0,
+        cpus=os.cpu_count() or 1,
+    )
+    return build_command(spec)
 
 
 def _rate_row(limit: str, value: float, unit: str) -> dict[str, Any]:

@@ -16,8 +16,9 @@ on one worker printed its traceback and then left the others waiting for it unti
    on every node, is gone within seconds, with exit status :data:`RAISED_EXIT`
    (:data:`USER_ERROR_EXIT` for a :class:`UserError`).
 
-Without MPI initialised (an error before ``init`` talked to anyone) the process just exits
-with that status. ``KeyboardInterrupt`` ends the process quietly (status 130).
+An error raised before ``init`` has a runtime (a configuration every rank refuses alike) is
+shown and recorded the same way, without the abort: each rank then exits on its own.
+``KeyboardInterrupt`` ends the process quietly (status 130).
 """
 
 from __future__ import annotations
@@ -98,8 +99,10 @@ def who(rt: Runtime | None) -> tuple[str, int | None]:
 
 def end_job(
     exc: BaseException, tb: TracebackType | None = None, *, thread: str | None = None
-) -> NoReturn:
-    """Record ``exc`` as the job's fatal error, show it once and abort the whole job."""
+) -> None:
+    """Record ``exc`` as the job's fatal error, show it once and abort the whole job. Before
+    the runtime exists (``init`` refused its configuration, which every rank reads alike), the
+    main thread returns instead, so the interpreter exits with status 1 as usual."""
     global raised
     raised = True
     if isinstance(exc, KeyboardInterrupt):
@@ -139,6 +142,8 @@ def end_job(
     ):
         sys.stderr.write(f"{prefix}also raised {type(exc).__name__}: {message}\n")
     _flush()
+    if rt is None and not thread:
+        return  # before the runtime: every rank raises the same; they exit, MPI finalized
     abort(rt, USER_ERROR_EXIT if user_error else RAISED_EXIT)
 
 

@@ -388,11 +388,14 @@ def record_outcome(run_dir: str, outcome: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_json_atomic(path: str | os.PathLike[str], doc: dict[str, Any]) -> None:
-    """Write ``doc`` to ``path`` atomically and durably."""
+    """Write ``doc`` to ``path`` atomically and durably, readable by its owner and group only
+    (0640, whatever the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    os.fchmod(fd, 0o640)  # an earlier temporary file of the same name keeps its mode otherwise
+    with os.fdopen(fd, "w") as f:
         json.dump(doc, f, indent=2, sort_keys=True, default=str)
         f.write("\n")
         f.flush()

@@ -23,6 +23,7 @@ status (what the Slurm scripts end with).
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sys
@@ -116,6 +117,12 @@ def judge(
         return Outcome(rc, f"the job was ended by signal {rc - 128}{after} before it finished")
     if rc:
         return Outcome(rc, f"the job exited with status {rc}{after} before training finished")
+    if not os.path.exists(os.path.join(run_dir, "manifest.json")):
+        return Outcome(
+            UNFINISHED,
+            f"the job ended (mpirun status 0) without a run record in {run_dir}: does the "
+            "script call ftmpi.init() (and was it given this run directory)?",
+        )
     return Outcome(
         UNFINISHED,
         "the job ended (mpirun status 0) before its workers finished training (no summary.json "

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from benchmarks.suites import limits_command
 from tests.conftest import run_command
 
 pytestmark = pytest.mark.mpi
@@ -54,16 +55,10 @@ def test_bench_quick_tiny_case_writes_json(tmp_path):
         assert {"value", "target", "met"} <= target.keys()
 
 
-def test_limits_measure_point_to_point_in_the_job_and_to_a_spawned_rank(tmp_path):
-    res = run_command(
-        [
-            *(sys.executable, "-m", "launch.cli", "-np", "2", "--servers", "0"),
-            *("--run-dir", str(tmp_path), "--", sys.executable, "benchmarks/limits.py"),
-            *("--nbytes", str(4 << 20), "--chunk-bytes", str(1 << 20), "--repeats", "1"),
-            "--spawned",
-        ],
-        timeout=120,
-    )
+def test_limits_measure_point_to_point_in_the_job_and_to_a_spawned_rank():
+    probe = [sys.executable, "benchmarks/limits.py", "--nbytes", str(4 << 20)]
+    probe += ["--chunk-bytes", str(1 << 20), "--repeats", "1", "--spawned"]
+    res = run_command(limits_command(probe), timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     (line,) = [x for x in res.stdout.splitlines() if x.startswith("BENCH ")]
     doc = json.loads(line[6:])

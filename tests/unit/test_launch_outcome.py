@@ -32,6 +32,8 @@ def test_a_finished_run_is_0_whatever_mpirun_returned(tmp_path):
 
 
 def test_an_unfinished_run_is_never_0(tmp_path):
+    assert "does the script call ftmpi.init()" in judge(str(tmp_path), 0).cause
+    (tmp_path / "manifest.json").write_text("{}")
     (tmp_path / "summary.json").write_text(json.dumps({"finished": False}))
     outcome = judge(str(tmp_path), 0)
     assert outcome.status == UNFINISHED and "before its workers finished" in outcome.cause
