@@ -33,10 +33,19 @@ def emit(run_dir: str, event: str, **fields: Any) -> dict[str, Any]:
 
 
 def read_events(run_dir: str) -> list[dict[str, Any]]:
-    """All events of a run, oldest first."""
+    """All events of a run, oldest first. A line that is not a whole event (a write torn by a
+    rank killed mid-line, or on a shared filesystem that does not keep appends whole) is
+    skipped, so one bad line never hides the rest of the log."""
     path = os.path.join(run_dir, "events.jsonl")
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        out = [json.loads(line) for line in f if line.strip()]
+    out = []
+    with open(path, errors="replace") as f:
+        for line in f:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and isinstance(event.get("time"), (int, float)):
+                out.append(event)
     return sorted(out, key=lambda e: e["time"])

@@ -718,16 +718,25 @@ def _reduce_op(op: Any) -> ReduceOp:
     """ftmpi's ReduceOp for ``op`` (ftmpi's own, or Horovod's ``hvd.Average``/``hvd.Sum``)."""
     if isinstance(op, ReduceOp):
         return op
+    name = repr(op)
     if importlib.util.find_spec("horovod") is not None:
         import horovod.torch as hvd
 
-        for name in ("Average", "Sum"):
-            if op == getattr(hvd, name):
-                return ReduceOp[name]
+        for supported in ("Average", "Sum"):
+            if op == getattr(hvd, supported):
+                return ReduceOp[supported]
+        name = next(
+            (f"hvd.{n}" for n in _HOROVOD_OPS if getattr(hvd, n, None) == op and op is not None),
+            repr(op),
+        )
     raise ValueError(
-        f"op={op!r} is not supported; use Average or Sum (Adasum, Min, Max and Product do not "
+        f"op={name} is not supported; use Average or Sum (Adasum, Min, Max and Product do not "
         "fit a parameter server's update)"
     )
+
+
+_HOROVOD_OPS = ("Adasum", "Min", "Max", "Product")
+"""Horovod's reduction ops that ftmpi refuses, named in the refusal (Horovod's are integers)."""
 
 
 def DistributedOptimizer(

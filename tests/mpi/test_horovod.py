@@ -83,7 +83,8 @@ def test_bit_exact_through_the_horovod_backend(mpi):
 @pytest.mark.parametrize(
     ("code", "message"),
     [
-        ("opt(op=hvd.Adasum)", "op="),
+        ("opt(op=hvd.Adasum)", "op=hvd.Adasum is not supported"),
+        ("opt(op=hvd.Max)", "op=hvd.Max is not supported"),
         ("opt(backward_passes_per_step=0)", "backward_passes_per_step=0 must be an int >= 1"),
         ("opt(compression=object())", "has no compress/decompress"),
         ("opt(gradient_predivide_factor=2.0, op=hvd.Sum)", "only meaningful with op=Average"),

@@ -226,3 +226,13 @@ def test_a_trainer_adding_manifest_fields_updates_it_and_a_relaunch_counts_a_res
     monkeypatch.setattr(manifest, "_written", manifest._Written())  # a relaunched job
     again = manifest.write_manifest(rt)
     assert again is not None and again["restarts"] == 1 and again["data"] == {}
+
+
+def test_a_torn_event_line_is_skipped_and_the_rest_read(tmp_path):
+    from ftmpi.events import read_events
+
+    whole = {"time": 1.0, "event": "kill", "pid": 7, "spec": "server:0@step=3"}
+    (tmp_path / "events.jsonl").write_text(
+        json.dumps(whole) + "\n" + '{"time": 2.0, "event": "view_ch' + "\n" + '["x"]\n'
+    )
+    assert read_events(str(tmp_path)) == [whole]
