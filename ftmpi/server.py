@@ -465,6 +465,7 @@ class ParameterServer:
                 self.index,
                 keep=cfg.checkpoint_keep,
                 asynchronous=bool(cfg.async_checkpoint),
+                timeout=cfg.timeout,
             )
 
     def _on_snapshot(self, header: Header, src: int) -> None:

@@ -335,14 +335,24 @@ def newest_valid(
 
 class SnapshotWriter:
     """Writes snapshots synchronously, or on a background thread (one pending write at most:
-    a new snapshot waits for the previous one, so memory stays bounded)."""
+    a new snapshot waits for the previous one, so memory stays bounded). Every wait for the
+    background thread ends within ``timeout`` seconds."""
 
     def __init__(
-        self, directory: str | os.PathLike[str], shard: int, *, keep: int, asynchronous: bool
+        self,
+        directory: str | os.PathLike[str],
+        shard: int,
+        *,
+        keep: int,
+        asynchronous: bool,
+        timeout: float = 300.0,
     ) -> None:
         self.directory = Path(directory)
         self.shard = shard
         self.keep = keep
+        self.timeout = timeout
+        """Seconds a wait for the background write may take (a hung filesystem ends in
+        :class:`SnapshotError` instead of a hung server)."""
         self.written: list[int] = []
         self.error: BaseException | None = None
         self._queue: queue.Queue[tuple[int, dict[str, Any], np.ndarray] | None] | None = None
@@ -360,7 +370,10 @@ class SnapshotWriter:
             write_snapshot(self.directory, self.shard, version, meta, payload, keep=self.keep)
             self.written.append(version)
         else:
-            self._queue.put((version, meta, concat_segments(payload)))
+            try:
+                self._queue.put((version, meta, concat_segments(payload)), timeout=self.timeout)
+            except queue.Full:
+                raise self._overdue(f"snapshot {version} could not be queued") from None
 
     def _run(self) -> None:
         assert self._queue is not None
@@ -384,6 +397,17 @@ class SnapshotWriter:
 
     def flush(self) -> None:
         """Wait until every submitted snapshot is durable; raises as :meth:`raise_if_failed`."""
-        if self._queue is not None:
-            self._queue.join()
+        pending = self._queue
+        if pending is not None:
+            done = pending.all_tasks_done
+            with done:
+                if not done.wait_for(lambda: not pending.unfinished_tasks, self.timeout):
+                    raise self._overdue("the pending snapshot is not durable")
         self.raise_if_failed()
+
+    def _overdue(self, what: str) -> SnapshotError:
+        return SnapshotError(
+            f"{what}: the background write in {self.directory} has not finished within "
+            f"{self.timeout:g} s (a hung or very slow filesystem?); check the filesystem, or "
+            "choose another directory with FTMPI_CHECKPOINT_DIR"
+        )

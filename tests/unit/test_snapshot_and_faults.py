@@ -55,6 +55,27 @@ def test_background_writer_flushes(tmp_path):
     assert read_snapshot(snapshot_path(tmp_path, 0, 3)).payload[0] == 3
 
 
+def test_a_hung_background_write_ends_every_wait_at_the_deadline(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import ftmpi.snapshot as snapshot
+
+    release = threading.Event()
+    monkeypatch.setattr(snapshot, "write_snapshot", lambda *a, **k: release.wait(30))
+    w = SnapshotWriter(tmp_path, 0, keep=3, asynchronous=True, timeout=0.3)
+    try:
+        w.submit(1, {"version": 1}, np.zeros(4, np.uint8))  # taken by the thread, which hangs
+        w.submit(2, {"version": 2}, np.zeros(4, np.uint8))  # waits in the queue
+        for wait in (lambda: w.submit(3, {}, np.zeros(4, np.uint8)), w.flush):
+            t0 = time.monotonic()
+            with pytest.raises(SnapshotError, match=r"not finished within 0.3 s"):
+                wait()
+            assert time.monotonic() - t0 < 5
+    finally:
+        release.set()
+
+
 def test_writer_error_is_reported(tmp_path):
     target = tmp_path / "file"
     target.write_text("not a directory")
