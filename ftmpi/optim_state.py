@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -51,6 +52,26 @@ def dtype_of(name: str) -> torch.dtype:
 
 def class_path(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def snapshot_class_problem(path: object, job_class: str | None) -> str | None:
+    """Why a snapshot's optimizer class ``path`` may not be loaded, or None. A snapshot is a
+    file: loading it must not import code the job does not already use. With the job's own
+    class known (``job_class``, from the workers) the snapshot must name that class; without
+    it, the class must be ``torch.optim``'s or live in a module this process has imported."""
+    if not isinstance(path, str) or ":" not in path:
+        return f"its optimizer class {path!r} is not a module:qualname"
+    module = path.partition(":")[0]
+    if job_class is not None:
+        if path != job_class:
+            return f"it holds the state of optimizer {path}, this job runs {job_class}"
+        return None
+    if module == "torch.optim" or module.startswith("torch.optim.") or module in sys.modules:
+        return None
+    return (
+        f"its optimizer class {path} is in module {module}, which this process has not "
+        "imported; import it before ftmpi.init() (snapshots never import code themselves)"
+    )
 
 
 def import_optimizer_class(path: str) -> type[torch.optim.Optimizer]:

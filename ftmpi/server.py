@@ -40,6 +40,7 @@ from ftmpi.optim_state import (
     load_state_entries,
     pack_tensors,
     payload_nbytes,
+    snapshot_class_problem,
     state_entries,
     table_segments,
     tensor_segments,
@@ -519,6 +520,9 @@ class ParameterServer:
             self._reply_error(src, f"{snap.path} holds shard {snap.meta['shard']['index']}")
             return
         why = incompatibility(snap.meta, self.spec["shard"]) if self.spec else None
+        why = why or snapshot_class_problem(
+            snap.meta.get("optimizer"), self.spec["optimizer"] if self.spec else None
+        )
         if why:
             self._reply_error(src, f"cannot restore {snap.path}: {why}")
             return

@@ -15,7 +15,7 @@ delays training and shows in the table (``late_start_s``).
 
 A cell ftmpi refuses to configure is recorded as ``not supported: <ConfigError message>``; a
 cell whose job fails is recorded with its error and the grid goes on. A job that hangs at exit
-after its trainer wrote ``summary.json`` (Open MPI after a re-spawn, see the README) is stopped
+after its trainer wrote ``summary.json`` (Open MPI after a re-spawn, docs/recovery.md) is stopped
 after ``--exit-grace`` seconds and counts as finished. Each cell's state is in
 ``<out>/runs/<cell>/cell.json``; ``--resume`` skips cells already finished or refused.
 

@@ -13,7 +13,7 @@ status  meaning
 3       the job ended before its workers finished, for no reason ftmpi could name
 4       a node was lost (PRRTE lost its daemon there and ended the job)
 5       a wait ran out of time (``CommTimeout``: a peer that neither answered nor died)
-75      a recovery could not complete (a rank died during ``MPI_Comm_spawn``; see the README)
+75      a recovery could not complete (a rank died during ``MPI_Comm_spawn``; docs/recovery.md)
 128+N   ended by signal N (``ftmpi-run`` itself was interrupted, or the job was killed)
 ======  =====================================================================================
 

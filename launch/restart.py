@@ -3,7 +3,7 @@
 **The exit status is the outcome** (:mod:`launch.outcome`): an attempt succeeded exactly when the
 run's ``summary.json`` says every worker finished training, whatever ``mpirun`` returned; the
 launcher says so in one line where the two differ. A job that finished training but does not
-exit (Open MPI after a re-spawn, see the README) is stopped after :data:`EXIT_GRACE` seconds; a
+exit (Open MPI after a re-spawn, docs/recovery.md) is stopped after :data:`EXIT_GRACE` seconds; a
 job in which a rank raised (``fatal.json``) and that is still running :data:`FATAL_GRACE`
 seconds later is stopped too.
 

@@ -12,8 +12,8 @@ PROG = str(PROGS / "ft_train.py")
 STEPS = 60
 
 # Open MPI's mpirun exits 137 when a re-spawned rank is SIGKILLed, even though the job goes on
-# and finishes (open-mpi/ompi#13325; README, known limitations): accepted where a schedule kills
-# a replacement.
+# and finishes (open-mpi/ompi#13325; docs/recovery.md, known limitations): accepted where a
+# schedule kills a replacement.
 KILLED_REPLACEMENT = 137
 
 

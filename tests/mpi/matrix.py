@@ -415,7 +415,7 @@ def check_invariants(
     *,
     died_in_first_step: bool = False,
 ) -> None:
-    """The strategy's promises for this cell (README, "Surviving rank deaths")."""
+    """The strategy's promises for this cell (docs/recovery.md)."""
     sync = cell.mode == "sync"
     worker_died = cell.victim == "worker" or cell.moment == "pull"
     check("every worker at the end", all(r["position"] == STEPS for r in got), got)

@@ -22,8 +22,9 @@ def train(mpi, tmp_path, name, *, steps=60, servers=2, env=None, extra=(), timeo
         "FTMPI_BACKEND": "mpi",
         **(env or {}),
     }
-    # After a re-spawn, Open MPI's MPI_Finalize can hang at exit (README, known limitations):
-    # a job that printed both workers' results and then hung is killed and its results checked.
+    # After a re-spawn, Open MPI's MPI_Finalize can hang at exit (docs/recovery.md, known
+    # limitations): a job that printed both workers' results and then hung is killed and its
+    # results checked.
     res = mpi(
         2 + servers,
         [PROG, str(steps), *extra],

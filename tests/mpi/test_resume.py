@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ftmpi.snapshot import list_versions, read_snapshot, snapshot_path
+from ftmpi.snapshot import list_versions, read_snapshot, snapshot_path, write_snapshot
 from tests.mpi.common import PROG
 
 pytestmark = pytest.mark.mpi
@@ -58,3 +58,31 @@ def test_resume_after_a_damaged_newest_snapshot_finishes_and_keeps_snapshotting(
             meta = read_snapshot(snapshot_path(ck, shard, v)).meta
             assert meta["run_id"] == again["run_id"]
             assert meta["resumed_from"] == [first["run_id"]]
+
+
+def test_a_snapshot_naming_a_module_the_job_does_not_use_is_never_imported(mpi, tmp_path):
+    """A snapshot is a file: restoring one must not import (execute) the module its metadata
+    names. The job refuses it, naming the class, and the module's code never runs."""
+    _train(mpi, tmp_path / "first", 20)
+    ck = tmp_path / "first" / "checkpoints"
+    marker = tmp_path / "imported"
+    (tmp_path / "evil_opt.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "import torch\nclass Opt(torch.optim.SGD):\n    pass\n"
+    )
+    for shard in (0, 1):
+        for v in list_versions(ck, shard):
+            snap = read_snapshot(snapshot_path(ck, shard, v))
+            meta = {**snap.meta, "optimizer": "evil_opt:Opt"}
+            write_snapshot(ck, shard, v, meta, snap.payload, keep=3)
+    env = {
+        **ENV,
+        "FTMPI_RUN_DIR": str(tmp_path / "again"),
+        "FTMPI_RESUME": "1",
+        "FTMPI_CHECKPOINT_DIR": str(ck),
+        "PYTHONPATH": str(tmp_path),
+    }
+    res = mpi(4, [PROG, "40"], env=env, timeout=150)
+    assert res.returncode != 0
+    assert "evil_opt:Opt is in module evil_opt, which this process has not imported" in res.stderr
+    assert not marker.exists(), "restoring a snapshot imported the module it names"

@@ -28,8 +28,8 @@ def test_schedule_is_a_pure_function_of_the_seed():
 @pytest.mark.matrix_ci
 @pytest.mark.timeout(900)
 @pytest.mark.xfail(
-    reason="open bug 1 (README, fault matrix): a death while the survivors spawn a replacement "
-    "can hang the recovery; the soak's seeded schedule can hit it",
+    reason="open bug 1 (docs/recovery.md, known limitations): a death while the survivors "
+    "spawn a replacement can hang the recovery; the soak's seeded schedule can hit it",
     strict=False,
 )
 def test_short_soak(mpi, tmp_path):
