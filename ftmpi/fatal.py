@@ -88,11 +88,10 @@ def who(rt: Runtime | None) -> tuple[str, int | None]:
     """``("worker 1", world_rank)`` or ``("server 0", ...)``; from the launcher's environment
     before the runtime exists."""
     if rt is not None:
-        role = f"server {rt.server_index}" if rt.is_server else f"worker {rt.role_rank}"
         try:
-            return role, rt.world.Get_rank()
+            return rt.role, rt.world_rank
         except Exception:  # a freed or broken communicator
-            return role, None
+            return ("server" if rt.is_server else "worker"), None
     rank = os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMIX_RANK")
     return "rank", int(rank) if rank and rank.isdigit() else None
 

@@ -91,7 +91,7 @@ STUCK_EXIT = 75
 
 
 def role_of(rt: Runtime) -> str:
-    return f"server {rt.server_index}" if rt.is_server else f"worker {rt.role_rank}"
+    return rt.role
 
 
 def recover(

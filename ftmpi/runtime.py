@@ -86,6 +86,11 @@ class Runtime:
         return self.group.Get_rank()
 
     @property
+    def role(self) -> str:
+        """``"worker 1"`` or ``"server 0"``: how messages and events name this process."""
+        return f"server {self.server_index}" if self.is_server else f"worker {self.role_rank}"
+
+    @property
     def num_workers(self) -> int:
         return len(self.workers)
 

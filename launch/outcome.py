@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from ftmpi.events import read_events
 from ftmpi.fatal import RAISED_EXIT, USER_ERROR_EXIT, read_fatal
+from ftmpi.manifest import MANIFEST
 from launch.rundir import is_finished
 
 FINISHED = 0
@@ -68,6 +69,12 @@ class Outcome:
         return self.status not in (FINISHED, USER_ERROR_EXIT) and not self.interrupted
 
 
+def exit_status(returncode: int | None) -> int:
+    """A process's exit status as a shell reports it: ``128 + N`` for one killed by signal N
+    (``subprocess`` reports ``-N``); 0 for ``None``."""
+    return 128 - returncode if returncode is not None and returncode < 0 else int(returncode or 0)
+
+
 def judge(
     run_dir: str,
     returncode: int | None,
@@ -80,7 +87,7 @@ def judge(
     """The outcome of the attempt that started at ``since`` and ended with ``returncode``
     (negative: killed by that signal), from ``run_dir``, the attempt's ``output`` lines and
     the ``ftmpi: injected failure`` lines its ranks printed (``injected``)."""
-    rc = 128 - returncode if returncode is not None and returncode < 0 else int(returncode or 0)
+    rc = exit_status(returncode)
     if is_finished(run_dir):
         return Outcome(FINISHED, "training finished (summary.json: every worker finished)")
     if signal_name is not None:
@@ -117,7 +124,7 @@ def judge(
         return Outcome(rc, f"the job was ended by signal {rc - 128}{after} before it finished")
     if rc:
         return Outcome(rc, f"the job exited with status {rc}{after} before training finished")
-    if not os.path.exists(os.path.join(run_dir, "manifest.json")):
+    if not os.path.exists(os.path.join(run_dir, MANIFEST)):
         return Outcome(
             UNFINISHED,
             f"the job ended (mpirun status 0) without a run record in {run_dir}: does the "

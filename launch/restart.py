@@ -60,7 +60,7 @@ from ftmpi.manifest import write_json_atomic
 from ftmpi.runtime import die_with_parent
 from launch.kills import log_injected, logged_kills, remaining_schedule
 from launch.noise import OutputFilter, open_log
-from launch.outcome import Outcome, judge
+from launch.outcome import Outcome, exit_status, judge
 from launch.proctree import kill_tree
 from launch.rundir import LAUNCHER_RECORD, is_finished
 
@@ -141,7 +141,7 @@ class LaunchReport:
     @property
     def mpirun_status(self) -> int | None:
         rc = self.attempts[-1].returncode if self.attempts else None
-        return 128 - rc if rc is not None and rc < 0 else rc
+        return None if rc is None else exit_status(rc)
 
     def load_earlier(self) -> None:
         """Keep the attempts ``launcher.json`` already holds for this run id (a resume)."""
@@ -250,8 +250,7 @@ def run_with_restarts(
 
 
 def _say_where_they_differ(attempt: Attempt, outcome: Outcome) -> None:
-    rc = attempt.returncode
-    rc = 128 - rc if rc is not None and rc < 0 else rc
+    rc = exit_status(attempt.returncode)
     if outcome.finished and rc != 0:
         print(
             f"ftmpi-run: mpirun exited with status {rc}, but every worker finished training "
@@ -340,10 +339,8 @@ def _watch(
     """Wait for the job, stopping it when it will not end by itself; returns its status."""
     finished_at = raised_at = stop_at = None
     while True:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             return proc.wait(timeout=0.5)
-        except subprocess.TimeoutExpired:
-            pass
         now = time.monotonic()
         if interrupted and stop_at is None:
             stop_at = now

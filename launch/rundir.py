@@ -15,7 +15,9 @@ import secrets
 import time
 from collections.abc import Mapping
 
-SUMMARY = "summary.json"
+from ftmpi.manifest import MANIFEST
+from ftmpi.record import SUMMARY
+
 LAUNCHER_RECORD = "launcher.json"
 
 
@@ -45,7 +47,7 @@ def resolve(
 
 def recorded_run_id(run_dir: str) -> str | None:
     """The run id ``run_dir``'s ``launcher.json`` (else ``manifest.json``) records, if any."""
-    for name in (LAUNCHER_RECORD, "manifest.json"):
+    for name in (LAUNCHER_RECORD, MANIFEST):
         with contextlib.suppress(OSError, ValueError, AttributeError):
             with open(os.path.join(run_dir, name)) as f:
                 run_id = json.load(f).get("run_id")

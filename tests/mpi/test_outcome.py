@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -74,12 +75,9 @@ def _job_pids(launcher: subprocess.Popen, run_id: str) -> set[int]:
     pids = set(descendants(launcher.pid))
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as f:
-                    if f"FTMPI_RUN_ID={run_id}".encode() in f.read().split(b"\0"):
-                        pids.add(int(entry))
-            except OSError:
-                pass
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/environ", "rb") as f:
+                if f"FTMPI_RUN_ID={run_id}".encode() in f.read().split(b"\0"):
+                    pids.add(int(entry))
     pids.discard(launcher.pid)
     return {p for p in pids if os.path.exists(f"/proc/{p}")}
 
@@ -91,17 +89,18 @@ def _start(tmp_path, run_id: str, *extra: str) -> subprocess.Popen:
     return start_command(cmd, env=env, merge_stderr=True)
 
 
-def _wait_for_ranks(launcher: subprocess.Popen, run_id: str, ranks: int) -> set[int]:
+def _wait_for_training(launcher: subprocess.Popen, run_id: str, run_dir) -> set[int]:
+    """The job's processes once every rank is past ``ftmpi.init()`` (worker 0 has written the
+    manifest, which every worker's start takes part in)."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         pids = _job_pids(launcher, run_id)
         ranks_up = [p for p in pids if "ft_train.py" in _cmdline(p)]
-        if len(ranks_up) >= ranks:
-            time.sleep(2)  # past MPI start-up, into training
-            return _job_pids(launcher, run_id)
+        if len(ranks_up) >= 3 and (run_dir / "manifest.json").exists():
+            return pids
         time.sleep(0.2)
     kill_tree(launcher.pid)
-    pytest.fail("the job's ranks did not start within 60 s")
+    pytest.fail("the job did not start training within 60 s")
 
 
 def _cmdline(pid: int) -> str:
@@ -117,7 +116,7 @@ def test_killing_ftmpi_run_leaves_no_process_of_the_job(tmp_path, sig):
     run_id = f"orphans-{sig.name}"
     launcher = _start(tmp_path, run_id)
     try:
-        job = _wait_for_ranks(launcher, run_id, ranks=3)
+        job = _wait_for_training(launcher, run_id, tmp_path / "run")
         os.kill(launcher.pid, sig)
         launcher.wait(timeout=30)
         deadline = time.monotonic() + 5
@@ -136,7 +135,7 @@ def test_sigterm_says_so_and_how_to_resume_and_the_record_keeps_every_attempt(tm
     run_id = "interrupted"
     launcher = _start(tmp_path, run_id, "--strategy", "checkpoint", "--checkpoint-every", "10")
     try:
-        _wait_for_ranks(launcher, run_id, ranks=3)
+        _wait_for_training(launcher, run_id, tmp_path / "run")
         launcher.send_signal(signal.SIGTERM)
         out, _ = launcher.communicate(timeout=30)
     finally:
