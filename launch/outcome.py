@@ -32,8 +32,7 @@ from dataclasses import dataclass
 
 from ftmpi.events import read_events
 from ftmpi.fatal import RAISED_EXIT, USER_ERROR_EXIT, read_fatal
-from ftmpi.manifest import MANIFEST
-from launch.rundir import is_finished
+from launch.rundir import MANIFEST, is_finished
 
 FINISHED = 0
 UNFINISHED = 3

@@ -15,8 +15,11 @@ import secrets
 import time
 from collections.abc import Mapping
 
-from ftmpi.manifest import MANIFEST
-from ftmpi.record import SUMMARY
+# The names ftmpi.record.SUMMARY and ftmpi.manifest.MANIFEST give these files, said again here
+# so that asking about a run directory imports no torch: the Slurm scripts ask between a
+# checkpoint and the requeue, and importing ftmpi.record takes over a second there.
+SUMMARY = "summary.json"
+MANIFEST = "manifest.json"
 
 LAUNCHER_RECORD = "launcher.json"
 

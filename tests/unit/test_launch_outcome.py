@@ -115,3 +115,14 @@ def test_the_abort_banner_is_shown_unless_a_rank_raised():
 def test_an_unclosed_banner_is_shown_at_the_end():
     text = "------------------------------\nsomething Open MPI says\n"
     assert _filtered(text)[0] == text
+
+
+def test_asking_whether_a_run_finished_imports_no_torch():
+    """The Slurm scripts ask launch.rundir whether a run finished between a checkpoint and the
+    requeue: that must not cost torch's import (over a second)."""
+    import subprocess
+    import sys
+
+    code = "import sys, launch.rundir; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
