@@ -31,6 +31,7 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check ftmpi launch tests examples benchmarks
 	$(VENV)/bin/ruff format --check ftmpi launch tests examples benchmarks
+	$(VENV)/bin/mypy
 
 bench: setup
 	$(PY) benchmarks/bench_sync_overhead.py

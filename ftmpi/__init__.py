@@ -14,9 +14,10 @@ Importing this package does not initialise MPI; :func:`init` does.
 from typing import Any
 
 from ftmpi.config import Config, ConfigError
+from ftmpi.lifecycle import init, shutdown
 from ftmpi.loop import Rollback, TrainingState, run
 from ftmpi.repro import seed_step
-from ftmpi.runtime import Runtime, init, local_rank, local_size, rank, runtime, shutdown, size
+from ftmpi.runtime import Runtime, local_rank, local_size, rank, runtime, size
 
 _LAZY = {  # names whose modules import mpi4py.MPI (which initialises MPI)
     "Compression": "ftmpi.compression",

@@ -7,43 +7,27 @@ raises :class:`~ftmpi.wire.PeerFailure` when a worker died (under ULFM).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
+import threading
 import time
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from mpi4py import MPI
 
+from ftmpi import events
+from ftmpi.collective import CollectiveBackend
+from ftmpi.membership import deadline, failures
 from ftmpi.wire import CommTimeout, PeerFailure, mpi_errors, wait_all
 
 if TYPE_CHECKING:
     from ftmpi.runtime import Runtime
 
 _MPI_TYPES = {torch.float32: MPI.FLOAT, torch.float64: MPI.DOUBLE}
-
-
-class CollectiveBackend(Protocol):
-    """What the worker side needs from a collective library."""
-
-    name: str
-
-    def size(self) -> int: ...
-
-    def rank(self) -> int: ...
-
-    def allreduce_(self, t: torch.Tensor, *, average: bool, predivide: float = 1.0) -> None:
-        """Sum ``t`` across workers in place; divide by the worker count if ``average``.
-
-        ``predivide`` (Horovod's ``gradient_predivide_factor``, average only) divides before the
-        sum and multiplies back after it."""
-        ...
-
-    def broadcast_(self, t: torch.Tensor, root: int) -> None:
-        """Overwrite ``t`` on every worker with ``t`` on worker ``root``."""
-        ...
-
-    def barrier(self) -> None: ...
 
 
 class MPIBackend:
@@ -111,46 +95,95 @@ class HorovodBackend(MPIBackend):
     Gradient averaging goes through Horovod's allreduce (its tensor fusion, its fp16 sum);
     waits poll Horovod's handles against the same deadline as every other ftmpi wait. Barriers
     stay on MPI (same communicator), so they too have a timeout.
+
+    Horovod runs on a duplicate of the workers' communicator, and duplicates that again
+    (``horovod_init_multi_comm`` and ``MPIContext::Initialize``), so the revoke of a recovery
+    never reaches the communicators Horovod's background thread uses: after a recovery that
+    leaves the workers as they were, Horovod carries on (:meth:`rebind`). After one that
+    changes them, :meth:`stop` shuts it down and a new instance initialises it on the new
+    workers' communicator (see :func:`rebuild_backend`).
     """
 
     name = "horovod"
 
     def __init__(self, comm: MPI.Comm, timeout: float) -> None:
         super().__init__(comm, timeout)
-        import horovod.torch as hvd
+        import horovod.torch as hvd  # optional dependency: only where this backend is chosen
         from horovod.common.exceptions import HorovodInternalError
 
         self.hvd = hvd
         self._internal_error = HorovodInternalError
-        hvd.init(comm=comm.Dup())  # its own communicator: its collectives never interleave ours
+        self.abandoned: int | None = None
+        """A handle this worker stopped waiting for when a recovery began: its collective may
+        still complete later, into the tensor it was given, so Horovod must be restarted."""
+        self.broken = False
+        """Horovod reported an internal error (a worker died under it): it has shut down."""
+        self._dup = comm.Dup()  # its own communicator: its collectives never interleave ours
+        hvd.init(comm=self._dup)
         if hvd.size() != comm.Get_size():  # pragma: no cover - Horovod misconfiguration
             raise RuntimeError(
                 f"Horovod sees {hvd.size()} ranks; there are {comm.Get_size()} workers"
             )
 
+    @property
+    def needs_restart(self) -> bool:
+        """Whether Horovod must be shut down and initialised again before its next collective
+        (a collective was abandoned, or Horovod failed)."""
+        return self.broken or self.abandoned is not None
+
+    def rebind(self, comm: MPI.Comm) -> None:
+        """Keep Horovod and watch ``comm`` (the new workers' communicator, same members) for
+        revokes; barriers and byte broadcasts use it too."""
+        self.comm = comm
+
+    def stop(self) -> bool:
+        """Shut Horovod down (collective among the workers of the old view that still run
+        Horovod; its background thread agrees on the shutdown with theirs, or fails on a dead
+        peer and ends). Returns whether it stopped within the timeout; if not, Horovod's
+        thread is stuck in an MPI call and this process cannot use Horovod again."""
+        done = threading.Event()
+
+        def shutdown() -> None:
+            self.hvd.shutdown()
+            done.set()
+
+        threading.Thread(target=shutdown, name="ftmpi-horovod-shutdown", daemon=True).start()
+        if not done.wait(self.timeout):
+            return False
+        with contextlib.suppress(MPI.Exception):  # Horovod worked on duplicates of it
+            self._dup.Free()
+        self.abandoned = None  # horovod.torch's shutdown cleared every handle and its tensor
+        return True
+
     def _wait(self, handle: int, what: str) -> torch.Tensor:
         """Wait for a Horovod collective. Horovod does not see ULFM: a worker that is waiting
         here when another worker starts a recovery (a server died) would wait for a peer that
         is no longer coming, so the workers' communicator is watched too: once the recovery
-        has revoked it, this raises ``PeerFailure`` and the worker joins the recovery."""
+        has revoked it, this raises ``PeerFailure`` and the worker joins the recovery. The
+        abandoned handle is kept (:attr:`abandoned`): the recovery restarts Horovod."""
         deadline = time.monotonic() + self.timeout
         sleep = 20e-6
         try:
             while not self.hvd.poll(handle):
                 if time.monotonic() > deadline:
+                    self.abandoned = handle
                     raise CommTimeout(f"{what}: no completion within {self.timeout:g} s")
                 if self.comm.Is_revoked():
+                    self.abandoned = handle
                     raise PeerFailure(f"{what}: a recovery began", MPI.ERR_REVOKED)
                 time.sleep(sleep)
                 sleep = min(sleep * 2, 200e-6)
-            return self.hvd.synchronize(handle)
+            result: torch.Tensor = self.hvd.synchronize(handle)
+            return result
         except self._internal_error as exc:  # a peer failed under Horovod: recover like MPI
+            self.broken = True
             raise PeerFailure(f"{what}: {exc}", MPI.ERR_PROC_FAILED) from exc
 
-    def _start(self, fn, *args, **kwargs) -> int:  # type: ignore[no-untyped-def]
+    def _start(self, fn: Callable[..., int], *args: object, **kwargs: object) -> int:
         try:
-            return fn(*args, **kwargs)
+            return int(fn(*args, **kwargs))
         except self._internal_error as exc:
+            self.broken = True
             raise PeerFailure(f"Horovod: {exc}", MPI.ERR_PROC_FAILED) from exc
 
     def allreduce_(self, t: torch.Tensor, *, average: bool, predivide: float = 1.0) -> None:
@@ -190,53 +223,113 @@ def horovod_available() -> bool:
     return bool(hvd.mpi_built())
 
 
+def _horovod_job(rt: Runtime) -> bool:
+    """Whether this job's workers run Horovod (``backend`` horovod, or auto with Horovod
+    installed): the same answer on every worker, joiners included."""
+    choice = rt.config.backend
+    return choice == "horovod" or (choice == "auto" and horovod_available())
+
+
 def select_backend(rt: Runtime) -> CollectiveBackend:
     """The backend the config asks for on this worker's communicator.
 
     ``auto`` picks Horovod when it is installed, else MPI. ``horovod`` without Horovod
-    installed raises ``RuntimeError`` saying how to install it.
+    installed raises ``RuntimeError`` saying how to install it. A replacement worker joining
+    a Horovod job takes part in the survivors' agreement of :func:`rebuild_backend` and runs
+    Horovod with them (MPI where they cannot restart Horovod). Raises ``PeerFailure`` or
+    ``CommTimeout`` if a worker dies or stops answering during the agreement.
     """
-    choice = rt.config.backend
-    if choice == "auto":
-        choice = "horovod" if horovod_available() else "mpi"
-    if choice == "horovod":
-        if not horovod_available():
-            raise RuntimeError(
-                "backend='horovod' but horovod.torch (with MPI) is not importable; "
-                "install it with scripts/install-horovod.sh or use backend='mpi'"
-            )
+    if rt.config.backend == "horovod" and not horovod_available():
+        raise RuntimeError(
+            "backend='horovod' but horovod.torch (with MPI) is not importable; "
+            "install it with scripts/install-horovod.sh or use backend='mpi'"
+        )
+    if not _horovod_job(rt):
+        return MPIBackend(rt.group, rt.config.timeout)
+    if rt.late_joiner and not _agree(rt, 1, MPI.MIN):
+        return MPIBackend(rt.group, rt.config.timeout)
+    with deadline(rt.config, rt.role, "initialising Horovod on the workers' communicator"):
         return HorovodBackend(rt.group, rt.config.timeout)
-    return MPIBackend(rt.group, rt.config.timeout)
+
+
+_horovod_stuck = False
+"""Set when Horovod's shutdown did not finish: its thread is stuck in an MPI call and this
+process cannot initialise Horovod again."""
+
+
+def _agree(rt: Runtime, flag: int, op: MPI.Op) -> int:
+    """``flag`` reduced with ``op`` over the new view's workers (MPI, with a deadline long
+    enough to cover a peer's Horovod shutdown). Raises ``PeerFailure``/``CommTimeout``."""
+    value = np.array([flag], dtype=np.int64)
+    with mpi_errors("agreeing on the collective backend"):
+        req = rt.group.Iallreduce(MPI.IN_PLACE, value, op=op)
+    wait_all([req], 2 * rt.config.timeout, "agreeing on the collective backend")
+    return int(value[0])
 
 
 def rebuild_backend(rt: Runtime, *, workers_changed: bool) -> None:
-    """Give the workers the collective backend for the new view after a recovery.
+    """Give the workers the collective backend for the new view after a recovery (every
+    worker of the new view calls it, replacement workers through :func:`select_backend`).
 
-    Horovod cannot change its membership, and its background thread does not survive the
-    revoke/shrink/spawn of a recovery, so after any failure ftmpi continues on the MPI backend
-    over the new workers' communicator (the same decision on every worker, recorded as an
-    event). The averages are the same sums divided by the same counts.
+    - MPI backend: the same collectives over the new workers' communicator.
+    - Horovod, workers unchanged (a server died): Horovod's communicators were never touched
+      (it works on duplicates of a duplicate, which the recovery's revoke does not reach), so
+      Horovod stays, watching the new communicator for revokes. Unless a worker abandoned a
+      Horovod collective when the recovery began (it could still complete later, into a
+      gradient buffer): the workers agree on that, and then restart Horovod as below.
+    - Horovod, workers changed (a worker died or joined): ``hvd.shutdown()`` on the survivors
+      (their background threads agree on it, or fail on the dead peer and end), then
+      ``hvd.init`` on the new workers' communicator, event ``backend_restarted``. If a
+      shutdown does not finish within the timeout (Horovod's thread stuck in an MPI call it
+      cannot leave), every worker continues on the MPI backend, event ``backend_fallback``.
+
+    Every worker takes the same decision. Raises ``PeerFailure`` (the recovery starts over)
+    or ``CommTimeout`` when a worker dies or stops answering meanwhile; a Horovod
+    initialisation that does not return within the timeout ends the process
+    (:func:`~ftmpi.membership.deadline`).
     """
-    from ftmpi import events
-
+    global _horovod_stuck
     # the node-local worker communicator changes with the workers (a joining worker's
     # ftmpi.init() takes part in this split)
-    rt.local = rt.group.Split_type(MPI.COMM_TYPE_SHARED, key=rt.group.Get_rank())
+    with failures("splitting the node-local worker communicator (Split_type)"):
+        rt.local = rt.group.Split_type(MPI.COMM_TYPE_SHARED, key=rt.group.Get_rank())
     rt.local.Set_errhandler(MPI.ERRORS_RETURN)
     rt.comms.append(rt.local)
-    if isinstance(rt.backend, HorovodBackend):
-        if rt.role_rank == 0:
-            print(
-                "ftmpi: continuing on the MPI backend after a failure (Horovod cannot change "
-                "its membership, and its background thread does not survive the recovery)",
-                file=sys.stderr,
-                flush=True,
-            )
+    backend = rt.backend
+    if not _horovod_job(rt):
+        rt.backend = MPIBackend(rt.group, rt.config.timeout)
+        return
+    unchanged = not workers_changed
+    if (
+        isinstance(backend, HorovodBackend)
+        and unchanged
+        and not _agree(rt, int(backend.needs_restart), MPI.MAX)
+    ):
+        backend.rebind(rt.group)
+        return
+    usable = not _horovod_stuck
+    if isinstance(backend, HorovodBackend):
+        usable = backend.stop()
+        _horovod_stuck = not usable
+    role = f"worker {rt.role_rank}"
+    if _agree(rt, int(usable), MPI.MIN):
+        with deadline(rt.config, rt.role, "initialising Horovod on the new workers' communicator"):
+            rt.backend = HorovodBackend(rt.group, rt.config.timeout)
         events.emit(
             rt.config.run_dir,
-            "backend_fallback",
-            role=f"worker {rt.role_rank}",
-            detail="continuing on the MPI backend after a failure"
-            + (" (the worker set changed)" if workers_changed else ""),
+            "backend_restarted",
+            role=role,
+            workers=rt.num_workers,
+            detail="Horovod initialised again on the new workers' communicator"
+            + (" (the worker set changed)" if workers_changed else " (a collective was cut)"),
         )
+        return
+    detail = (
+        "continuing on the MPI backend: Horovod's shutdown did not finish within "
+        f"{rt.config.timeout:g} s on some worker (its background thread is stuck in an MPI "
+        "call on a communicator with a failed peer), so Horovod cannot be initialised again"
+    )
+    if rt.role_rank == 0:
+        print(f"ftmpi: {detail}", file=sys.stderr, flush=True)
+    events.emit(rt.config.run_dir, "backend_fallback", role=role, detail=detail)
     rt.backend = MPIBackend(rt.group, rt.config.timeout)

@@ -38,15 +38,14 @@ of the chain in the new view; predecessors and successors are recomputed from th
   skips versions it already has.
 - tail died: its predecessor is the tail; it commits everything it holds.
 - a replacement slot joins at the tail: once it is in its request loop it asks its predecessor
-  for the shard state (``NEED_STATE``, version ``ASK_STATE``); the predecessor forwards nothing
-  to it until then. The predecessor answers with the state's size (``STATE_SIZE``); the
-  replacement maps a receive buffer of that size and asks again (version ``READY_FOR_STATE``);
-  the predecessor then sends the whole state (the message a worker's INIT uses) and forwards as
-  usual. The receiver is ready, its memory mapped, when the bytes arrive, so the transfer runs
-  at the link's speed, and neither the replacement's start-up nor its page faults count as
-  transfer time. A member that is sent updates before it has any state (its transfer was cut
-  short by another failure) answers ``NEED_STATE`` (version 0) too, and its predecessor sends
-  the whole state at once.
+  for the shard state (``STATE_ASK``); the predecessor forwards nothing to it until then. The
+  predecessor answers with the state's size (``STATE_SIZE``); the replacement maps a receive
+  buffer of that size and asks again (``STATE_READY``); the predecessor then sends the whole
+  state (``STATE_TRANSFER``, laid out as a worker's INIT) and forwards as usual. The receiver
+  is ready, its memory mapped, when the bytes arrive, so the transfer runs at the link's speed,
+  and neither the replacement's start-up nor its page faults count as transfer time. A member
+  that is sent updates before it has any state (its transfer was cut short by another failure)
+  answers ``STATE_MISSING``, and its predecessor sends the whole state at once.
 
 Nothing behind the head is on a worker's wait while the chain keeps up, so the members behind
 the head wait for their next message, and a head for its successor to take a forward, with
@@ -61,63 +60,58 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from ftmpi import wire
 from ftmpi.failpoints import failpoint
-from ftmpi.wire import AckKind, Header, Kind
+from ftmpi.optim_state import Payload
+from ftmpi.replica import Update
+from ftmpi.wire import Header, Kind
 
 if TYPE_CHECKING:
-    from ftmpi.server import ParameterServer
+    from ftmpi.runtime import Runtime
+
+__all__ = ["BufferPool", "ChainHost", "ChainLink", "Update"]
 
 
-ASK_STATE = -1
-"""The version a ``NEED_STATE`` ack carries when a replacement asks for its state (not in
-answer to a forward); the predecessor answers with ``STATE_SIZE``."""
-READY_FOR_STATE = -2
-"""The version of the ``NEED_STATE`` ack a replacement sends once its receive buffer is mapped;
-the predecessor answers with the state."""
-
-
-@dataclass
-class Update:
-    """One applied push, as forwarded down the chain."""
-
-    version: int
-    """The shard's version after this update."""
-    src: int
-    """World rank of the worker that pushed it (current view)."""
-    seq: int
-    """The worker's sequence number (its data position)."""
-    hparams: list[dict[str, Any]] | None
-    """Param-group hyper-parameters that took effect just before this update, if they changed."""
-    grad: np.ndarray = field(repr=False)
-    """The gradient's bytes."""
-    count: int = 1
-    """Gradients this update stands for (a replayed log folds many into one)."""
-    lr_scale: float = 1.0
-    """Factor applied to the learning rate for this update only."""
-    replay: bool = False
-    """Whether this update is a replayed gradient log."""
+class ChainHost(Protocol):
+    """What a chain member needs of the server it runs in (``ftmpi.server``)."""
 
     @property
-    def base(self) -> int:
-        """The version this update applies to."""
-        return self.version - self.count
+    def version(self) -> int:
+        """The shard's version this server holds (0 before it has the state)."""
+        ...
 
-    def meta(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "src": self.src,
-            "seq": self.seq,
-            "hparams": self.hparams,
-            "count": self.count,
-            "lr_scale": self.lr_scale,
-            "replay": self.replay,
-        }
+    @property
+    def has_state(self) -> bool:
+        """Whether this server holds its shard's state."""
+        ...
+
+    def grad_buffer(self) -> np.ndarray | None:
+        """The replica's gradient buffer as bytes (a single forwarded update is received
+        straight into it at the tail), or None before the state exists."""
+        ...
+
+    def apply(self, update: Update) -> None:
+        """Apply ``update`` (its gradient copied in) and whatever follows an update here (a
+        periodic snapshot)."""
+        ...
+
+    def reply_weights(self, worker: int) -> None:
+        """Answer ``worker``'s push with the current weights; raises ``PeerFailure`` if it
+        died."""
+        ...
+
+    def state_nbytes(self) -> int:
+        """Bytes of the whole shard state as :meth:`transfer_state` sends it."""
+        ...
+
+    def transfer_state(self, slot: int, *, waited: float) -> None:
+        """Send the whole shard state to server ``slot`` (``STATE_TRANSFER``) and wait for
+        the send; raises ``PeerFailure`` if a rank dies meanwhile."""
+        ...
 
 
 class BufferPool:
@@ -149,9 +143,13 @@ class BufferPool:
 class ChainLink:
     """One server's place in its shard's chain: neighbours, un-committed updates, held replies."""
 
-    def __init__(self, server: ParameterServer) -> None:
-        self.server = server
-        self.rt = server.rt
+    def __init__(self, rt: Runtime, slot: int, shard_index: int, host: ChainHost) -> None:
+        self.rt = rt
+        self.slot = slot
+        """This server's slot."""
+        self.shard_index = shard_index
+        """The shard of this chain."""
+        self.host = host
         self.pending: list[Update] = []
         """Forwarded to the successor, not yet committed by the tail (re-sent after a failure)."""
         self.unsent: list[Update] = []
@@ -177,8 +175,8 @@ class ChainLink:
 
     def _neighbours(self) -> tuple[int | None, int | None]:
         """(predecessor, successor) slots among the live members of this chain."""
-        live = self.rt.live_chain(self.server.shard_index)
-        i = live.index(self.server.index)
+        live = self.rt.live_chain(self.shard_index)
+        i = live.index(self.slot)
         return (live[i - 1] if i > 0 else None, live[i + 1] if i + 1 < len(live) else None)
 
     @property
@@ -196,7 +194,7 @@ class ChainLink:
     def acked(self) -> int:
         """Highest version the head may answer for under the configured ack mode."""
         if self.succ is None:
-            return self.server.version
+            return self.host.version
         if self.rt.config.chain_ack == "next":
             return max(self.received, self.committed)
         return self.committed
@@ -214,12 +212,12 @@ class ChainLink:
             data_tag=wire.TAG_DATA,
             chunk_bytes=cfg.chunk_bytes,
             timeout=cfg.timeout,
-            what=f"server {self.server.index} {what}",
+            what=f"server {self.slot} {what}",
         )
 
-    def _header(self, kind: Kind, version: int, nbytes: int = 0, aux: int = 0) -> Header:
-        s = self.server
-        return Header(kind, self.rt.run, version, s.shard_index, 0, self.rt.view, nbytes, aux)
+    def _header(self, kind: Kind, version: int, nbytes: int = 0, state_nbytes: int = 0) -> Header:
+        rt = self.rt
+        return Header(kind, rt.run, version, self.shard_index, 0, rt.view, nbytes, state_nbytes)
 
     def start_forward(self, updates: list[Update]) -> list[Any]:
         """Start sending ``updates`` to the successor (kept for re-sending until committed);
@@ -234,8 +232,8 @@ class ChainLink:
         )
         grads = [u.grad for u in updates]  # sent in place, one segment per update
         dest = self.rt.server_world_rank(succ)
-        what = f"server {self.server.index} forwarding updates to server {succ}"
-        header = self._header(Kind.FORWARD, updates[0].version, doc.nbytes, len(updates))
+        what = f"server {self.slot} forwarding updates to server {succ}"
+        header = self._header(Kind.FORWARD, updates[0].version, doc.nbytes)
         reqs = wire.isend_request(
             self.rt.world, dest, header, doc, grads, chunk_bytes=cfg.chunk_bytes, what=what
         )
@@ -262,11 +260,12 @@ class ChainLink:
             # patient: the update is answered already (or waits for a commit further down)
             wire.wait_all(started[0], self.rt.config.timeout, what, wire.PATIENT)
 
-    def ack(self, kind: AckKind, version: int) -> None:
-        """Tell the predecessor (if any) about ``version``."""
+    def ack(self, kind: Kind, version: int) -> None:
+        """Tell the predecessor (if any) about ``version``: ``COMMITTED``, ``RECEIVED``, or one
+        of the state requests (:data:`ftmpi.wire.STATE_REQUESTS`)."""
         pred = self.pred
         if pred is not None:
-            self._send(pred, self._header(Kind.ACK, version, aux=int(kind)), None, "acknowledging")
+            self._send(pred, self._header(kind, version), None, "acknowledging")
 
     # ---------------------------------------------------------------- head
 
@@ -287,7 +286,7 @@ class ChainLink:
         apply()
         try:
             if self.succ is None or not batch:
-                self.server.reply_weights(worker)
+                self.host.reply_weights(worker)
             else:
                 early_ok = early and self.rt.config.answers_before_commit
                 self.hold(worker, update.base if early_ok else update.version)
@@ -308,7 +307,7 @@ class ChainLink:
         ready = [h for h in self.held if h[1] <= acked]
         self.held = [h for h in self.held if h[1] > acked]
         for worker, _ in ready:
-            self.server.reply_weights(worker)
+            self.host.reply_weights(worker)
 
     def flush(self) -> None:
         """Head: forward a partial batch (at shutdown)."""
@@ -317,22 +316,22 @@ class ChainLink:
 
     # ------------------------------------------------------------- replica
 
-    def on_forward(self, header: Header, src: int, recv: Callable[[np.ndarray, str], None]) -> None:
+    def on_forward(self, header: Header, src: int, recv: Callable[[Payload, str], None]) -> None:
         """Apply a batch of updates from the predecessor and pass the new ones on."""
-        s = self.server
+        s = self.host
         doc = np.empty(header.nbytes, dtype=np.uint8)
         recv(doc, "forwarded updates")
         fwd = wire.decode_json(doc)
         metas, nbytes = fwd["updates"], int(fwd["grad_nbytes"])
         tail = self.succ is None
-        own = s.grads.numpy().view(np.uint8).reshape(-1) if tail and s.grads is not None else None
+        own = s.grad_buffer() if tail else None
         if own is not None and len(metas) == 1 and own.nbytes == nbytes:
             grads = [own]  # the tail keeps nothing: one update goes straight where it applies
         else:
             grads = [self.pool.take(nbytes) for _ in metas]
         recv(grads, "forwarded gradients")
-        if s.grads is None:  # a replacement whose state transfer was cut short by a failure
-            self.ack(AckKind.NEED_STATE, 0)
+        if not s.has_state:  # a replacement whose state transfer was cut short by a failure
+            self.ack(Kind.STATE_MISSING, s.version)
             return
         updates = [
             Update(m["version"], m["src"], m["seq"], m["hparams"], g)
@@ -341,15 +340,15 @@ class ChainLink:
         new = [u for u in updates if u.version > s.version]
         if new and new[0].version != s.version + 1:
             raise RuntimeError(
-                f"server {s.index} at version {s.version} was forwarded version "
+                f"server {self.slot} at version {s.version} was forwarded version "
                 f"{new[0].version}: an update is missing"
             )
         if self.rt.config.chain_ack == "next" and updates:
-            self.ack(AckKind.RECEIVED, updates[-1].version)
+            self.ack(Kind.RECEIVED, updates[-1].version)
 
         def apply() -> None:
             for u in new:
-                s.apply_update(u)
+                s.apply(u)
 
         if tail:
             # The tail commits what it has received before applying it: it applies it before
@@ -357,7 +356,7 @@ class ChainLink:
             # an update before it handles the ack, so the tail's apply is off the worker's wait.
             self.committed = max(s.version, new[-1].version if new else 0)
             try:
-                self.ack(AckKind.COMMITTED, self.committed)
+                self.ack(Kind.COMMITTED, self.committed)
             finally:
                 apply()
         else:
@@ -366,30 +365,34 @@ class ChainLink:
         self.pool.give([u for u in updates if id(u) not in kept])  # at the tail, or duplicates
         if not tail and updates and updates[-1].version <= self.committed:
             # re-sent after a reconfiguration, and already committed downstream
-            self.ack(AckKind.COMMITTED, self.committed)
+            self.ack(Kind.COMMITTED, self.committed)
 
-    def on_ack(self, header: Header) -> None:
-        """Record an acknowledgement from the successor; pass commits up the chain."""
-        if header.aux == AckKind.NEED_STATE:
-            # A replacement's request (ASK_STATE, then READY_FOR_STATE) is answered if this
-            # server expects it; one sent in answer to a forward always. Without state itself,
-            # this server hands the state on when it gets it (INIT).
-            succ = self.succ
-            asked = header.version in (ASK_STATE, READY_FOR_STATE)
-            if succ is None or self.server.grads is None or (asked and succ != self.awaiting):
-                return
-            if header.version == ASK_STATE:
-                self.offer_state(succ)
-            else:
-                self.hand_over_state(succ)
+    def on_state_request(self, kind: Kind) -> None:
+        """Answer the successor's request for the shard state: ``STATE_ASK`` with its size
+        (:meth:`offer_state`), ``STATE_READY`` with the state, both only if this server expects
+        the request (its successor is the replacement it awaits); ``STATE_MISSING`` (sent in
+        answer to a forward) with the state always. Without state itself, this server hands
+        the state on when it gets it."""
+        succ = self.succ
+        asked = kind is not Kind.STATE_MISSING
+        if succ is None or not self.host.has_state or (asked and succ != self.awaiting):
             return
-        if header.aux == AckKind.RECEIVED:
-            self.received = max(self.received, header.version)
+        if kind is Kind.STATE_ASK:
+            self.offer_state(succ)
         else:
-            self.committed = max(self.committed, header.version)
-            self.pool.give([u for u in self.pending if u.version <= header.version])
-            self.pending = [u for u in self.pending if u.version > header.version]
-            self.ack(AckKind.COMMITTED, header.version)
+            self.hand_over_state(succ)
+
+    def on_received(self, version: int) -> None:
+        """The successor has received every update up to ``version`` (``next`` ack mode)."""
+        self.received = max(self.received, version)
+        self.release()
+
+    def on_committed(self, version: int) -> None:
+        """The tail has every update up to ``version``: forget them, pass the commit up."""
+        self.committed = max(self.committed, version)
+        self.pool.give([u for u in self.pending if u.version <= version])
+        self.pending = [u for u in self.pending if u.version > version]
+        self.ack(Kind.COMMITTED, version)
         self.release()
 
     # ----------------------------------------------------- reconfiguration
@@ -406,8 +409,8 @@ class ChainLink:
         succ = self.succ
         if succ is None:
             self.pending = []
-            self.committed = self.server.version
-            self.ack(AckKind.COMMITTED, self.server.version)
+            self.committed = self.host.version
+            self.ack(Kind.COMMITTED, self.host.version)
         elif succ in respawned or succ == self.awaiting:
             # the replacement asks for the state once it is ready to receive it
             if succ != self.awaiting:
@@ -420,10 +423,10 @@ class ChainLink:
     def offer_state(self, succ: int) -> None:
         """Tell the successor how many bytes its state will be (``STATE_SIZE``), so that it can
         map its receive buffer before the bytes come."""
-        nbytes = self.server.state_nbytes()
+        nbytes = self.host.state_nbytes()
         self._send(
             succ,
-            self._header(Kind.STATE_SIZE, self.server.version, aux=nbytes),
+            self._header(Kind.STATE_SIZE, self.host.version, state_nbytes=nbytes),
             None,
             "offering its state",
         )
@@ -440,24 +443,24 @@ class ChainLink:
         self.pending = []
         waited = time.perf_counter() - self.awaiting_since if self.awaiting == succ else 0.0
         self.awaiting = None
-        self.server.transfer_state(succ, waited=waited)
-        self.committed = self.server.version
-        self.ack(AckKind.COMMITTED, self.committed)
+        self.host.transfer_state(succ, waited=waited)
+        self.committed = self.host.version
+        self.ack(Kind.COMMITTED, self.committed)
         self.release()  # answers held while the successor had no state
 
-    def ask_for_state(self, version: int = ASK_STATE) -> None:
+    def ask_for_state(self, kind: Kind = Kind.STATE_ASK) -> None:
         """A replacement with no shard state: ask the predecessor for it (see the module
-        docstring): ``ASK_STATE`` when the request loop starts and after every recovery (a
-        request sent in an older view may be lost with its communicator), ``READY_FOR_STATE``
+        docstring): ``STATE_ASK`` when the request loop starts and after every recovery (a
+        request sent in an older view may be lost with its communicator), ``STATE_READY``
         once the receive buffer is mapped."""
-        if self.server.grads is None and self.pred is not None:
-            self.ack(AckKind.NEED_STATE, version)
+        if not self.host.has_state and self.pred is not None:
+            self.ack(kind, self.host.version)
 
     def stop_successor(self) -> None:
         """Tell the successor that every update has been forwarded."""
         succ = self.succ
         if succ is not None:
-            self._send(succ, self._header(Kind.CHAIN_STOP, self.server.version), None, "stopping")
+            self._send(succ, self._header(Kind.CHAIN_STOP, self.host.version), None, "stopping")
 
     def drained(self) -> bool:
         """Nothing left to forward or to see committed, and the predecessor has stopped."""

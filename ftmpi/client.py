@@ -109,11 +109,24 @@ class ServerClient:
             data,
             chunk_bytes=chunk,
             data_chunk_bytes=wire.bulk_chunk_bytes(chunk) if bulk else chunk,
-            what=f"sending {Kind(header.kind).name} to server {shard.index}",
+            what=f"sending {header.kind.name} to server {shard.index}",
         )
 
     def _wait(self, reqs: list[MPI.Request], what: str) -> None:
         wire.wait_all(reqs, self.rt.config.timeout, what)
+
+    def _recv_reply_data(self, shard: Shard, out: Payload, what: str) -> None:
+        """Receive the payload of ``shard``'s server's last reply header into ``out``."""
+        cfg = self.rt.config
+        wire.recv_payload(
+            self.rt.world,
+            self._server(shard),
+            out,
+            data_tag=wire.TAG_REPLY_DATA,
+            chunk_bytes=cfg.chunk_bytes,
+            timeout=cfg.timeout,
+            what=what,
+        )
 
     def _recv_reply(
         self, shard: Shard, expect: Kind, out: np.ndarray | None, *, payload: bool = True
@@ -125,24 +138,16 @@ class ServerClient:
         header, _ = wire.recv_header(
             self.rt.world, self._server(shard), tag=wire.TAG_REPLY, timeout=cfg.timeout, what=what
         )
-        doc = None
+        doc: Any = None
         if header.kind in (Kind.JSON, Kind.ERROR):
             buf = np.empty(header.nbytes, dtype=np.uint8)
-            wire.recv_payload(
-                self.rt.world,
-                self._server(shard),
-                buf,
-                data_tag=wire.TAG_REPLY_DATA,
-                chunk_bytes=cfg.chunk_bytes,
-                timeout=cfg.timeout,
-                what=what,
-            )
+            self._recv_reply_data(shard, buf, what)
             doc = wire.decode_json(buf)
         if header.kind == Kind.ERROR:
             raise wire.RemoteError(doc["error"])
         if header.kind != expect:
             raise wire.RemoteError(
-                f"server {shard.index} answered {header.kind} to a {expect.name}"
+                f"server {shard.index} answered {header.kind.name} to a {expect.name}"
             )
         if expect == Kind.WEIGHTS:
             assert out is not None
@@ -151,16 +156,8 @@ class ServerClient:
                     f"server {shard.index} sent {header.nbytes} bytes of "
                     f"weights, expected {out.nbytes}"
                 )
-        if expect == Kind.WEIGHTS and payload:
-            wire.recv_payload(
-                self.rt.world,
-                self._server(shard),
-                out,
-                data_tag=wire.TAG_REPLY_DATA,
-                chunk_bytes=cfg.chunk_bytes,
-                timeout=cfg.timeout,
-                what=what,
-            )
+            if payload:
+                self._recv_reply_data(shard, out, what)
         return header, doc
 
     # ------------------------------------------------------------- requests
@@ -403,15 +400,7 @@ class ServerClient:
         for shard in self.shards:
             _, doc = self._recv_reply(shard, Kind.JSON, None)
             buf = np.empty(int(doc["binary_nbytes"]), dtype=np.uint8)
-            wire.recv_payload(
-                self.rt.world,
-                self._server(shard),
-                buf,
-                data_tag=wire.TAG_REPLY_DATA,
-                chunk_bytes=self.rt.config.chunk_bytes,
-                timeout=self.rt.config.timeout,
-                what=f"optimizer state from server {shard.index}",
-            )
+            self._recv_reply_data(shard, buf, f"optimizer state from server {shard.index}")
             out.append((unpack_tensors(doc["table"], buf), doc["scalars"]))
         self._wait(reqs, "asking for optimizer state")
         return out

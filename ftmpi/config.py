@@ -9,19 +9,67 @@ then the defaults below. Every value is checked here, before any MPI traffic; a 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ftmpi.strategies import StrategyName
+
 ENV_PREFIX = "FTMPI_"
 
-MODES = ("sync", "async")
-STRATEGIES = ("none", "checkpoint", "chain", "stateless", "chain+stateless")
-CHAIN_ACKS = ("tail", "next")
-STALE_POLICIES = ("sum-scaled", "mean", "staleness-weighted")
-BACKENDS = ("auto", "mpi", "horovod")
+
+class Mode(enum.StrEnum):
+    """The values of ``mode``."""
+
+    SYNC = "sync"
+    ASYNC = "async"
+
+
+class ChainAck(enum.StrEnum):
+    """The values of ``chain_ack``."""
+
+    TAIL = "tail"
+    NEXT = "next"
+
+
+class StalePolicy(enum.StrEnum):
+    """The values of ``stale_policy``."""
+
+    SUM_SCALED = "sum-scaled"
+    MEAN = "mean"
+    STALENESS_WEIGHTED = "staleness-weighted"
+
+
+class BackendName(enum.StrEnum):
+    """The values of ``backend``."""
+
+    AUTO = "auto"
+    MPI = "mpi"
+    HOROVOD = "horovod"
+
+
+CHOICES: dict[str, type[enum.StrEnum]] = {
+    "mode": Mode,
+    "strategy": StrategyName,
+    "chain_ack": ChainAck,
+    "stale_policy": StalePolicy,
+    "backend": BackendName,
+}
+"""The fields whose value is one of a fixed set, and the enum of that set. A member compares
+equal to its string (``Mode.SYNC == "sync"``)."""
+FLAGS = ("respawn_workers", "async_checkpoint", "resume", "deterministic")
+"""The fields that are on or off (``bool``). From the environment: 0/1/true/false."""
+_TRUE = ("1", "true")
+_FALSE = ("0", "false")
+
+MODES = tuple(m.value for m in Mode)
+STRATEGIES = tuple(s.value for s in StrategyName)
+CHAIN_ACKS = tuple(a.value for a in ChainAck)
+STALE_POLICIES = tuple(p.value for p in StalePolicy)
+BACKENDS = tuple(b.value for b in BackendName)
 
 
 class ConfigError(ValueError):
@@ -35,24 +83,24 @@ class Config:
     servers: int = 1
     """Number of parameter-server ranks; they are the last ``servers`` ranks of COMM_WORLD.
     0 runs plain data-parallel training (collective backend only, no servers)."""
-    mode: str = "sync"
+    mode: Mode = Mode.SYNC
     """``sync``: workers average gradients, then one push per shard per step.
     ``async``: each worker pushes and pulls on its own; servers apply as gradients arrive."""
-    strategy: str = "none"
+    strategy: StrategyName = StrategyName.NONE
     """Recovery strategy for server failures: ``none`` (a server death ends the job with a clear
     error), ``checkpoint`` (snapshots; everyone rolls back to the newest valid one), ``chain``
     (each shard replicated on a chain of servers), ``stateless`` (workers log gradients while a
     server is down; its replacement applies them) or ``chain+stateless`` (both)."""
     chain_length: int = 3
     """``chain``: servers per shard (head -> ... -> tail); ``servers`` must be a multiple."""
-    chain_ack: str = "tail"
+    chain_ack: ChainAck = ChainAck.TAIL
     """``chain``: a push commits when the ``tail`` has it (no update is lost; the head answers
     once the previous one has committed and the pushing worker keeps the gradient until then)
     or when the ``next`` server has received it (the paper's relaxed mode)."""
     replicate_every: int = 1
     """``chain``: the head forwards updates down the chain in batches of N (at most N - 1 are
     lost if the head dies)."""
-    stale_policy: str = "sum-scaled"
+    stale_policy: StalePolicy = StalePolicy.SUM_SCALED
     """``stateless``: how a replacement applies the gradients logged while its server was down:
     ``sum-scaled`` (the paper's: their sum, at a tenth of the LR if more than 50), ``mean``, or
     ``staleness-weighted`` (weights 1/(1+age))."""
@@ -66,8 +114,8 @@ class Config:
     """``stateless``: directory for the on-disk part of the gradient log (empty: memory only)."""
     stale_log_disk_bytes: int = 16 << 30
     """``stateless``: size cap of the on-disk gradient log."""
-    respawn_workers: int = 0
-    """1 replaces a dead worker with a newly spawned rank (after ``down_for``); 0 continues
+    respawn_workers: bool = False
+    """Replace a dead worker with a newly spawned rank (after ``down_for``); otherwise continue
     with the survivors."""
     down_for: float = 0.0
     """Seconds a dead server stays down before its replacement is spawned."""
@@ -77,15 +125,15 @@ class Config:
     """``checkpoint``: directory of snapshots (default ``<run_dir>/checkpoints``)."""
     checkpoint_keep: int = 3
     """``checkpoint``: snapshots kept per shard (older ones are deleted once a newer is durable)."""
-    async_checkpoint: int = 0
-    """``checkpoint``: 1 writes snapshots on a background thread (training does not wait)."""
-    resume: int = 0
-    """1: start from the newest valid snapshot in the checkpoint directory if there is one."""
+    async_checkpoint: bool = False
+    """``checkpoint``: write snapshots on a background thread (training does not wait)."""
+    resume: bool = False
+    """Start from the newest valid snapshot in the checkpoint directory if there is one."""
     kill: str = ""
     """Failure injection schedule, e.g. ``server:0@step=50,server:0@30s`` (see ftmpi.faults)."""
     failpoints: str = ""
     """Kill a rank at a named place in the code, e.g. ``apply@server:0#5`` (ftmpi.failpoints)."""
-    backend: str = "auto"
+    backend: BackendName = BackendName.AUTO
     """Collective backend among workers: ``horovod`` if importable and ``auto``, else ``mpi``."""
     timeout: float = 300.0
     """Seconds any single blocking wait may take before :class:`ftmpi.CommTimeout` is raised."""
@@ -101,12 +149,23 @@ class Config:
     """Directory for metrics, manifest and events; empty disables run-directory output."""
     seed: int = 0
     """Base seed recorded in the manifest and used by ftmpi's samplers."""
-    deterministic: int = 0
-    """1: ``torch.use_deterministic_algorithms(True)`` on every rank (plus the cuDNN/cuBLAS
+    deterministic: bool = False
+    """``torch.use_deterministic_algorithms(True)`` on every rank (plus the cuDNN/cuBLAS
     settings it needs), and the run's remaining sources of non-bit-exactness are warned about
-    and recorded in the manifest (see :mod:`ftmpi.repro`). 0: torch's defaults."""
+    and recorded in the manifest (see :mod:`ftmpi.repro`). Off: torch's defaults."""
     extra: Mapping[str, str] = field(default_factory=dict, compare=False)
     """Unrecognised ``FTMPI_*`` variables, kept for the manifest."""
+
+    def __post_init__(self) -> None:
+        # Config(mode="sync", resume=1) built directly: the same types as from_env gives
+        for name, choice in CHOICES.items():
+            value = getattr(self, name)
+            if not isinstance(value, choice):
+                object.__setattr__(self, name, _choice(name, choice, value, source=f"{name}="))
+        for name in FLAGS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                object.__setattr__(self, name, _flag(name, value, source=f"{name}="))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -143,16 +202,6 @@ class Config:
             raise ConfigError(
                 f"servers={self.servers} is negative; use 0 (no servers) or a positive count"
             )
-        if self.mode not in MODES:
-            raise ConfigError(f"mode={self.mode!r} is not one of {list(MODES)}")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy={self.strategy!r} is not one of {list(STRATEGIES)}")
-        if self.chain_ack not in CHAIN_ACKS:
-            raise ConfigError(f"chain_ack={self.chain_ack!r} is not one of {list(CHAIN_ACKS)}")
-        if self.stale_policy not in STALE_POLICIES:
-            raise ConfigError(
-                f"stale_policy={self.stale_policy!r} is not one of {list(STALE_POLICIES)}"
-            )
         for name in ("chain_length", "replicate_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
@@ -164,18 +213,13 @@ class Config:
                 f"replicate_every={self.replicate_every} needs chain_ack='next': with 'tail' a "
                 "push commits only when the tail has it, so every update is forwarded at once"
             )
-        for name in ("respawn_workers", "resume", "deterministic", "async_checkpoint"):
-            if getattr(self, name) not in (0, 1):
-                raise ConfigError(f"{name}={getattr(self, name)} must be 0 or 1")
         if self.chained and self.servers % self.chain_length:
             raise ConfigError(
-                f"strategy={self.strategy!r} with chain_length={self.chain_length} needs a "
+                f"strategy='{self.strategy}' with chain_length={self.chain_length} needs a "
                 f"multiple of {self.chain_length} servers, not servers={self.servers}; use "
                 f"servers={max(1, self.servers // self.chain_length) * self.chain_length} or "
                 "another chain_length"
             )
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend={self.backend!r} is not one of {list(BACKENDS)}")
         for name in ("timeout", "server_idle_timeout"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ConfigError(
@@ -195,7 +239,7 @@ class Config:
             raise ConfigError(f"checkpoint_keep={self.checkpoint_keep} must be >= 1")
         if self.strategy != "none" and self.servers == 0:
             raise ConfigError(
-                f"strategy={self.strategy!r} needs parameter servers; set servers >= 1"
+                f"strategy='{self.strategy}' needs parameter servers; set servers >= 1"
             )
         if self.strategy == "checkpoint" and not (self.checkpoint_dir or self.run_dir):
             raise ConfigError("strategy='checkpoint' needs checkpoint_dir or run_dir for snapshots")
@@ -264,7 +308,7 @@ class Config:
     def env(self) -> dict[str, str]:
         """The ``FTMPI_*`` variables that reproduce this config in another process."""
         out = {
-            ENV_PREFIX + f.name.upper(): str(getattr(self, f.name))
+            ENV_PREFIX + f.name.upper(): _env_value(getattr(self, f.name))
             for f in dataclasses.fields(self)
             if f.name != "extra"
         }
@@ -272,8 +316,46 @@ class Config:
         return out
 
 
+def _env_value(value: object) -> str:
+    """How the environment spells a field's value: a flag as 0/1, a choice as its string."""
+    if isinstance(value, bool):
+        return str(int(value))
+    return str(value)
+
+
+def _choice(name: str, choice: type[enum.StrEnum], raw: object, *, source: str) -> Any:
+    """``raw`` as a member of ``choice``; :class:`ConfigError` naming the valid values."""
+    text = raw.strip() if isinstance(raw, str) else str(raw)
+    try:
+        return choice(text)
+    except ValueError:
+        raise ConfigError(
+            f"{name}={text!r} is not one of {[m.value for m in choice]}"
+            + ("" if source.endswith("=") else f" (from {source})")
+        ) from None
+
+
+def _flag(name: str, raw: object, *, source: str) -> bool:
+    """``raw`` as a flag: ``True``/``False``, 0/1, or the strings 0/1/true/false (any case);
+    :class:`ConfigError` naming the value otherwise."""
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, int) and raw in (0, 1):
+        return bool(raw)
+    if isinstance(raw, str) and raw.strip().lower() in _TRUE + _FALSE:
+        return raw.strip().lower() in _TRUE
+    shown = raw.strip() if isinstance(raw, str) else raw
+    if source.endswith("="):
+        raise ConfigError(f"{name}={shown!r} must be 0 or 1 (or False/True)")
+    raise ConfigError(f"{source}={shown!r} must be 0, 1, false or true (option {name!r})")
+
+
 def _parse(f: dataclasses.Field[Any], raw: Any, *, source: str) -> Any:
     """Convert ``raw`` (a string from the environment, or a Python value) to the field's type."""
+    if f.name in CHOICES:
+        return _choice(f.name, CHOICES[f.name], raw, source=source)
+    if f.name in FLAGS:
+        return _flag(f.name, raw, source=source)
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     try:
         if kind == "int":

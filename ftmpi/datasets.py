@@ -145,7 +145,7 @@ class Dataset:
         ):
             array = np.ascontiguousarray(tensor.detach().cpu().numpy())
             digest.update(f"{label}:{array.dtype.str}:{list(array.shape)};".encode())
-            digest.update(memoryview(array).cast("B"))
+            digest.update(array.data.cast("B"))
         return digest.hexdigest()
 
 
@@ -235,13 +235,13 @@ def _load_digits(seed: int) -> Dataset:
     bunch = load_digits()
     images = np.asarray(bunch.images, dtype=np.float32) / 16.0  # [N, 8, 8] in [0, 1]
     labels = np.asarray(bunch.target, dtype=np.int64)
-    upsampled = F.interpolate(
+    resized = F.interpolate(
         torch.from_numpy(images).unsqueeze(1),
         size=(IMAGE_SIZE, IMAGE_SIZE),
         mode="bilinear",
         align_corners=False,
     )
-    upsampled = upsampled.clamp_(0.0, 1.0).numpy()
+    upsampled = resized.clamp_(0.0, 1.0).numpy()
 
     rng = np.random.Generator(np.random.PCG64([seed, 0x0D161]))
     train_parts: list[np.ndarray] = []

@@ -18,7 +18,9 @@ The places (:data:`PLACES`):
 - ``snapshot_write``: a snapshot's temporary file is written and fsynced, not yet renamed;
 - ``reconfigure``: a chain member is in a new view and has not yet re-sent its updates;
 - ``state_transfer``: a server has sent the header of a state transfer, not its bytes;
-- ``replay``: a replacement has received a gradient log and not yet applied it.
+- ``replay``: a replacement has received a gradient log and not yet applied it;
+- ``shrunk``: a rank in a recovery has shrunk the world and not yet built the new view's
+  communicators (a second death during a recovery).
 
 An unarmed failpoint costs one dictionary lookup.
 """
@@ -42,6 +44,7 @@ PLACES = (
     "reconfigure",
     "state_transfer",
     "replay",
+    "shrunk",
 )
 _SPEC = re.compile(r"^(?P<name>[a-z_]+)@(?P<role>[a-z]+)(?::(?P<index>\d+))?(?:#(?P<hit>\d+))?$")
 FORM = "NAME@ROLE[:INDEX][#HIT], e.g. apply@server:0#5 or snapshot_write@server:1"

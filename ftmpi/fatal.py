@@ -31,7 +31,7 @@ import threading
 import time
 import traceback
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TypedDict, cast
 
 from ftmpi import events
 
@@ -56,6 +56,22 @@ class UserError(Exception):
 
 USER_ERRORS = ("ConfigError", "SnapshotError")
 """Exception classes, besides :class:`UserError`, whose message says all (value and fix)."""
+
+
+class FatalRecord(TypedDict):
+    """``fatal.json``: the job's first uncaught exception (also the ``rank_raised`` event)."""
+
+    rank: int | None
+    """World rank of the process, ``None`` before the runtime existed."""
+    role: str
+    type: str
+    """The exception's class name."""
+    message: str
+    user_error: bool
+    """Printed as one line, without a traceback (:class:`UserError`, :data:`USER_ERRORS`)."""
+    time: float
+    pid: int
+
 
 _rt: Runtime | None = None
 _installed = False
@@ -114,7 +130,7 @@ def end_job(
         where += f", thread {thread}"
     user_error = isinstance(exc, UserError) or type(exc).__name__ in USER_ERRORS
     message = str(exc)
-    record = {
+    record: FatalRecord = {
         "rank": rank,
         "role": role,
         "type": type(exc).__name__,
@@ -146,7 +162,7 @@ def end_job(
     abort(rt, USER_ERROR_EXIT if user_error else RAISED_EXIT)
 
 
-def claim(run_dir: str, record: dict[str, Any]) -> tuple[bool, dict[str, Any] | None]:
+def claim(run_dir: str, record: FatalRecord) -> tuple[bool, FatalRecord | None]:
     """Write ``record`` to ``<run_dir>/fatal.json`` unless a rank already did; returns whether
     this call wrote it, and the record there. Without a run directory every caller is first."""
     if not run_dir:
@@ -165,14 +181,15 @@ def claim(run_dir: str, record: dict[str, Any]) -> tuple[bool, dict[str, Any] | 
     return True, record
 
 
-def read_fatal(run_dir: str) -> dict[str, Any] | None:
-    """The fatal error recorded in ``run_dir``, if any (``None`` when absent or unreadable)."""
+def read_fatal(run_dir: str) -> FatalRecord | None:
+    """The fatal error recorded in ``run_dir``, if any (``None`` when absent or unreadable; a
+    record written by another version may lack fields: read them with ``.get``)."""
     try:
         with open(os.path.join(run_dir, FATAL)) as f:
             doc = json.load(f)
     except (OSError, ValueError):
         return None
-    return doc if isinstance(doc, dict) else None
+    return cast(FatalRecord, doc) if isinstance(doc, dict) else None
 
 
 def abort(rt: Runtime | None, code: int) -> NoReturn:

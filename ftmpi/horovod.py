@@ -15,8 +15,9 @@ from typing import Any
 import horovod.torch as _hvd
 
 from ftmpi.broadcast import broadcast_object, broadcast_optimizer_state, broadcast_parameters
+from ftmpi.lifecycle import init, shutdown
 from ftmpi.optimizer import DistributedOptimizer
-from ftmpi.runtime import init, local_rank, local_size, rank, shutdown, size
+from ftmpi.runtime import local_rank, local_size, rank, size
 
 Compression = _hvd.Compression
 Average = _hvd.Average

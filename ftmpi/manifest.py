@@ -29,7 +29,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,6 +103,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cudnn_version() -> int | None:
+    version: Callable[[], int | None] = torch.backends.cudnn.version  # untyped in torch
+    return version()
+
+
 def gpu_info() -> list[dict[str, Any]]:
     """Every visible CUDA device's name and capability, with the CUDA and cuDNN versions."""
     import torch
@@ -115,7 +120,7 @@ def gpu_info() -> list[dict[str, Any]]:
             "name": torch.cuda.get_device_name(i),
             "capability": ".".join(map(str, torch.cuda.get_device_capability(i))),
             "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version(),
+            "cudnn": _cudnn_version(),
         }
         for i in range(torch.cuda.device_count())
     ]
@@ -411,7 +416,7 @@ def write_json_atomic(path: str | os.PathLike[str], doc: dict[str, Any]) -> None
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a manifest; refuse one written by a newer ftmpi format with a clear error."""
     with open(path) as f:
-        doc = json.load(f)
+        doc: dict[str, Any] = json.load(f)
     version = doc.get("format_version") if isinstance(doc, dict) else None
     if not isinstance(version, int) or isinstance(version, bool):
         raise ValueError(

@@ -14,6 +14,13 @@ revokes the world after the down time for strategies whose workers keep computin
 process runs the user's script; its ``ftmpi.init()`` sees a parent and calls
 :func:`join_as_replacement` instead of splitting COMM_WORLD.
 
+A rank dying during a recovery makes one of the recovery's own MPI calls (``Shrink``,
+``Split``, ``Split_type``, ``Spawn``, ``Merge``, ``Agree``) fail on the survivors; every such call
+runs under :func:`failures`, which turns the process-failure and revoked error classes into
+``PeerFailure``, so the caller's retry loop starts the recovery over (the view number is
+counted before the new role communicator is built and its outcome is agreed, so every
+survivor starts over together and the views still agree).
+
 ``Shrink``, ``Spawn`` and ``Merge`` are blocking and cannot be cancelled. ULFM guarantees
 ``Shrink`` completes among live processes; a rank dying while the others spawn or merge can leave
 ``Spawn``/``Merge`` waiting forever in Open MPI 5 (open-mpi/ompi#13325, #12585). They run under
@@ -31,12 +38,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import numpy as np
 from mpi4py import MPI
 
 from ftmpi import events
 from ftmpi.config import Config
+from ftmpi.failpoints import failpoint
 from ftmpi.runtime import Runtime, durable_state
 from ftmpi.wire import PeerFailure, run_hash, wait_all
 
@@ -57,9 +66,27 @@ class Recovery:
     """Old world rank -> new world rank, for survivors."""
 
 
-def _quiet(fn, *args) -> None:  # type: ignore[no-untyped-def]
+def _quiet(fn: Callable[..., object], *args: object) -> None:
     with contextlib.suppress(MPI.Exception):
         fn(*args)
+
+
+FAILURE_CLASSES = frozenset({MPI.ERR_PROC_FAILED, MPI.ERR_PROC_FAILED_PENDING, MPI.ERR_REVOKED})
+"""MPI error classes that mean a peer died or a communicator was revoked (ULFM)."""
+
+
+@contextlib.contextmanager
+def failures(what: str) -> Iterator[None]:
+    """Turn an MPI error of the process-failure or revoked class raised inside the block into
+    :class:`~ftmpi.wire.PeerFailure` (``what`` names the call), so a death during a recovery's
+    own MPI calls (Shrink, Split, Split_type, Spawn, Merge, Agree) makes the caller start the
+    recovery over instead of ending the rank. Any other MPI error propagates unchanged."""
+    try:
+        yield
+    except MPI.Exception as exc:
+        if exc.Get_error_class() in FAILURE_CLASSES:
+            raise PeerFailure(what, exc.Get_error_class()) from exc
+        raise
 
 
 @contextlib.contextmanager
@@ -129,12 +156,14 @@ def recover(
     _quiet(rt.world.Revoke)
     _quiet(rt.group.Revoke)
     old = rt.world
-    new = old.Shrink()
+    with failures("shrinking the world"):
+        new = old.Shrink()
     new.Set_errhandler(MPI.ERRORS_RETURN)
     translated = MPI.Group.Translate_ranks(
         old.Get_group(), list(range(old.Get_size())), new.Get_group()
     )
     rank_map = {o: n for o, n in enumerate(translated) if n != MPI.UNDEFINED}
+    failpoint("shrunk")
     result = Recovery(rank_map=rank_map)
     result.failed_workers = [i for i, r in enumerate(rt.workers) if r not in rank_map]
     result.failed_servers = [
@@ -148,17 +177,20 @@ def recover(
         rt.down_since[j] = detected
     if rt.config.respawn_workers:
         rt.workers_down += [detected] * len(result.failed_workers)
-    _install(rt, new)
+    # recorded before the new view's communicators are built: a death while they are built
+    # starts the recovery over, and the ranks that died before it still count
+    me = new.Get_rank()
     events.emit(
         rt.config.run_dir,
         "view_change",
-        rank=rt.world_rank,
-        role=role_of(rt),
-        view=rt.view,
+        rank=me,
+        role=rt.role if rt.is_server else f"worker {rt.workers.index(me)}",
+        view=rt.view + 1,
         failed_workers=result.failed_workers,
         failed_servers=result.failed_servers,
         workers=len(rt.workers),
     )
+    _install(rt, new)
     if is_coordinator(rt) and (result.failed_workers or result.failed_servers):
         _say(
             rt,
@@ -204,15 +236,47 @@ def spawn_due(rt: Runtime) -> bool:
 
 
 def _install(rt: Runtime, world: MPI.Comm) -> None:
-    """Make ``world`` the current view: rebuild the role sub-communicator, bump the view."""
+    """Make ``world`` the current view: bump the view, rebuild the role sub-communicator.
+
+    Raises ``PeerFailure`` on every survivor alike when a rank died during it: the outcome of
+    the Split is agreed (``MPI_Comm_agree``, uniform under ULFM), so no survivor goes on with
+    a role communicator that a peer never got. The view is bumped before, so every survivor
+    has counted this view whether or not its Split succeeded, and the views still agree after
+    the recovery that follows."""
     rt.world = world
-    rt.group = world.Split(color=int(rt.is_server), key=world.Get_rank())
-    rt.group.Set_errhandler(MPI.ERRORS_RETURN)
-    rt.comms += [world, rt.group]  # freed at exit (see runtime.release)
+    rt.comms.append(world)  # freed at exit (see ftmpi.lifecycle.release)
     rt.view += 1
+    ok = 1
+    try:
+        with failures("building the new view's role communicator (Split)"):
+            group = world.Split(color=int(rt.is_server), key=world.Get_rank())
+    except PeerFailure:
+        ok = 0
+    else:
+        group.Set_errhandler(MPI.ERRORS_RETURN)
+        rt.comms.append(group)
+    with failures("agreeing on the new view"):
+        ok = world.Agree(ok)
+    if not ok:
+        raise PeerFailure("building the new view's role communicator (Split)", MPI.ERR_PROC_FAILED)
+    rt.group = group
 
 
-def _assignment(rt: Runtime) -> dict[str, object]:
+class Assignment(TypedDict):
+    """The role table the survivors send a replacement (a JSON document on the wire)."""
+
+    config: dict[str, str]
+    """The job's ``FTMPI_*`` settings (:meth:`ftmpi.Config.env`)."""
+    run_id: str
+    job_start: float
+    view: int
+    workers: list[int]
+    servers: list[int | None]
+    incarnations: list[int]
+    chains: list[list[int]]
+
+
+def _assignment(rt: Runtime) -> Assignment:
     return {
         "config": rt.config.env(),
         "run_id": rt.run_id,
@@ -225,7 +289,8 @@ def _assignment(rt: Runtime) -> dict[str, object]:
     }
 
 
-def _bcast_json(comm: MPI.Comm, doc: dict[str, object] | None, timeout: float) -> dict[str, object]:
+def _bcast_json(comm: MPI.Comm, doc: Assignment | None, timeout: float) -> Assignment:
+    """Root's ``doc`` on every rank of ``comm`` (root passes it, the others ``None``)."""
     n = np.zeros(1, dtype=np.int64)
     data = json.dumps(doc).encode() if doc is not None else b""
     n[0] = len(data)
@@ -236,7 +301,8 @@ def _bcast_json(comm: MPI.Comm, doc: dict[str, object] | None, timeout: float) -
         else np.empty(int(n[0]), dtype=np.uint8)
     )
     wait_all([comm.Ibcast(buf, root=0)], timeout, "sending the role table")
-    return json.loads(buf.tobytes())
+    received: Assignment = json.loads(buf.tobytes())
+    return received
 
 
 def spawn_replacements(rt: Runtime) -> list[int]:
@@ -269,15 +335,19 @@ def spawn_replacements(rt: Runtime) -> list[int]:
     info = MPI.Info.Create()
     info.Set("wdir", os.getcwd())
     with deadline(rt.config, role_of(rt), "spawning replacements (MPI_Comm_spawn + merge)"):
-        inter = rt.world.Spawn(
-            sys.executable,
-            args=[os.path.abspath(script), *sys.argv[1:]],
-            maxprocs=len(slots) + new_workers,
-            root=0,
-            info=info,
-        )
+        world = rt.world
+        assert isinstance(world, MPI.Intracomm)  # Dup, Shrink and Merge make intracommunicators
+        with failures("spawning replacements (MPI_Comm_spawn)"):
+            inter = world.Spawn(
+                sys.executable,
+                args=[os.path.abspath(script), *sys.argv[1:]],
+                maxprocs=len(slots) + new_workers,
+                root=0,
+                info=info,
+            )
         inter.Set_errhandler(MPI.ERRORS_RETURN)
-        merged = inter.Merge(high=False)
+        with failures("merging the replacements into the world"):
+            merged = inter.Merge(high=False)
     info.Free()
     merged.Set_errhandler(MPI.ERRORS_RETURN)
     base = rt.world.Get_size()
@@ -324,18 +394,21 @@ def _say(rt: Runtime, text: str) -> None:
     print(f"ftmpi: {text}", file=sys.stderr, flush=True)
 
 
-def join_as_replacement(parent: MPI.Comm) -> Runtime:
+def join_as_replacement(parent: MPI.Intercomm) -> Runtime:
     """The replacement side of :func:`spawn_replacements`: merge, learn the role, join."""
     parent.Set_errhandler(MPI.ERRORS_RETURN)
     launch_config = Config.from_env(os.environ)  # the job's settings, until the parents' arrive
-    with deadline(launch_config, "a replacement", "joining the job (merge)"):
+    with (
+        deadline(launch_config, "a replacement", "joining the job (merge)"),
+        failures("joining the job (merge)"),
+    ):
         merged = parent.Merge(high=True)
     merged.Set_errhandler(MPI.ERRORS_RETURN)
     doc = _bcast_json(merged, None, launch_config.timeout)
-    config_env = dict(doc["config"])  # type: ignore[arg-type]
+    config_env = dict(doc["config"])
     os.environ.update(config_env)
     config = Config.from_env(config_env)
-    servers = list(doc["servers"])  # type: ignore[arg-type]
+    servers = list(doc["servers"])
     me = merged.Get_rank()
     is_server = me in servers
     rt = Runtime(
@@ -343,15 +416,15 @@ def join_as_replacement(parent: MPI.Comm) -> Runtime:
         world=merged,
         group=merged,
         is_server=is_server,
-        workers=list(doc["workers"]),  # type: ignore[arg-type]
+        workers=list(doc["workers"]),
         servers=servers,
         run_id=str(doc["run_id"]),
         run=run_hash(str(doc["run_id"])),
-        job_start=float(doc["job_start"]),  # type: ignore[arg-type]
+        job_start=float(doc["job_start"]),
         server_index=servers.index(me) if is_server else -1,
-        incarnations=list(doc["incarnations"]),  # type: ignore[arg-type]
-        chains=[list(c) for c in doc["chains"]],  # type: ignore[union-attr]
-        view=int(doc["view"]),  # type: ignore[arg-type]
+        incarnations=list(doc["incarnations"]),
+        chains=[list(c) for c in doc["chains"]],
+        view=int(doc["view"]),
         ulfm=True,
         intercomms=[parent],
         late_joiner=not is_server,

@@ -58,7 +58,8 @@ class PaperCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``[N, 1, 28, 28]`` images to ``[N, num_classes]`` logits."""
-        return self.classifier(self.features(x))
+        out: torch.Tensor = self.classifier(self.features(x))
+        return out
 
 
 def mlp_parameter_count(
@@ -146,4 +147,5 @@ class SyntheticMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Flatten ``[N, ...]`` inputs to ``[N, in_features]`` and return ``[N, num_classes]``."""
-        return self.net(x.flatten(1))
+        out: torch.Tensor = self.net(x.flatten(1))
+        return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import math
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -128,7 +128,8 @@ def build_optimizer(
         for g, ps in zip(groups, params_by_group, strict=True)
     ]
     nonempty = [g for g in param_groups if g["params"]]
-    opt = cls(nonempty)
+    build: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] = cls  # params only
+    opt = build(nonempty)
     # Keep group indices aligned with the worker's optimizer.
     by_index: list[dict[str, Any] | None] = []
     it = iter(opt.param_groups)

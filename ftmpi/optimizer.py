@@ -23,23 +23,17 @@ from __future__ import annotations
 import contextlib
 import enum
 import importlib.util
-import json
-import sys
-import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 
-from ftmpi import events, record
+from ftmpi import record
 from ftmpi.client import ServerClient
 from ftmpi.compression import Compression, Compressor, changes_dtype
 from ftmpi.fatal import UserError
 from ftmpi.faults import Injector, parse_schedule
-from ftmpi.loop import Rollback
-from ftmpi.membership import request_due_replacements
 from ftmpi.optim_state import (
     class_path,
     group_hparams,
@@ -49,12 +43,9 @@ from ftmpi.optim_state import (
 )
 from ftmpi.runtime import Runtime, runtime
 from ftmpi.sharding import ParamInfo, Shard, plan_shards
-from ftmpi.snapshot import SnapshotError
-from ftmpi.stateless import StaleTraining
 from ftmpi.timing import PhaseTimes
 from ftmpi.wire import PeerFailure
-
-T = TypeVar("T")
+from ftmpi.worker_recovery import WorkerRecovery
 
 
 class ReduceOp(enum.Enum):
@@ -82,7 +73,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         sparse_as_dense: bool,
         base_class: type[torch.optim.Optimizer],
     ) -> None:
-        super(self.__class__, self).__init__(params)  # type: ignore[misc]
+        super(self.__class__, self).__init__(params)  # type: ignore[call-arg]
         rt = runtime()
         self._ftmpi_rt: Runtime = rt
         self._ftmpi_base_class = base_class
@@ -136,7 +127,6 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._ftmpi_started = False
         self._ftmpi_position = 0
         self._ftmpi_in_run = False
-        self._ftmpi_warned_rollback = False
         self._ftmpi_injector = Injector(
             parse_schedule(rt.config.kill),
             "worker",
@@ -145,18 +135,15 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             rt.job_start,
             run_dir=rt.config.run_dir,
         )
-        self._ftmpi_stale = (
-            StaleTraining(rt, self._ftmpi_client) if rt.config.logs_gradients else None
-        )
         self._ftmpi_times = PhaseTimes()
-        self._ftmpi_failed_at: float | None = None
-        """Wall time of the first failure seen since the last completed step."""
         self._ftmpi_synchronized = False
         self._ftmpi_should_sync = True
-        if rt.late_joiner:
-            self._join()
-        elif rt.config.resume and rt.config.strategy == "checkpoint":
-            self._resume()
+        self._ftmpi_local_grads: torch.Tensor | None = None
+        """This worker's own gradient as :meth:`synchronize` found it, before reducing it."""
+        self._ftmpi_recovery = WorkerRecovery(
+            rt, self._ftmpi_client, self, base_class, self._ftmpi_times
+        )
+        self._ftmpi_recovery.start()  # a replacement joins; a resumed run loads its snapshot
         record.track(self)  # its steps and weights go into the run's summary.json
 
     # ---------------------------------------------------------- Horovod API
@@ -165,11 +152,23 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         """Average gradients among workers now (sync mode) and write them to ``p.grad``.
 
         Use with :meth:`skip_synchronize` to modify averaged gradients (e.g. clip them) before
-        ``step()``, as with Horovod. A no-op in async mode.
+        ``step()``, as with Horovod; ``step()`` then applies ``p.grad`` as it finds it, without
+        reducing it again. A no-op in async mode. Raises ``PeerFailure``/``CommTimeout`` if a
+        worker dies or stops answering (call ``step()``, which recovers, or end the job).
+
+        If the step that follows is retried after a recovery that changed the set of workers,
+        this worker's own gradient (kept here) is reduced again over the new workers, as a
+        replacement's is: changes made to ``p.grad`` after this call are not in that retry.
+        After a recovery that only replaced servers, the retry applies ``p.grad`` unchanged.
         """
         if self._ftmpi_rt.config.mode == "async":
             return
         self._gather_grads()
+        grads = self._ftmpi_client.grads
+        if self._ftmpi_local_grads is None:
+            self._ftmpi_local_grads = grads.clone()
+        else:
+            self._ftmpi_local_grads.copy_(grads)
         self._allreduce()
         for p, g, _ in self._ftmpi_slots:
             if p.grad is None:
@@ -189,76 +188,62 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> Any:
-        """One training step on every worker; see the module docstring for what it guarantees."""
+        """One training step on every worker; see the module docstring for what it guarantees.
+
+        A rank death during the step is recovered (:class:`ftmpi.worker_recovery.WorkerRecovery`)
+        and the step retried, or dropped after a rollback (raising :class:`ftmpi.Rollback`
+        inside :func:`ftmpi.run`); the recovery's errors propagate."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._ftmpi_injector.at_step(self._ftmpi_position + 1)
+        recovery = self._ftmpi_recovery
         if self._ftmpi_rt.checkpoint_requested:
-            self._checkpoint_on_signal()
-        retry = self._ftmpi_should_sync and not self._ftmpi_synchronized
-        client = self._ftmpi_client
-        base = list(client.versions)
+            recovery.checkpoint_on_signal()
+        synced = self._ftmpi_synchronized  # synchronize() reduced p.grad: never reduce it again
+        allreduce = not synced and (self._ftmpi_should_sync or self._ftmpi_rt.num_servers == 0)
+        local: torch.Tensor | None = None
+        base = list(self._ftmpi_client.versions)
         while True:
             try:
-                self._data_path(allreduce=retry or self._ftmpi_rt.num_servers == 0)
+                self._data_path(allreduce=allreduce, local=local)
                 break
             except PeerFailure as exc:
-                # a push answered before the step failed is retried with its base version, so
-                # its server sees it as applied instead of applying it a second time
-                client.versions[:] = base
-                if self._ftmpi_failed_at is None:
-                    self._ftmpi_failed_at = time.time()
-                if not self._recover(str(exc)):
+                retry = recovery.recover_step(str(exc), base)
+                if retry is None:
                     return loss  # rolled back outside ftmpi.run: this step is dropped
-                client.versions[:] = base = self._retry_base(base)
-                client.recovered()
-                retry = True
-        if self._ftmpi_failed_at is not None:  # first step completed since a failure
-            events.emit(
-                self._ftmpi_rt.config.run_dir,
-                "step_resumed",
-                role=f"worker {self._ftmpi_rt.role_rank}",
-                position=self._ftmpi_position + 1,
-                idle_s=round(time.time() - self._ftmpi_failed_at, 6),
-            )
-            self._ftmpi_failed_at = None
+                base = retry.base
+                if not synced:
+                    allreduce = True
+                elif retry.workers_changed:  # p.grad holds a reduction over other workers
+                    local, allreduce = self._ftmpi_local_grads, True
+        recovery.step_completed()
         self._ftmpi_synchronized = False
         self._ftmpi_position += 1
         self._ftmpi_client.position = self._ftmpi_position
         return loss
 
-    def _retry_base(self, base: list[int]) -> list[int]:
-        """The versions a step retried after a recovery pushes with: what the recovery left
-        (a ``stateless`` rebuild advances a shard by its replayed log), except, in sync mode,
-        a rebuilt shard whose replayed log already holds this step's gradient: it keeps the
-        step's base, which the server answers as already applied."""
-        versions = list(self._ftmpi_client.versions)
-        stale = self._ftmpi_stale
-        if stale is not None and self._ftmpi_rt.config.mode == "sync":
-            for shard, last in stale.replayed_through.items():
-                if last == self._ftmpi_position:
-                    versions[shard] = base[shard]
-        return versions
-
-    def _data_path(self, *, allreduce: bool) -> None:
-        """One attempt at the step's communication; raises ``PeerFailure`` on a rank death."""
+    def _data_path(self, *, allreduce: bool, local: torch.Tensor | None = None) -> None:
+        """One attempt at the step's communication, on the gradients in ``p.grad`` (or on
+        ``local``, this worker's own, when given); raises ``PeerFailure`` on a rank death."""
         rt = self._ftmpi_rt
         t = self._ftmpi_times
+        recovery = self._ftmpi_recovery
         t.steps += 1
-        request_due_replacements(rt)  # strategies whose workers train on while a server is down
-        if rt.config.mode == "async":
-            with t.phase("gather"):
+        recovery.before_attempt()
+        with t.phase("gather"):
+            if local is None:
                 self._gather_grads()
+            else:
+                self._ftmpi_client.grads.copy_(local)
+        if rt.config.mode == "async":
             self._start_servers()
-            live = self._live_shards(self._ftmpi_shards)
+            live = recovery.live_shards(self._ftmpi_shards)
             with t.phase("push_pull"):
                 self._ftmpi_client.repush(live)
                 self._push_pull(live)
             return
-        with t.phase("gather"):
-            self._gather_grads()
         if allreduce:
             with t.phase("allreduce"):
                 self._allreduce()
@@ -267,257 +252,17 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 for p, g, _ in self._ftmpi_slots:
                     if p.grad is not None:
                         p.grad.copy_(g)
-                super(self.__class__, self).step()  # type: ignore[misc]
+                super(self.__class__, self).step()
             return
         self._start_servers()
-        live = self._live_shards(self._ftmpi_shards)
+        live = recovery.live_shards(self._ftmpi_shards)
         with t.phase("push_pull_broadcast"):
-            mine = self._live_shards(self._my_shards())
+            mine = recovery.live_shards(self._my_shards())
             self._ftmpi_client.repush(mine)
             self._ftmpi_client.send_hparams(mine, self._hparams())
             self._ftmpi_client.push_pull_broadcast(rt.group, rt.num_workers, rt.role_rank, live)
         with t.phase("scatter"):
             self._scatter_weights()
-
-    # ------------------------------------------------------------- recovery
-
-    def _recover(self, reason: str) -> bool:
-        """Join the survivors' recovery. Returns True to retry the step; returns False (or
-        raises :class:`ftmpi.Rollback` inside :func:`ftmpi.run`) after a rollback. A failure
-        during the recovery itself (e.g. a replacement dying) starts it over."""
-        while True:
-            try:
-                return self._recover_once(reason)
-            except PeerFailure as exc:
-                reason = str(exc)
-
-    def _recover_once(self, reason: str) -> bool:
-        from ftmpi.backends import rebuild_backend
-        from ftmpi.membership import recover
-
-        rt = self._ftmpi_rt
-        strategy = rt.config.strategy
-        result = recover(rt, blocking_strategy=strategy == "checkpoint", reason=reason)
-        rebuild_backend(rt, workers_changed=bool(result.failed_workers or result.new_workers))
-        if result.new_workers:
-            self._welcome()
-        if result.failed_servers and strategy == "none":
-            raise RuntimeError(
-                f"server(s) {result.failed_servers} died and strategy='none' cannot recover their "
-                "state; run with strategy checkpoint or stateless (FTMPI_STRATEGY)"
-            )
-        # shards with no server, or only new ones: their state must come from the workers
-        lost = [k for k in range(rt.num_shards) if set(rt.live_chain(k)) <= set(result.respawned)]
-        if lost and strategy == "chain":
-            raise RuntimeError(
-                f"every server of shard(s) {lost} died (chains of {rt.config.chain_length}); "
-                "chain replication cannot recover them: use a longer chain_length, or strategy "
-                "chain+stateless to rebuild them from the workers"
-            )
-        stale = self._ftmpi_stale
-        if stale is not None:
-            live = [s for s in self._ftmpi_shards if rt.live_chain(s.index)]
-            if result.respawned:
-                rebuild = [s for s in live if s.index in lost]
-                stale.rebuild(rebuild, class_path(self._ftmpi_base_class), self._hparams())
-                for s in rebuild:  # rebuilt from weights that hold the kept push already
-                    self._ftmpi_client.kept.pop(s.index, None)
-            cut_short = [s for s in live if s.index in stale.unfinished]
-            stale.finish_rebuilds(cut_short)
-            if result.respawned or cut_short:
-                self._scatter_weights()
-        if strategy == "checkpoint" and (result.failed_servers or result.respawned):
-            if not self._ftmpi_started:
-                return True  # no step has reached the servers: the retry initialises them
-            position = self._rollback()
-            assert position is not None
-            if self._ftmpi_in_run:
-                raise Rollback(position)
-            if not self._ftmpi_warned_rollback:
-                self._ftmpi_warned_rollback = True
-                warnings.warn(
-                    f"ftmpi rolled the model back to step {position} after a server failure; "
-                    "this training loop does not rewind (wrap it with ftmpi.run to replay the "
-                    "lost steps with the same data)",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            return False
-        return True
-
-    def _live_shards(self, shards: list[Shard]) -> list[Shard]:
-        """``shards`` that have a live server; the others' gradients are logged (stateless)."""
-        if self._ftmpi_stale is None:
-            return shards
-        down = self._ftmpi_stale.down(shards)
-        if down:
-            with self._ftmpi_times.phase("log"):
-                self._ftmpi_stale.log(down, self._ftmpi_position)
-        return [s for s in shards if s not in down]
-
-    def _surviving(self, request: Callable[[], T], *, settle: bool = True) -> T:
-        """Run a request to the servers outside ``step()``; after a rank death, join the
-        recovery and ask again (``stateless``, with ``settle``: once every shard is back and
-        replayed)."""
-        while True:
-            if settle:
-                self._settle()
-            try:
-                return request()
-            except PeerFailure as exc:
-                self._recover(str(exc))
-
-    def _settle(self) -> None:
-        """``stateless``: wait until every shard has a server again and its log is replayed, so
-        what follows sees every gradient computed so far. Collective while a shard is down."""
-        stale = self._ftmpi_stale
-        while stale is not None and (down := stale.down(self._ftmpi_shards)):
-            try:
-                stale.wait_for_replacement(down[0])
-            except PeerFailure as exc:
-                self._recover(str(exc))
-
-    def _checkpoint_on_signal(self) -> None:
-        """SIGUSR1 (e.g. Slurm's ``--signal``): worker 0 has every server write a snapshot of
-        the last completed step before this step starts, so the snapshot is consistent across
-        shards; the event ``signal_checkpoint`` is recorded once it is durable."""
-        from ftmpi.membership import is_coordinator
-
-        rt = self._ftmpi_rt
-        rt.checkpoint_requested = False
-        if not is_coordinator(rt):
-            return
-        if rt.config.strategy != "checkpoint":
-            print(
-                f"ftmpi: SIGUSR1 ignored: strategy={rt.config.strategy!r} writes no snapshots "
-                "(use strategy checkpoint)",
-                file=sys.stderr,
-                flush=True,
-            )
-            return
-        if not self._ftmpi_started:
-            return  # no step yet: the servers' initial snapshot is the newest state
-        versions = self._ftmpi_client.snapshot_now()
-        events.emit(
-            rt.config.run_dir,
-            "signal_checkpoint",
-            role=f"worker {rt.role_rank}",
-            version=min(versions),
-            position=self._ftmpi_position,
-            directory=rt.config.snapshot_dir,
-        )
-        print(
-            f"ftmpi: SIGUSR1: snapshot of step {self._ftmpi_position} written to "
-            f"{rt.config.snapshot_dir}",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def _welcome(self) -> None:
-        """Survivors' side of :meth:`_join`: worker 0 sends the training position."""
-        from ftmpi.broadcast import broadcast_bytes
-
-        doc = {
-            "position": self._ftmpi_position,
-            "versions": self._ftmpi_client.versions,
-            "started": self._ftmpi_started,
-        }
-        broadcast_bytes(json.dumps(doc).encode(), 0)
-        if self._joiner_takes_params(self._ftmpi_started):
-            self._broadcast_params()
-
-    def _joiner_takes_params(self, started: bool) -> bool:
-        """Whether a joining worker takes the weights from worker 0 rather than the servers.
-
-        Sync mode does: a worker that died with its push in flight may have had that push
-        applied, and the survivors retry the step from the weights of the versions they hold
-        (``client.versions``, reset to the step's base), which the servers may have passed.
-        The joiner computes its gradient on those same weights, so the retried pushes carry
-        the base version and the servers answer them as applied, once. So does a joiner that
-        comes before the first step reached the servers (``started`` False: they have no
-        state yet). Async workers each push on the weights they hold, so a joiner pulls the
-        servers' newest weights."""
-        rt = self._ftmpi_rt
-        return not rt.num_servers or rt.config.mode == "sync" or not started
-
-    def _broadcast_params(self) -> None:
-        """Without servers, a joining worker takes the parameters from worker 0."""
-        backend = self._ftmpi_rt.backend
-        assert backend is not None
-        with torch.no_grad():
-            for p in self._ftmpi_params:
-                backend.broadcast_(p.data, 0)
-
-    def _join(self) -> None:
-        """A replacement worker joins training in progress: it takes the data position and the
-        weights before its first forward pass, from worker 0 (sync) or the servers (async; see
-        :meth:`_joiner_takes_params`)."""
-        from ftmpi.broadcast import broadcast_bytes
-
-        rt = self._ftmpi_rt
-        doc = json.loads(broadcast_bytes(None, 0))
-        self._ftmpi_position = self._ftmpi_client.position = int(doc["position"])
-        self._ftmpi_client.versions = list(doc["versions"])
-        started = bool(doc.get("started", True))
-        if not self._joiner_takes_params(started):
-            self._ftmpi_client.pull(self._ftmpi_shards)
-            self._scatter_weights()
-        else:
-            self._broadcast_params()
-            self._params_to_buffer()
-        self._ftmpi_started = started  # if not, the first step initialises the servers
-        events.emit(
-            rt.config.run_dir,
-            "worker_joined",
-            role=f"worker {rt.role_rank}",
-            position=self._ftmpi_position,
-            workers=rt.num_workers,
-        )
-
-    def _resume(self) -> None:
-        """``resume=1`` (a relaunched job): if the checkpoint directory holds snapshots, load
-        the newest version every shard has and take its data position (``position``; a
-        :class:`ftmpi.TrainingState` built afterwards starts its batches there)."""
-        position = self._rollback(resume=True)
-        if position is None:
-            return
-        self._ftmpi_started = True
-        if self._ftmpi_rt.role_rank == 0:
-            print(f"ftmpi: resumed from the snapshot at step {position}", file=sys.stderr)
-
-    def _rollback(self, *, resume: bool = False) -> int | None:
-        """Checkpoint strategy: the coordinator picks the newest snapshot every shard has and
-        has the servers load it; every worker then pulls the restored weights. Returns this
-        worker's data position (``resume``: None when there is no snapshot at all)."""
-        from ftmpi.broadcast import broadcast_bytes
-        from ftmpi.membership import is_coordinator
-
-        rt = self._ftmpi_rt
-        client = self._ftmpi_client
-        doc: dict[str, Any] | None = None
-        if is_coordinator(rt):
-            try:
-                doc = client.restore_snapshots(allow_none=resume)
-            except SnapshotError as exc:  # every worker stops with it, none waits
-                doc = {"error": str(exc)}
-        doc = json.loads(broadcast_bytes(json.dumps(doc).encode(), 0))
-        if doc is None:
-            return None
-        if "error" in doc:
-            raise SnapshotError(doc["error"])
-        client.pull(self._ftmpi_shards)
-        self._scatter_weights()
-        positions = doc["positions"]
-        position = int(positions.get(str(rt.role_rank), self._ftmpi_position))
-        self._ftmpi_position = client.position = position
-        events.emit(
-            rt.config.run_dir,
-            "resumed" if resume else "rollback",
-            role=f"worker {rt.role_rank}",
-            position=position,
-            versions=client.versions,
-        )
-        return position
 
     # ------------------------------------------------------------ ftmpi API
 
@@ -528,8 +273,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     def stale_stats(self) -> dict[str, int]:
         """``stateless``: gradients this worker logged while a shard had no server, and how many
         of them replacements have acknowledged."""
-        st = self._ftmpi_stale
-        return {"logged": st.logged if st else 0, "replayed": st.replayed if st else 0}
+        return self._ftmpi_recovery.stale_stats()
 
     def server_stats(self, *, wait: bool = True) -> list[dict[str, Any]]:
         """Counters from every shard's server (updates applied, staleness, dropped messages).
@@ -540,10 +284,11 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         out, and the worker trains on."""
         if not self._ftmpi_started:
             return []
+        surviving = self._ftmpi_recovery.surviving
         if wait:
-            return self._surviving(self._ftmpi_client.stats)
+            return surviving(self._ftmpi_client.stats)
         rt = self._ftmpi_rt
-        return self._surviving(
+        return surviving(
             lambda: self._ftmpi_client.stats(
                 [s for s in self._ftmpi_shards if rt.live_chain(s.index)]
             ),
@@ -555,7 +300,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         """Load the servers' current weights into the model (e.g. before evaluating in async
         mode, where this worker's copy may lag)."""
         if self._ftmpi_started:
-            self._surviving(lambda: self._ftmpi_client.pull(self._ftmpi_shards))
+            self._ftmpi_recovery.surviving(lambda: self._ftmpi_client.pull(self._ftmpi_shards))
             self._scatter_weights()
 
     def state_dict(self) -> dict[str, Any]:
@@ -568,14 +313,14 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if self._ftmpi_started and self._ftmpi_rt.num_servers:
             by_name = {self._ftmpi_names[p]: p for p in self._ftmpi_params}
             self.state.clear()
-            for tensors, scalars in self._surviving(self._ftmpi_client.fetch_state):
+            for tensors, scalars in self._ftmpi_recovery.surviving(self._ftmpi_client.fetch_state):
                 load_state_entries(self, by_name, tensors, scalars)
-        return super(self.__class__, self).state_dict()  # type: ignore[misc]
+        return super(self.__class__, self).state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load optimizer state; the servers receive it (with the model's current weights from
         worker 0) at the next ``step()``. Call it on every worker, as with any optimizer."""
-        super(self.__class__, self).load_state_dict(state_dict)  # type: ignore[misc]
+        super(self.__class__, self).load_state_dict(state_dict)
         self._ftmpi_started = False
 
     @property
@@ -793,7 +538,7 @@ def DistributedOptimizer(
         )
     base = type(optimizer)
     cls = type(base.__name__, (base,), dict(_DistributedOptimizer.__dict__))
-    opt = cls(
+    opt: torch.optim.Optimizer = cls(
         optimizer.param_groups,
         named_parameters,
         compression,

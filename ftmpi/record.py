@@ -17,7 +17,8 @@ worker 0 waits for them at most ``config.timeout`` seconds in all. Worker 0 then
 - ``steps``, ``weights_sha256`` (worker 0's), ``workers_agree`` (every report's hash equal;
   ``None`` without an optimizer), ``reports`` (each worker's);
 - ``run_id``, ``workers``, ``servers``, ``backend`` (the backend at the end), ``mode``,
-  ``backend_fallback`` (the detail of the first ``backend_fallback`` event, else ``None``);
+  ``backend_fallback`` (the detail of the first ``backend_fallback`` event, else ``None``),
+  ``backend_restarts`` (recoveries after which worker 0 initialised Horovod again);
 - ``failures``: this job's failures counted per event, not per rank (:func:`count_failures`);
 - the trainer's own fields (:func:`add_summary`, :func:`add_outcome`), which take precedence over
   ftmpi's of the same name, except ``finished``, ``failures``, ``workers_agree`` and ``reports``.
@@ -216,6 +217,9 @@ def summary(
         "servers": rt.num_servers,
         "backend": rt.backend.name if rt.backend else "none",
         "backend_fallback": fallback.get("detail", True) if fallback else None,
+        "backend_restarts": sum(
+            e.get("event") == "backend_restarted" and e.get("role") == "worker 0" for e in events
+        ),
         "mode": rt.config.mode,
         "failures": count_failures(events),
     }

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 import warnings
 from typing import Any
 
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from ftmpi.config import Config
+from ftmpi.runtime import current
 from ftmpi.sampler import step_seed
 
 __all__ = ["apply_deterministic", "caveats", "determinism_record", "rng_policy", "seed_step"]
@@ -41,8 +41,7 @@ GENERATORS = ("torch", "numpy", "random")
 def _defaults() -> tuple[int, int]:
     """``(seed, worker)`` of the running job: the config's seed and ``ftmpi.rank()``, or
     ``(0, 0)`` before :func:`ftmpi.init`."""
-    module = sys.modules.get("ftmpi.runtime")
-    rt = getattr(module, "_RUNTIME", None)
+    rt = current()
     if rt is None or rt.is_server:
         return 0, 0
     return rt.config.seed, rt.role_rank

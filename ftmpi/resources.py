@@ -19,7 +19,6 @@ unreadable value ends the thread with a one-line warning on standard error.
 from __future__ import annotations
 
 import csv
-import importlib
 import os
 import sys
 import threading
@@ -28,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ftmpi.config import ConfigError
+from ftmpi.runtime import current
 
 ENV_VAR = "FTMPI_SAMPLE_RESOURCES"
 FIELDS = ("time", "cpu_percent", "rss_bytes", "role")
@@ -68,7 +68,7 @@ def start_from_env(run_dir: str) -> bool:
 
 
 def _current_role() -> str:
-    rt = importlib.import_module("ftmpi.runtime")._RUNTIME  # ftmpi.runtime is also a function
+    rt = current()
     if rt is None:
         return "starting"
     return f"server {rt.server_index}" if rt.is_server else "worker"  # no MPI call off-thread

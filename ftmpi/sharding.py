@@ -13,8 +13,9 @@ one dominant tensor cannot be balanced across more servers than it has comparabl
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,13 @@ class Shard:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, object]) -> Shard:
-        slots = tuple(Slot(n, g, tuple(shape), off) for n, g, shape, off in d["slots"])  # type: ignore[union-attr]
-        return cls(int(d["index"]), int(d["start"]), slots)  # type: ignore[arg-type]
+    def from_json(cls, d: Mapping[str, Any]) -> Shard:
+        """The shard :meth:`to_json` describes (its JSON form read back)."""
+        slots = tuple(
+            Slot(str(n), int(g), tuple(int(x) for x in shape), int(off))
+            for n, g, shape, off in d["slots"]
+        )
+        return cls(int(d["index"]), int(d["start"]), slots)
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ def encode(meta: dict[str, Any], payload: Payload) -> list[bytes | memoryview]:
         MAGIC,
         struct.pack("<Q", len(head)),
         head,
-        *(memoryview(np.ascontiguousarray(s).reshape(-1).view(np.uint8)) for s in segs),
+        *(np.ascontiguousarray(s).reshape(-1).view(np.uint8).data for s in segs),
     ]
     h = hashlib.sha256()
     for p in parts:

@@ -31,6 +31,7 @@ from mpi4py import MPI
 
 from ftmpi import events
 from ftmpi.gradlog import GradientLog
+from ftmpi.membership import request_due_replacements
 from ftmpi.sharding import Shard
 from ftmpi.wire import PeerFailure, wait_all
 
@@ -102,8 +103,6 @@ class StaleTraining:
     def wait_for_replacement(self, shard: Shard) -> None:
         """Block until a recovery starts (the coordinator revokes the world once the down time
         has passed); raises ``PeerFailure`` so the step joins it and is retried."""
-        from ftmpi.membership import request_due_replacements
-
         rt = self.rt
         deadline = time.monotonic() + rt.config.timeout + rt.config.down_for
         events.emit(

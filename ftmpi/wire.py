@@ -7,7 +7,8 @@ from rank ``r`` then receives exactly that message's chunks from ``r``.
 
 Every wait here has a deadline: :func:`wait_all` polls the requests and raises
 :class:`CommTimeout` when the deadline passes, and turns an MPI error (``ERR_PROC_FAILED``,
-``ERR_REVOKED`` under ULFM) into :class:`PeerFailure`, cancelling what it can.
+``ERR_REVOKED`` under ULFM) into :class:`PeerFailure`, cancelling what it can; memory a
+cancelled request may still use stays referenced until MPI completes it (:func:`_cancel`).
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ _SLEEP_MIN = 20e-6
 
 
 class Kind(IntEnum):
-    """Message kinds. Requests travel on TAG_HEADER; replies on TAG_REPLY."""
+    """Message kinds, one per meaning. Requests and chain messages travel on TAG_HEADER;
+    replies on TAG_REPLY."""
 
     INIT = 1  # worker -> server: JSON shard spec + optimizer, then initial weights / state
     PUSH = 2  # worker -> server: gradient of one shard; reply carries the new weights
@@ -73,20 +75,33 @@ class Kind(IntEnum):
     SNAPSHOTS = 12  # worker -> server: reply JSON {"versions": [...]} of valid snapshots
     RESTORE = 13  # worker -> server: load snapshot header.version; reply JSON positions
     FORWARD = 14  # server -> its chain successor: JSON update list, then the gradients
-    ACK = 15  # server -> its chain predecessor: updates up to header.version (aux: AckKind)
+    COMMITTED = 15  # server -> its chain predecessor: the tail has every update to header.version
     CHAIN_STOP = 16  # server -> its chain successor: every update has been forwarded; exit
     REPLAY = 17  # worker -> server: JSON gradient log summary, then the gradients; reply WEIGHTS
     SNAPSHOT = 18  # worker -> server: write a snapshot now; reply JSON {"version"} once durable
-    STATE_SIZE = 19  # server -> its chain successor that asked for the state: aux = its bytes
+    STATE_SIZE = 19  # server -> its successor that asked for the state: header.state_nbytes
+    RECEIVED = 20  # server -> its chain predecessor: received every update to header.version
+    STATE_ASK = 21  # replacement -> its predecessor: I have no state; how large is it?
+    STATE_READY = 22  # replacement -> its predecessor: my receive buffer is mapped; send it
+    STATE_MISSING = 23  # server -> its predecessor: forwarded updates, but I have no state
+    STATE_TRANSFER = 24  # server -> its chain successor: the whole shard state (INIT's layout)
 
 
-class AckKind(IntEnum):
-    """What an ACK confirms: the tail has the update (``COMMITTED``), or the successor received
-    it (``RECEIVED``)."""
+STATE_REQUESTS = frozenset({Kind.STATE_ASK, Kind.STATE_READY, Kind.STATE_MISSING})
+"""The kinds a chain member without shard state asks its predecessor for it with."""
 
-    COMMITTED = 0
-    RECEIVED = 1
-    NEED_STATE = 2  # the receiver of a forward has no shard state yet: send it first
+
+class UnknownKind(ValueError):
+    """A header's kind is not a :class:`Kind`: the message comes from something that does not
+    speak this protocol (or another version of it). The message names the value."""
+
+    def __init__(self, value: int, nbytes: int, source: int | None = None) -> None:
+        sender = "" if source is None else f" from rank {source}"
+        super().__init__(f"unknown message kind {value}{sender} ({nbytes} payload bytes follow)")
+        self.value = value
+        self.nbytes = nbytes
+        """Bytes of the payload that follows the header (to drain)."""
+        self.source = source
 
 
 class CommTimeout(TimeoutError):
@@ -137,39 +152,48 @@ def mpi_errors(what: str) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Header:
-    """The fixed header of every message.
+    """The fixed header of every message: eight int64 on the wire.
 
-    ``version`` is the server's update count (weights) or the base version a gradient was
-    computed on (push). ``aux`` is kind-specific (e.g. the staleness of an applied push).
+    ``version`` is the shard's version the message is about: the server's update count
+    (weights, chain acknowledgements, state), the base version a gradient was computed on
+    (push), the snapshot to load (restore). ``state_nbytes`` is the size of the shard state a
+    ``STATE_SIZE`` announces, 0 in every other kind.
     """
 
-    kind: int
+    kind: Kind
     run: int
     version: int
     shard: int
     seq: int
     view: int
     nbytes: int
-    aux: int = 0
+    state_nbytes: int = 0
 
     def array(self) -> np.ndarray:
         return np.array(
             [
-                self.kind,
+                int(self.kind),
                 self.run,
                 self.version,
                 self.shard,
                 self.seq,
                 self.view,
                 self.nbytes,
-                self.aux,
+                self.state_nbytes,
             ],
             dtype=np.int64,
         )
 
     @classmethod
     def from_array(cls, a: np.ndarray) -> Header:
-        return cls(*(int(x) for x in a))
+        """Decode a received header; raises :class:`UnknownKind` (naming the value) when its
+        kind is not a :class:`Kind`."""
+        values = [int(x) for x in a]
+        try:
+            kind = Kind(values[0])
+        except ValueError:
+            raise UnknownKind(values[0], values[6]) from None
+        return cls(kind, *values[1:])
 
 
 def wait_all(
@@ -208,14 +232,49 @@ def wait_all(
     return statuses
 
 
+CANCEL_GRACE = 0.05
+"""Seconds :func:`_cancel` tests cancelled requests for completion before it leaves them to
+later tests: a cancelled receive completes at once; a send a receiver has not matched cannot be
+taken back (Open MPI does not cancel sends) and completes only when matched or failed."""
+
+_unfinished: list[MPI.Request] = []
+"""Cancelled requests MPI has not completed yet. Each holds (mpi4py keeps it) the buffer MPI
+may still read or write, so that memory is not freed before MPI is done with it."""
+
+
+def _completed(req: MPI.Request) -> bool:
+    """Test ``req`` once: whether MPI has completed it (an error completes it too, once MPI
+    has released the request)."""
+    try:
+        return bool(req.Test())
+    except MPI.Exception:
+        return req == MPI.REQUEST_NULL
+
+
 def _cancel(reqs: Sequence[MPI.Request]) -> None:
-    for r in reqs:
-        if r != MPI.REQUEST_NULL:
-            try:
-                r.Cancel()
-                r.Free()
-            except MPI.Exception:
-                pass
+    """Cancel what a failed wait leaves behind, never releasing memory MPI still uses: each
+    request is cancelled, then tested for completion for up to :data:`CANCEL_GRACE` seconds;
+    the requests still incomplete (with their buffers) are kept in ``_unfinished`` and tested
+    again at every later cancel (and :func:`unfinished_requests`) until MPI completes them."""
+    live = [r for r in reqs if r != MPI.REQUEST_NULL]
+    for r in live:
+        with contextlib.suppress(MPI.Exception):
+            r.Cancel()
+    _unfinished[:] = [r for r in _unfinished if not _completed(r)]
+    deadline = time.monotonic() + CANCEL_GRACE
+    while True:
+        live = [r for r in live if not _completed(r)]
+        if not live or time.monotonic() >= deadline:
+            break
+        time.sleep(_SLEEP_MIN)
+    _unfinished.extend(live)
+
+
+def unfinished_requests() -> int:
+    """How many cancelled requests MPI has still not completed (their buffers are kept);
+    tests each once, releasing those that have completed since."""
+    _unfinished[:] = [r for r in _unfinished if not _completed(r)]
+    return len(_unfinished)
 
 
 BULK_CHUNK_BYTES = 16 << 20
@@ -353,10 +412,15 @@ def recv_header(
     what: str,
     polling: Polling = URGENT,
 ) -> tuple[Header, int]:
-    """Receive one header from ``source`` (may be ``MPI.ANY_SOURCE``); return it and its sender."""
+    """Receive one header from ``source`` (may be ``MPI.ANY_SOURCE``); return it and its sender.
+    Raises :class:`UnknownKind` (with the sender) for a header of no known kind; its payload,
+    if any, is still to be received."""
     req, buf = post_header(comm, source, tag)
     (status,) = wait_all([req], timeout, what, polling)
-    return Header.from_array(buf), status.Get_source()
+    try:
+        return Header.from_array(buf), status.Get_source()
+    except UnknownKind as exc:
+        raise UnknownKind(exc.value, exc.nbytes, status.Get_source()) from None
 
 
 def recv_payload(

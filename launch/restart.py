@@ -56,8 +56,8 @@ from typing import IO, Any
 
 from ftmpi.fatal import read_fatal
 from ftmpi.faults import KillSpec, format_schedule
+from ftmpi.lifecycle import die_with_parent
 from ftmpi.manifest import write_json_atomic
-from ftmpi.runtime import die_with_parent
 from launch.kills import log_injected, logged_kills, remaining_schedule
 from launch.noise import OutputFilter, open_log
 from launch.outcome import Outcome, exit_status, judge
@@ -390,5 +390,5 @@ def _catch_stop_signals(interrupted: list[str]) -> dict[int, Any]:
 def _die_with_parent() -> None:
     """In the child before exec: receive SIGTERM when ``ftmpi-run`` dies (even by SIGKILL),
     so prterun ends the job instead of running on without a parent (its ranks, in turn, die
-    with prterun: see ``ftmpi.runtime.init``)."""
+    with prterun: see ``ftmpi.lifecycle.init``)."""
     die_with_parent(signal.SIGTERM)

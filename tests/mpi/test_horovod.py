@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from ftmpi.events import read_events
 from tests.conftest import PROGS, ROOT, run_command
 
 pytestmark = pytest.mark.mpi
@@ -65,6 +66,7 @@ def test_a_chain_head_killed_under_the_horovod_backend_is_survived_bit_exact(tmp
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["steps"] == 40
         digests.append(summary["weights_sha256"])
+        assert summary["backend"] == "horovod" and summary["backend_fallback"] is None
     assert "ftmpi: recovered: server 0 replaced" in res.stderr
     assert digests[0] == digests[1]
 
@@ -128,3 +130,90 @@ def test_broadcast_helpers(mpi):
     assert res.returncode == 0, res.stderr
     a, b = res.json_lines()
     assert a == b and a["lr"] == 0.1 and a["obj"] == {"r": 0}
+
+
+# ----------------------------------------------------------------- Horovod through failures
+
+FT_TRAIN = str(PROGS / "ft_train.py")
+FT_STEPS = 60
+
+
+def _ft_train(mpi, run_dir, *, workers=2, servers=3, env=None, reports=None):
+    """ft_train.py under the Horovod backend; the workers' reports and the run's summary."""
+    full_env = {
+        "FTMPI_SERVERS": str(servers),
+        "FTMPI_RUN_DIR": str(run_dir),
+        "FTMPI_BACKEND": "horovod",
+        **(env or {}),
+    }
+    expect = workers if reports is None else reports
+    res = mpi(
+        workers + servers,
+        [FT_TRAIN, str(FT_STEPS)],
+        env=full_env,
+        timeout=240,
+        exit_hang_after=expect if "FTMPI_KILL" in full_env else 0,
+    )
+    assert res.returncode in (0, -9), res.stderr[-3000:]
+    got = sorted(res.json_lines(), key=lambda r: r["worker"])
+    assert len(got) == expect, res.stdout + res.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return got, summary, read_events(str(run_dir))
+
+
+def _of(evs, kind):
+    return [e for e in evs if e["event"] == kind]
+
+
+def test_a_server_death_leaves_horovod_alone_and_the_run_bit_exact(mpi, tmp_path):
+    """A chain head SIGKILLed mid-run: the workers' communicator (Horovod's) never changes, so
+    Horovod stays the backend all the way and the run ends as the one without the failure."""
+    env = {"FTMPI_STRATEGY": "chain", "FTMPI_CHAIN_LENGTH": "3"}
+    ref, ref_summary, _ = _ft_train(mpi, tmp_path / "ref", servers=3, env=env)
+    kill = {**env, "FTMPI_KILL": "server:0@step=30"}
+    got, summary, evs = _ft_train(mpi, tmp_path / "kill", servers=3, env=kill)
+    assert _of(evs, "view_change"), "the server was not killed"
+    assert summary["backend"] == ref_summary["backend"] == "horovod"
+    assert summary["backend_fallback"] is None and not _of(evs, "backend_fallback")
+    assert got[0]["versions"] == [FT_STEPS]
+    assert got[0]["weights"] == got[1]["weights"] == ref[0]["weights"]
+
+
+@pytest.mark.parametrize("respawn", ["0", "1"], ids=["shrink", "respawn"])
+def test_a_worker_death_restarts_horovod_on_the_new_workers(mpi, tmp_path, respawn):
+    """Worker 1 SIGKILLed between steps: the survivor shuts Horovod down and initialises it on
+    the new workers' communicator (with the replacement, respawn_workers=1), and the run
+    finishes on Horovod; with the replacement it ends as the run without the failure."""
+    ref, _, _ = _ft_train(mpi, tmp_path / "ref", servers=2)
+    env = {"FTMPI_KILL": "worker:1@step=20", "FTMPI_RESPAWN_WORKERS": respawn}
+    reports = 2 if respawn == "1" else 1
+    got, summary, evs = _ft_train(mpi, tmp_path / "kill", servers=2, env=env, reports=reports)
+    assert _of(evs, "view_change")[0]["failed_workers"] == [1]
+    assert summary["backend"] == "horovod" and summary["backend_fallback"] is None
+    restarted = _of(evs, "backend_restarted")
+    # on the new workers: the survivor alone, or the survivor and the replacement
+    assert restarted and restarted[-1]["workers"] == reports, restarted
+    assert summary["backend_restarts"] >= 1
+    assert got[0]["versions"] == [FT_STEPS, FT_STEPS]
+    if respawn == "1":
+        assert [r["workers"] for r in got] == [2, 2]
+        assert got[0]["weights"] == got[1]["weights"] == ref[0]["weights"]
+    else:
+        assert got[0]["workers"] == 1
+
+
+@pytest.mark.parametrize("cut", ["clean", "cut"])
+def test_a_cut_horovod_collective_restarts_horovod_else_it_is_kept(mpi, cut):
+    """Workers unchanged: Horovod is kept as it is, unless a worker abandoned a Horovod
+    collective when a recovery began (it could match a later one, or complete late into its
+    tensor): then every worker restarts Horovod, and the next allreduce is right."""
+    res = mpi(2, [str(PROGS / "horovod_cut.py"), cut], timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    reports = sorted(res.json_lines(), key=lambda r: r["worker"])
+    assert len(reports) == 2
+    for r in reports:
+        assert r["backend"] == "horovod" and r["after"] == [3.0], r
+        assert r["kept"] is (cut == "clean"), r
+        assert not r["abandoned_written"], r
+    if cut == "cut":
+        assert "a recovery began" in reports[0]["raised"]

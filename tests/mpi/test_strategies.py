@@ -227,7 +227,9 @@ def test_chain_failpoints_lose_nothing(mpi, tmp_path, chain_reference, env):
         # acks that answer is held until update 29 commits, so worker 0 (shard 0's leader)
         # kept either push 30 (the answer went out) or push 29 (it was still held, and
         # step 30 is retried): it sent the kept one again, and the new head holds it after
-        again = [(e["role"], e["base"], e["server_version"]) for e in log if e["event"] == "repushed"]
+        again = [
+            (e["role"], e["base"], e["server_version"]) for e in log if e["event"] == "repushed"
+        ]
         assert again in ([("worker 0", 29, 30)], [("worker 0", 28, 29)]), again
 
 
@@ -256,9 +258,9 @@ def test_worker_dies_with_its_push_in_flight(mpi, tmp_path):
     assert got[0]["workers"] == 1 and got[0]["versions"] == [STEPS, STEPS]
 
 
-def test_horovod_workers_continue_on_mpi_after_a_failure(mpi, tmp_path):
+def test_horovod_workers_stay_on_horovod_after_a_server_failure(mpi, tmp_path):
     env = {**CHAIN, "FTMPI_BACKEND": "horovod", "FTMPI_KILL": "server:0@step=30"}
     got, run_dir = train(mpi, tmp_path, "kill", env=env)
     assert got[0]["versions"] == [STEPS] and got[0]["weights"] == got[1]["weights"]
     fallbacks = [e for e in read_events(str(run_dir)) if e["event"] == "backend_fallback"]
-    assert len(fallbacks) == 2  # both workers, once
+    assert fallbacks == []  # tests/mpi/test_horovod.py checks the run record and the weights

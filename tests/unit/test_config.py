@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from ftmpi.config import Config, ConfigError
+from ftmpi.config import BackendName, ChainAck, Config, ConfigError, Mode, StalePolicy
+from ftmpi.strategies import StrategyName
 
 
 def test_defaults():
@@ -26,6 +27,72 @@ def test_unknown_ftmpi_variables_are_kept_for_the_manifest():
 def test_env_round_trip():
     c = Config.from_env({}, servers=2, mode="async", seed=7)
     assert Config.from_env(c.env()) == c
+
+
+def test_choices_are_enums_and_flags_are_bools():
+    c = Config.from_env(
+        {"FTMPI_STRATEGY": "chain", "FTMPI_SERVERS": "3", "FTMPI_RESUME": "true"},
+        deterministic=1,
+        respawn_workers=False,
+        chain_ack="next",
+        stale_policy="mean",
+        backend="mpi",
+    )
+    assert type(c.strategy) is StrategyName and c.strategy == "chain"
+    assert (type(c.mode), type(c.chain_ack), type(c.stale_policy), type(c.backend)) == (
+        Mode,
+        ChainAck,
+        StalePolicy,
+        BackendName,
+    )
+    assert c.mode == Mode.SYNC == "sync" and c.chain_ack == "next" and c.backend == "mpi"
+    assert (c.resume, c.deterministic, c.respawn_workers, c.async_checkpoint) == (
+        True,
+        True,
+        False,
+        False,
+    )
+    for name in ("resume", "deterministic", "respawn_workers", "async_checkpoint"):
+        assert type(getattr(c, name)) is bool
+    # built directly, the same types
+    d = Config(strategy="checkpoint", resume=1, run_dir="/r")  # type: ignore[arg-type]
+    assert type(d.strategy) is StrategyName and d.resume is True
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [("1", True), ("0", False), ("true", True), ("False", False), (" TRUE ", True)],
+)
+def test_flags_read_0_1_true_false(raw, value):
+    assert Config.from_env({"FTMPI_RESUME": raw}).resume is value
+
+
+def test_env_writes_flags_as_0_1_and_choices_as_their_names_and_round_trips():
+    c = Config.from_env(
+        {},
+        servers=3,
+        strategy="chain+stateless",
+        chain_ack="next",
+        replicate_every=4,
+        stale_policy="staleness-weighted",
+        mode="async",
+        backend="horovod",
+        resume=True,
+        deterministic=True,
+        respawn_workers=True,
+        async_checkpoint=True,
+        run_dir="/r",
+    )
+    env = c.env()
+    assert env["FTMPI_RESUME"] == env["FTMPI_DETERMINISTIC"] == "1"
+    assert env["FTMPI_STRATEGY"] == "chain+stateless" and env["FTMPI_STALE_POLICY"] == (
+        "staleness-weighted"
+    )
+    assert env["FTMPI_MODE"] == "async" and env["FTMPI_BACKEND"] == "horovod"
+    back = Config.from_env(env)
+    assert back == c
+    assert Config.from_env(Config.from_env({}).env()).env() == Config.from_env({}).env()
+    assert Config.from_env({}).env()["FTMPI_RESUME"] == "0"
 
 
 @pytest.mark.parametrize(
@@ -62,9 +129,14 @@ def test_bad_values_are_named(kwargs, env, message):
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"FTMPI_ASYNC_CHECKPOINT": "2"}, "async_checkpoint=2 must be 0 or 1"),
-        ({"FTMPI_RESUME": "2"}, "resume=2 must be 0 or 1"),
-        ({"FTMPI_DETERMINISTIC": "-1"}, "deterministic=-1 must be 0 or 1"),
+        ({"FTMPI_ASYNC_CHECKPOINT": "2"}, "FTMPI_ASYNC_CHECKPOINT='2' must be 0, 1, false or true"),
+        (
+            {"FTMPI_RESUME": "yes"},
+            "FTMPI_RESUME='yes' must be 0, 1, false or true (option 'resume')",
+        ),
+        ({"FTMPI_DETERMINISTIC": "-1"}, "FTMPI_DETERMINISTIC='-1' must be 0, 1, false or true"),
+        ({"FTMPI_RESPAWN_WORKERS": ""}, "FTMPI_RESPAWN_WORKERS='' must be 0, 1, false or true"),
+        ({"FTMPI_MODE": "bulk"}, "mode='bulk' is not one of ['sync', 'async'] (from FTMPI_MODE)"),
         ({"FTMPI_TIMEOUT": "inf"}, "timeout=inf must be a positive number of seconds"),
         ({"FTMPI_TIMEOUT": "nan"}, "timeout=nan must be a positive number of seconds"),
         ({"FTMPI_SERVER_IDLE_TIMEOUT": "-5"}, "server_idle_timeout=-5.0 must be a positive"),

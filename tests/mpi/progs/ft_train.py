@@ -2,12 +2,14 @@
 ftmpi.run so rollbacks replay the same batches. Worker 0 prints one JSON line at the end.
 
     ft_train.py STEPS [--corrupt-at STEP] [--usr1-at STEP] [--step-sleep S] [--hidden N]
-                      [--raise-at STEP [--raise-worker W]]
+                      [--raise-at STEP [--raise-worker W]] [--op sum] [--synchronize]
 
 --corrupt-at: worker 0 truncates the newest snapshot; --usr1-at: worker 0 sends itself SIGUSR1
 (a checkpoint request); --step-sleep: extra seconds per step (to span a server's down time);
 --hidden: width of the hidden layer (another model, e.g. to resume from a mismatched snapshot);
 --raise-at: worker --raise-worker (default 1) raises ValueError at that step (a bug on one rank).
+--op sum: reduce gradients with Sum instead of Average; --synchronize: every step calls
+optimizer.synchronize() and then step() inside skip_synchronize(), as a loop that clips does.
 """
 
 import argparse
@@ -32,6 +34,8 @@ p.add_argument("--step-sleep", type=float, default=0.0, help="seconds of extra w
 p.add_argument("--hidden", type=int, default=64, help="width of the hidden layer")
 p.add_argument("--raise-at", type=int, default=-1, help="a worker raises ValueError here")
 p.add_argument("--raise-worker", type=int, default=1, help="the worker that raises")
+p.add_argument("--op", choices=("average", "sum"), default="average")
+p.add_argument("--synchronize", action="store_true", help="synchronize, then skip_synchronize")
 args = p.parse_args()
 
 rt = ftmpi.init()
@@ -49,6 +53,7 @@ model = torch.nn.Sequential(
 opt = ftmpi.DistributedOptimizer(
     torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
     named_parameters=model.named_parameters(),
+    op=ftmpi.Sum if args.op == "sum" else ftmpi.Average,
 )
 batches = ShardedBatches(x, y, 16, worker=me, workers=workers, seed=0)
 computed = 0
@@ -73,7 +78,12 @@ def train(state):
         F.cross_entropy(model(xb), yb).backward()
         computed += 1
         time.sleep(args.step_sleep)
-        opt.step()
+        if args.synchronize:
+            opt.synchronize()
+            with opt.skip_synchronize():
+                opt.step()
+        else:
+            opt.step()
 
 
 state = ftmpi.TrainingState(opt, batches)
