@@ -15,7 +15,8 @@ import numpy as np
 from mpi4py import MPI
 
 
-def bench(comm, label):
+def bench(comm: MPI.Intracomm, label: str) -> None:
+    """Time 60 allreduces of 4 MB on ``comm``; its rank 0 prints the mean."""
     buf = np.ones(1 << 20, dtype=np.float32)  # 4 MB
     out = np.empty_like(buf)
     comm.Barrier()
@@ -32,21 +33,17 @@ def bench(comm, label):
 
 
 parent = MPI.Comm.Get_parent()
-if parent == MPI.COMM_NULL:
+if parent == MPI.COMM_NULL:  # the job's own two ranks
     world = MPI.COMM_WORLD
     bench(world, "original ranks (np=2)")
-    # rank 1 leaves the group: spawn one replacement and pair it with rank 0
     inter = world.Spawn(sys.executable, args=[__file__], maxprocs=1, root=0)
-    merged = inter.Merge(high=False)
-    pair = merged.Split(
-        0 if merged.Get_rank() in (0, merged.Get_size() - 1) else 1, merged.Get_rank()
-    )
-    if merged.Get_rank() in (0, merged.Get_size() - 1):
+    merged = inter.Merge(high=False)  # ranks: 0, 1, then the spawned one
+    paired = merged.Get_rank() == 0
+    pair = merged.Split(0 if paired else 1, merged.Get_rank())
+    if paired:
         bench(pair, "rank 0 + spawned rank")
-    else:
-        time.sleep(0)
     merged.Barrier()
-else:
+else:  # the spawned rank: pairs with rank 0
     merged = parent.Merge(high=True)
     pair = merged.Split(0, merged.Get_rank())
     bench(pair, "spawned")
