@@ -50,7 +50,9 @@ if cut:
         except PeerFailure as exc:
             raised = str(exc)
     else:
-        time.sleep(0.5)  # worker 0 is waiting in its allreduce by now
+        # worker 0's allreduce is left unmatched whichever comes first: waiting in it, it is
+        # woken by the revoke; starting it after, its wait sees the group revoked at once
+        time.sleep(0.5)
         group.Revoke()
 world.Barrier()
 rt.group = world.Dup()  # the recovery's new workers' communicator, same members
@@ -58,7 +60,8 @@ rt.group.Set_errhandler(MPI.ERRORS_RETURN)
 rebuild_backend(rt, workers_changed=False)
 after = torch.full((1000,), float(me + 1))
 rt.backend.allreduce_(after, average=False)
-time.sleep(0.5)  # an abandoned collective completing late would write by now
+# an absence to check: give an abandoned collective that completes late time to write
+time.sleep(0.5)
 print(
     json.dumps(
         {
