@@ -31,6 +31,7 @@ from launch import bench, diff, experiment, replay, summary
 from launch.command import LAUNCHERS, JobSpec, build_command, find_launcher, process_env
 from launch.jobenv import add_config_flags, config_overrides, job_environment, server_updates
 from launch.kills import kill_flags_text, parse_kill_flags, random_schedule
+from launch.nodes import NodePlan, parse_hostfile, parse_hosts, write_hostfile
 from launch.preflight import refuse_unusable_checkpoint_dir
 from launch.restart import LaunchReport, run_with_restarts
 from launch.rundir import refuse_finished, refuse_other_unfinished, resolve
@@ -98,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     mpi.add_argument("-H", "--hosts", default=None, help="host list, e.g. node1:4,node2:4")
     mpi.add_argument("--hostfile", default=None, help="MPI hostfile (mpirun, mpiexec)")
     mpi.add_argument(
+        "--spare-nodes",
+        default=None,
+        metavar="N1,N2",
+        help="nodes of the hostfile/host list that start with no rank: replacements and the "
+        "ranks of a lost node go there (mpirun)",
+    )
+    mpi.add_argument(
         "--no-ulfm", action="store_true", help="do not pass --with-ft ulfm (an MPI without ULFM)"
     )
     mpi.add_argument("--dry-run", action="store_true", help="print the command line and exit")
@@ -115,7 +123,7 @@ def launch(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int
         plan = _plan(args, command, environ)
     except ValueError as exc:  # ConfigError, LaunchError, RunDirError, kill schedules
         raise SystemExit(f"ftmpi-run: {exc}") from None
-    env, make_command, report = plan
+    env, make_command, report, nodes = plan
     report.invocation = {
         "argv": list(argv),
         "cwd": os.getcwd(),
@@ -134,6 +142,7 @@ def launch(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int
         job_start=float(env["FTMPI_JOB_START"]),
         process_env=lambda e: process_env(e, environ),
         resume_command=resume_command(argv, command, report.run_dir),
+        nodes=nodes,
     )
     print(report.final_line(), flush=True)
     return report.returncode
@@ -141,9 +150,10 @@ def launch(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int
 
 def _plan(
     args: argparse.Namespace, command: list[str], environ: Mapping[str, str]
-) -> tuple[dict[str, str], Callable[[Mapping[str, str]], list[str]], LaunchReport]:
-    """Validate everything and return the job's environment, its command builder and an empty
-    report. Raises ``ValueError`` (or a subclass) naming the bad value."""
+) -> tuple[dict[str, str], Callable[[Mapping[str, str]], list[str]], LaunchReport, NodePlan | None]:
+    """Validate everything and return the job's environment, its command builder, an empty
+    report and, for a multi-node ``mpirun``, its nodes. Raises ``ValueError`` (or a subclass)
+    naming the bad value."""
     if not command:
         raise ValueError("no command given; usage: ftmpi-run -np 2 --servers 1 -- python train.py")
     if args.max_restarts < 0:
@@ -182,8 +192,24 @@ def _plan(
         cpus=os.cpu_count() or 1,
     )
 
+    nodes = _node_plan(args)
+
     def make_command(job_env: Mapping[str, str]) -> list[str]:
-        return build_command(dataclasses.replace(spec, env=job_env))
+        if nodes is None or args.dry_run:
+            return build_command(dataclasses.replace(spec, env=job_env))
+        # each attempt runs on the nodes still usable (launch.nodes): a hostfile of its own,
+        # the initial ranks kept off the spares with -H
+        hostfile = write_hostfile(nodes, run_dir, len(nodes.lost))
+        ranked = ",".join(f"{n.name}:{n.slots}" for n in nodes.ranked)
+        job_env = {**job_env, "FTMPI_SPARE_NODES": ",".join(nodes.free_spares)}
+        return build_command(
+            dataclasses.replace(
+                spec,
+                env=job_env,
+                hostfile=hostfile,
+                hosts=ranked if nodes.free_spares else None,
+            )
+        )
 
     make_command(env)  # refuse a launcher/option mismatch now, whether or not it is installed
     spec = dataclasses.replace(
@@ -210,7 +236,23 @@ def _plan(
         schedule=config.kill,
         random_kills=random_info,
     )
-    return env, make_command, report
+    return env, make_command, report, nodes
+
+
+def _node_plan(args: argparse.Namespace) -> NodePlan | None:
+    """The nodes of a multi-node ``mpirun`` job (``--hostfile`` or ``-H``), with its spares;
+    None for any other launch. Raises ``NodeError`` naming a bad file, list or spare."""
+    spares = [s for s in (args.spare_nodes or "").split(",") if s]
+    if args.launcher != "mpirun" or not (args.hostfile or args.hosts):
+        if spares:
+            raise ValueError(
+                f"--spare-nodes {args.spare_nodes}: spares need mpirun with --hostfile or -H"
+            )
+        return None
+    if args.hostfile and args.hosts:
+        raise ValueError("give the nodes either with --hostfile or with -H, not both")
+    listed = parse_hostfile(args.hostfile) if args.hostfile else parse_hosts(args.hosts)
+    return NodePlan(listed, spares)
 
 
 def resume_command(argv: Sequence[str], command: Sequence[str], run_dir: str) -> str:

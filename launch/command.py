@@ -80,7 +80,13 @@ def _mpirun(spec: JobSpec) -> list[str]:
         cmd += ["-H", spec.hosts]
     if spec.hostfile:
         cmd += ["--hostfile", spec.hostfile]
-    if not spec.hosts and not spec.hostfile and spec.nprocs >= spec.cpus:
+    if spec.hosts or spec.hostfile:
+        # ranks round-robin over the nodes (a chain's replicas and the servers spread out);
+        # a replacement may be spawned beyond a node's slots
+        cmd += ["--map-by", "node:oversubscribe"]
+        for key, value in KEEPALIVE.items():
+            cmd += ["--prtemca", key, value]
+    elif spec.nprocs >= spec.cpus:
         cmd += ["--oversubscribe"]
     cmd += ["-np", str(spec.nprocs)]
     for key in sorted(spec.env):
@@ -112,6 +118,15 @@ def _mpiexec(spec: JobSpec) -> list[str]:
 
 
 _BUILDERS = {"mpirun": _mpirun, "srun": _srun, "mpiexec": _mpiexec}
+
+KEEPALIVE = {
+    "oob_tcp_keepalive_time": "1",
+    "oob_tcp_keepalive_intvl": "1",
+    "oob_tcp_keepalive_probes": "2",
+}
+"""TCP keep-alive of Open MPI's runtime between its daemons (multi-node ``mpirun``): a node
+whose link is cut is noticed in about 3 s and the job ends as for a lost node (with the
+defaults nothing notices and the job hangs; docs/multinode.md)."""
 
 
 def process_env(job_env: Mapping[str, str], base: Mapping[str, str]) -> dict[str, str]:

@@ -56,6 +56,8 @@ class Outcome:
     cause: str
     interrupted: bool = False
     """``ftmpi-run`` itself was interrupted (a signal to it, not to the job)."""
+    nodes: tuple[str, ...] = ()
+    """``NODE_LOST``: the nodes the runtime named as lost (may be empty)."""
 
     @property
     def finished(self) -> bool:
@@ -102,12 +104,12 @@ def judge(
         return Outcome(status, f"{where} raised {what}")
     text = "".join(output)
     if _LOST_DAEMON.search(text):
-        node = _REMOTE.search(text)
-        name = next((g for g in node.groups() if g), None) if node else None
-        where = f"node {name}" if name else "a node"
+        names = tuple(dict.fromkeys(g for m in _REMOTE.finditer(text) for g in m.groups() if g))
+        where = f"node {', '.join(names)}" if names else "a node"
         return Outcome(
             NODE_LOST,
             f"{where} was lost: Open MPI's runtime lost its daemon there and ended the whole job",
+            nodes=names,
         )
     stuck = [e for e in read_events(run_dir) if e.get("event") == "recovery_stuck"]
     if any(float(e.get("time", 0)) >= since for e in stuck):

@@ -59,8 +59,9 @@ from ftmpi.faults import KillSpec, format_schedule
 from ftmpi.lifecycle import die_with_parent
 from ftmpi.manifest import write_json_atomic
 from launch.kills import log_injected, logged_kills, remaining_schedule
+from launch.nodes import NodePlan, unreachable
 from launch.noise import OutputFilter, open_log
-from launch.outcome import Outcome, exit_status, judge
+from launch.outcome import NODE_LOST, Outcome, exit_status, judge
 from launch.proctree import kill_tree
 from launch.rundir import LAUNCHER_RECORD, is_finished
 
@@ -101,6 +102,8 @@ class Attempt:
     """What happened, in one line."""
     signal: str | None = None
     """The signal that interrupted ``ftmpi-run`` during this attempt, if any."""
+    lost_nodes: list[str] = field(default_factory=list)
+    """Nodes found lost when this attempt ended (left out of the relaunch)."""
 
     @property
     def wall_seconds(self) -> float:
@@ -191,11 +194,14 @@ def run_with_restarts(
     job_start: float,
     process_env: Callable[[Mapping[str, str]], dict[str, str]],
     resume_command: str | None = None,
+    nodes: NodePlan | None = None,
 ) -> LaunchReport:
     """Start the job (``make_command(env)`` with ``process_env(env)`` as its environment),
     judge each attempt (:func:`launch.outcome.judge`) and relaunch an unfinished one up to
     ``report.max_restarts`` times; see the module docstring. Returns ``report`` filled in; its
-    ``returncode`` is the outcome's status. ``resume_command`` is printed after a signal."""
+    ``returncode`` is the outcome's status. ``resume_command`` is printed after a signal.
+    ``nodes``: a multi-node job's nodes; after a lost node the relaunch leaves out the node
+    named and every node that no longer answers (:mod:`launch.nodes`)."""
     remaining = list(schedule)
     while True:
         env = dict(job_env)
@@ -238,6 +244,21 @@ def run_with_restarts(
             break
         if report.restarts >= report.max_restarts:
             break
+        if nodes is not None and outcome.status == NODE_LOST:
+            lost = nodes.lose(
+                [*outcome.nodes, *unreachable([n.name for n in nodes.usable], process_env(env))]
+            )
+            attempt.lost_nodes = lost
+            report.write()
+            if not nodes.ranked:
+                print("ftmpi-run: no usable node is left; not relaunching", flush=True)
+                break
+            print(
+                f"ftmpi-run: node(s) {', '.join(lost) or 'none'} left out; the relaunch runs on "
+                f"{', '.join(n.name for n in nodes.ranked)}"
+                + (f" (spares {', '.join(nodes.free_spares)})" if nodes.free_spares else ""),
+                flush=True,
+            )
         fired = logged_kills(report.run_dir, attempt.started, attempt.ended + 1.0)
         remaining = remaining_schedule(remaining, fired, job_start=job_start, now=time.time())
         print(

@@ -2,9 +2,7 @@
 
 from tests.conftest import MPIResult, runtime_failed_to_start
 
-LISTENER = (
-    "----\nThe PMIx server's listener thread failed to start. We cannot\ncontinue.\n----\n"
-)
+LISTENER = "----\nThe PMIx server's listener thread failed to start. We cannot\ncontinue.\n----\n"
 
 
 def test_runtime_start_failure_is_recognised() -> None:

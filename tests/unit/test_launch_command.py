@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from launch.command import JobSpec, LaunchError, build_command, find_launcher, process_env
+from launch.command import (
+    KEEPALIVE,
+    JobSpec,
+    LaunchError,
+    build_command,
+    find_launcher,
+    process_env,
+)
 
 ENV = {"FTMPI_SERVERS": "1", "FTMPI_KILL": "server:0@step=5,worker:1@30s", "FTMPI_SEED": "3"}
 CMD = ["python", "train.py", "--steps", "40"]
@@ -37,7 +44,9 @@ def test_mpirun_hosts_root_and_no_ulfm():
         spec("mpirun", hosts="n1:2,n2:2", hostfile="hf", ulfm=False, as_root=True, cpus=1)
     )
     head = ["/opt/mpirun", "--allow-run-as-root", "-H", "n1:2,n2:2", "--hostfile", "hf"]
-    assert got[:8] == [*head, "-np", "3"]
+    keepalive = [w for k, v in KEEPALIVE.items() for w in ("--prtemca", k, v)]
+    spread = ["--map-by", "node:oversubscribe", *keepalive]
+    assert got[: len(head) + len(spread) + 2] == [*head, *spread, "-np", "3"]
 
 
 def test_mpirun_does_not_oversubscribe_within_the_cores():

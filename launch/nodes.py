@@ -1,0 +1,190 @@
+"""The nodes a multi-node job runs on, and which of them the next attempt may use.
+
+A job given ``--hostfile FILE`` (or ``-H n1:2,n2:2``) runs its ranks on the listed nodes except
+the **spares** (``--spare-nodes``): a spare holds no rank at the start; it is where a replacement
+goes (``FTMPI_SPARE_NODES``, ``ftmpi.placement``) and where a relaunch puts the ranks of a lost
+node. Open MPI 5 ends the whole job when it loses a node's daemon (``launch.outcome``:
+``NODE_LOST``); the launcher then marks that node lost, checks the others are still reachable
+through the same agent ``mpirun`` starts its daemons with (``PRTE_MCA_plm_ssh_agent``, else
+ssh), and relaunches on the survivors: each attempt gets a hostfile of its own in the run
+directory (``hostfile.<attempt>``) that names only usable nodes, a spare taking a lost node's
+place. A lost node is never used again in this run.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROBE_TIMEOUT = 5.0
+"""Seconds a node has to answer the launcher's probe (``AGENT NODE true``)."""
+
+
+class NodeError(ValueError):
+    """A hostfile, host list or spare list that cannot be used; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    slots: int
+
+
+def parse_hostfile(path: str) -> list[Node]:
+    """The nodes of an Open MPI hostfile (``NAME [slots=N] ...`` per line, ``#`` comments).
+    Raises :class:`NodeError` for a missing file, a bad slot count, a repeated or no node."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise NodeError(f"--hostfile {path}: cannot read it ({exc.strerror})") from None
+    nodes = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        words = raw.split("#", 1)[0].split()
+        if not words:
+            continue
+        slots = 1
+        for word in words[1:]:
+            key, _, value = word.partition("=")
+            if key == "slots":
+                if not value.isdigit() or int(value) < 1:
+                    raise NodeError(
+                        f"--hostfile {path} line {number}: {word!r} is not a slot count; "
+                        "write slots=N with N >= 1"
+                    )
+                slots = int(value)
+        nodes.append(Node(words[0], slots))
+    return _checked(nodes, f"--hostfile {path}")
+
+
+def parse_hosts(hosts: str) -> list[Node]:
+    """The nodes of a host list ``n1:2,n2:2`` (``-H``); a node without ``:N`` has one slot."""
+    nodes = []
+    for item in filter(None, hosts.split(",")):
+        name, _, slots = item.partition(":")
+        if slots and (not slots.isdigit() or int(slots) < 1):
+            raise NodeError(f"-H {hosts}: {item!r} has no valid slot count; write NAME:N, N >= 1")
+        nodes.append(Node(name, int(slots or 1)))
+    return _checked(nodes, f"-H {hosts}")
+
+
+def _checked(nodes: list[Node], where: str) -> list[Node]:
+    if not nodes:
+        raise NodeError(f"{where} names no node")
+    names = [n.name for n in nodes]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise NodeError(f"{where} names {repeated} more than once; list each node once")
+    return nodes
+
+
+@dataclass
+class NodePlan:
+    """Where each attempt of the job may run: the listed nodes, minus the spares, minus the
+    nodes lost so far, a spare taking each lost node's place while there is one."""
+
+    nodes: list[Node]
+    spares: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        names = [n.name for n in self.nodes]
+        unknown = [s for s in self.spares if s not in names]
+        if unknown:
+            raise NodeError(
+                f"--spare-nodes {','.join(self.spares)}: {unknown} not in the hostfile/host "
+                "list; a spare must be listed there too (Open MPI spawns only onto known nodes)"
+            )
+        if len(self.spares) >= len(self.nodes):
+            raise NodeError(
+                f"--spare-nodes {','.join(self.spares)}: every node is a spare; leave at least "
+                "one node for the job's ranks"
+            )
+
+    @property
+    def usable(self) -> list[Node]:
+        return [n for n in self.nodes if n.name not in self.lost]
+
+    @property
+    def free_spares(self) -> list[str]:
+        """Spares still held back: each lost node that held ranks used one up, in order."""
+        spares = [s for s in self.spares if s not in self.lost]
+        used = len([n for n in self.lost if n not in self.spares])
+        return spares[used:]
+
+    @property
+    def ranked(self) -> list[Node]:
+        """The nodes the next attempt's initial ranks go on (hostfile order)."""
+        return [n for n in self.usable if n.name not in self.free_spares]
+
+    def lose(self, names: Sequence[str]) -> list[str]:
+        """Mark ``names`` lost (unknown names are ignored); returns the newly lost ones."""
+        listed = {n.name for n in self.nodes}
+        new = [n for n in dict.fromkeys(names) if n in listed and n not in self.lost]
+        self.lost += new
+        return new
+
+    def hostfile_text(self) -> str:
+        """The next attempt's hostfile: the ranked nodes, then the free spares (spawn targets,
+        kept out of the initial mapping by ``-H``)."""
+        ranked = {n.name for n in self.ranked}
+        lines = [f"{n.name} slots={n.slots}" for n in self.usable if n.name in ranked]
+        lines += [f"{n.name} slots={n.slots}" for n in self.usable if n.name not in ranked]
+        return "\n".join(lines) + "\n"
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "nodes": [n.name for n in self.nodes],
+            "spares": self.spares,
+            "lost": self.lost,
+            "ranked": [n.name for n in self.ranked],
+        }
+
+
+def agent_command(environ: Mapping[str, str]) -> list[str]:
+    """How ``mpirun`` reaches a node: ``PRTE_MCA_plm_ssh_agent`` (words), else non-interactive
+    ssh with a connect timeout."""
+    agent = environ.get("PRTE_MCA_plm_ssh_agent") or environ.get("OMPI_MCA_plm_ssh_agent")
+    if agent:
+        return shlex.split(agent)
+    return ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(PROBE_TIMEOUT)}"]
+
+
+def unreachable(
+    names: Sequence[str], environ: Mapping[str, str], timeout: float = PROBE_TIMEOUT
+) -> list[str]:
+    """Of ``names``, the nodes that do not run ``true`` through :func:`agent_command` within
+    ``timeout`` seconds (all probed at once; never waits longer than ``timeout`` + 1 s)."""
+    agent = agent_command(environ)
+
+    def dead(name: str) -> bool:
+        try:
+            done = subprocess.run(
+                [*agent, name, "true"],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=timeout,
+                env=dict(environ),
+                start_new_session=True,
+            )
+        except (subprocess.TimeoutExpired, OSError):
+            return True
+        return done.returncode != 0
+
+    if not names:
+        return []
+    with ThreadPoolExecutor(max_workers=min(32, len(names))) as pool:
+        verdicts = list(pool.map(dead, names))
+    return [n for n, d in zip(names, verdicts, strict=True) if d]
+
+
+def write_hostfile(plan: NodePlan, run_dir: str, attempt: int) -> str:
+    """Write the hostfile of attempt ``attempt`` into ``run_dir``; returns its path."""
+    path = os.path.join(run_dir, f"hostfile.{attempt}")
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(plan.hostfile_text())
+    return path
