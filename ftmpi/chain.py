@@ -437,6 +437,14 @@ class ChainLink:
         np.copyto(kept, grad.view(np.uint8).reshape(-1))
         return kept
 
+    def holds_whole_state(self) -> None:
+        """This server has just installed a whole state (the workers' first, a peer's or a
+        restored one): everything up to its version is committed, and the successor gets it."""
+        self.committed = self.host.version
+        succ = self.succ
+        if succ is not None:
+            self.hand_over_state(succ)
+
     def hand_over_state(self, succ: int) -> None:
         """Send the successor the whole shard state; it then holds (and commits) everything
         this server has, so nothing is left to re-send."""

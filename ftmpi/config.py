@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +63,8 @@ CHOICES: dict[str, type[enum.StrEnum]] = {
 equal to its string (``Mode.SYNC == "sync"``)."""
 FLAGS = ("respawn_workers", "async_checkpoint", "resume", "deterministic")
 """The fields that are on or off (``bool``). From the environment: 0/1/true/false."""
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+"""A host name as hostfiles and batch systems write it."""
 _TRUE = ("1", "true")
 _FALSE = ("0", "false")
 
@@ -70,6 +73,11 @@ STRATEGIES = tuple(s.value for s in StrategyName)
 CHAIN_ACKS = tuple(a.value for a in ChainAck)
 STALE_POLICIES = tuple(p.value for p in StalePolicy)
 BACKENDS = tuple(b.value for b in BackendName)
+
+
+NODE_COPIES = "node-copies"
+"""The run directory's folder where the launcher gathers the surviving nodes' node copies
+(``<run_dir>/node-copies/<node>/slot<j>/``, see ``node_copy_dir``) before a relaunch."""
 
 
 class ConfigError(ValueError):
@@ -119,6 +127,10 @@ class Config:
     with the survivors."""
     down_for: float = 0.0
     """Seconds a dead server stays down before its replacement is spawned."""
+    spare_nodes: str = ""
+    """Nodes kept free for replacements, comma-separated (``node7,node8``), named as the
+    hostfile or the allocation names them; Open MPI must know them (listed, no rank mapped
+    there). A replacement prefers a spare node (:mod:`ftmpi.placement`)."""
     checkpoint_every: int = 100
     """``checkpoint``: snapshot every N updates of a server (and at start)."""
     checkpoint_dir: str = ""
@@ -129,6 +141,14 @@ class Config:
     """``checkpoint``: write snapshots on a background thread (training does not wait)."""
     resume: bool = False
     """Start from the newest valid snapshot in the checkpoint directory if there is one."""
+    attempt: int = 0
+    """Which start of the run this job is (``ftmpi-run`` numbers them; see :mod:`ftmpi.fence`)."""
+    node_copy_dir: str = ""
+    """``chain``: a node-local directory (e.g. under ``/dev/shm``) where each server keeps the
+    newest versions of its shard as it applies them, so the state outlives a job that Open MPI
+    ended when it lost a node; a relaunch (``ftmpi-run --max-restarts``) resumes from the
+    copies the surviving nodes hold. Empty: none kept (``ftmpi-run`` sets it for a multi-node
+    chain)."""
     kill: str = ""
     """Failure injection schedule, e.g. ``server:0@step=50,server:0@30s`` (see ftmpi.faults)."""
     failpoints: str = ""
@@ -233,6 +253,7 @@ class Config:
             raise ConfigError(
                 f"down_for={self.down_for} is negative or not finite; use seconds >= 0"
             )
+        self._check_spare_nodes()
         if self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every={self.checkpoint_every} must be >= 1")
         if self.checkpoint_keep < 1:
@@ -260,6 +281,19 @@ class Config:
         if self.mode == "async" and self.servers == 0:
             raise ConfigError("mode='async' needs parameter servers; set servers >= 1")
         return self
+
+    def _check_spare_nodes(self) -> None:
+        for i, name in enumerate(self.spares):
+            if not _NODE_NAME.fullmatch(name):
+                raise ConfigError(
+                    f"spare_nodes={self.spare_nodes!r}: {name!r} is not a node name; list the "
+                    "spare nodes' host names separated by commas, e.g. spare_nodes='node7,node8'"
+                )
+            if name in self.spares[:i]:
+                raise ConfigError(
+                    f"spare_nodes={self.spare_nodes!r} names {name!r} twice; list each spare "
+                    "node once"
+                )
 
     def check_world(self, world_size: int) -> int:
         """Check the rank layout for a world of ``world_size`` ranks; return the worker count."""
@@ -300,6 +334,13 @@ class Config:
     def num_shards(self) -> int:
         """Shards of the model: one per server, or one per chain of ``chain_length`` servers."""
         return self.servers // self.chain_length if self.chained else self.servers
+
+    @property
+    def spares(self) -> tuple[str, ...]:
+        """The spare nodes' names (``spare_nodes`` split at commas, each stripped)."""
+        if not self.spare_nodes.strip():
+            return ()
+        return tuple(name.strip() for name in self.spare_nodes.split(","))
 
     @property
     def snapshot_dir(self) -> str:

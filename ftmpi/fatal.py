@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, NoReturn, TypedDict, cast
 
 from ftmpi import events
+from ftmpi.fence import superseded
 
 if TYPE_CHECKING:
     from ftmpi.runtime import Runtime
@@ -167,6 +168,9 @@ def claim(run_dir: str, record: FatalRecord) -> tuple[bool, FatalRecord | None]:
     this call wrote it, and the record there. Without a run directory every caller is first."""
     if not run_dir:
         return True, None
+    attempt = _rt.config.attempt if _rt is not None else 0
+    if superseded(run_dir, attempt) is not None:
+        return True, None  # a newer attempt runs: its record is not this rank's to write
     path = os.path.join(run_dir, FATAL)
     try:
         os.makedirs(run_dir, mode=0o750, exist_ok=True)

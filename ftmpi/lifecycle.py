@@ -29,9 +29,10 @@ import numpy as np
 
 from ftmpi import fatal, ompi
 from ftmpi.config import Config
+from ftmpi.placement import initial_chains
 from ftmpi.repro import apply_deterministic, warn_caveats
 from ftmpi.resources import start_from_env as start_resource_sampler
-from ftmpi.runtime import Runtime, current, durable_state, initial_chains, install
+from ftmpi.runtime import Runtime, current, durable_state, install
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -76,7 +77,11 @@ def init(servers: int | None = None, mode: str | None = None, **options: Any) ->
     group = world.Split(color=int(is_server), key=world.Get_rank())
     group.Set_errhandler(MPI.ERRORS_RETURN)
     run_id, job_start = _agree_run_id(world, config)
+    from ftmpi.membership import gather_nodes
     from ftmpi.wire import run_hash
+
+    nodes = gather_nodes(world, config.timeout)
+    replicas = config.chain_length if config.chained else 1
 
     rt = Runtime(
         config=config,
@@ -90,7 +95,8 @@ def init(servers: int | None = None, mode: str | None = None, **options: Any) ->
         job_start=job_start,
         server_index=world.Get_rank() - num_workers if is_server else -1,
         incarnations=[0] * config.servers,
-        chains=initial_chains(config),
+        chains=initial_chains(nodes[num_workers:], replicas),
+        nodes=nodes,
         ulfm=ulfm_enabled(),
     )
     rt.comms += [world, group]
@@ -133,7 +139,7 @@ def _start_worker(rt: Runtime) -> None:
         warn_caveats(rt.config, backend=rt.backend.name, workers=rt.num_workers)
     from ftmpi.manifest import write_manifest
 
-    write_manifest(rt)  # collective among the workers; worker 0 writes manifest.json
+    write_manifest(rt)  # worker 0 writes manifest.json
     atexit.register(shutdown)
 
 

@@ -4,7 +4,8 @@
 joiner, into ``config.run_dir`` or ``runs/<run id>``). It records the configuration (every
 ``FTMPI_*`` setting), seeds and the RNG policy, software versions (Python, torch, numpy,
 mpi4py, the MPI library, Horovod and its build flags), the CPU and GPU models, the rank layout
-with each worker's host, the training script (``__main__``'s file: its path, content hash and
+(every rank's role and node, the chains' nodes, the spare nodes: :func:`rank_layout`), the
+training script (``__main__``'s file: its path, content hash and
 git commit, dirty flag, diff hash), the determinism settings and their caveats, and the failure
 schedule. A trainer may add fields afterwards (another :func:`write_manifest` call in the same
 process: e.g. the data's content hash and its own arguments), which updates the same manifest.
@@ -236,18 +237,27 @@ def build_manifest(
 
 
 def rank_layout(rt: Runtime) -> dict[str, Any]:
-    """Every worker's world rank and host (one ``allgather`` of host names among the workers:
-    collective, so every worker calls it), the servers' world ranks and the shard chains.
-    Server hosts are not gathered (servers are serving by then)."""
-    hosts = rt.group.allgather(socket.gethostname())
+    """Where every rank is (from ``rt``, no communication: ``init()`` gathered the nodes):
+    each world rank's role and node (``ranks``), each worker's and server's world rank and
+    node (``host``), the shard chains (server slots, head first) and their servers' nodes
+    (``chain_nodes``), the job's nodes (``hosts``) and the spare nodes (``spare_nodes``)."""
+    roles = {r: f"worker {i}" for i, r in enumerate(rt.workers)}
+    roles.update({r: f"server {s}" for s, r in enumerate(rt.servers) if r is not None})
     return {
-        "workers": [
-            {"worker": i, "world_rank": r, "host": h}
-            for i, (r, h) in enumerate(zip(rt.workers, hosts, strict=True))
+        "ranks": [
+            {"world_rank": r, "role": roles.get(r), "node": node} for r, node in enumerate(rt.nodes)
         ],
-        "servers": [{"server": s, "world_rank": r} for s, r in enumerate(rt.servers)],
+        "workers": [
+            {"worker": i, "world_rank": r, "host": rt.nodes[r]} for i, r in enumerate(rt.workers)
+        ],
+        "servers": [
+            {"server": s, "world_rank": r, "host": None if r is None else rt.nodes[r]}
+            for s, r in enumerate(rt.servers)
+        ],
         "chains": rt.chains,
-        "hosts": sorted(set(hosts)),
+        "chain_nodes": [rt.chain_nodes(k) for k in range(rt.num_shards)],
+        "hosts": sorted(set(rt.nodes)),
+        "spare_nodes": list(rt.config.spares),
     }
 
 
@@ -269,7 +279,7 @@ def default_run_dir(rt: Runtime) -> str:
 @dataclasses.dataclass
 class _Written:
     layout: dict[str, Any] | None = None
-    """The rank layout this process gathered (every worker, at its first call)."""
+    """The rank layout at this process's first call (the layout at the start of the job)."""
     paths: set[Path] = dataclasses.field(default_factory=set)
     """Manifests this process wrote (worker 0)."""
     last: Path | None = None
@@ -295,11 +305,11 @@ def write_manifest(
     """Write ``<run_dir>/manifest.json`` (default :func:`default_run_dir`) on worker 0;
     returns the manifest there, ``None`` on other workers.
 
-    ``ftmpi.init()`` calls this on every worker. The first call in a process gathers the rank
-    layout (collective: every worker makes it, so every worker must call this the same number
-    of times, or once only); a later call (a trainer adding ``data`` or ``extra`` fields)
-    gathers nothing and updates the manifest this process wrote: ``data`` replaces the data
-    section, ``extra``'s keys are set at the top level, ``script`` replaces the script section.
+    ``ftmpi.init()`` calls this on every worker. The first call in a process records the rank
+    layout (:func:`rank_layout`; no communication, so any worker may call this any number of
+    times); a later call (a trainer adding ``data`` or ``extra`` fields) updates the manifest
+    this process wrote: ``data`` replaces the data section, ``extra``'s keys are set at the top
+    level, ``script`` replaces the script section.
     A worker spawned to replace a dead one returns ``None`` at once (the run's manifest exists).
     A relaunch of the same run (``ftmpi-run --max-restarts``: a new job) rewrites the manifest
     and keeps the first attempt's failure schedule, counting the relaunches in ``restarts``.

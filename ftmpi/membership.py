@@ -12,7 +12,10 @@ collective of all survivors that the recovery runs when the slot's down time (``
 passed: at once for strategies whose workers wait anyway, or when the coordinator (worker 0)
 revokes the world after the down time for strategies whose workers keep computing. The new
 process runs the user's script; its ``ftmpi.init()`` sees a parent and calls
-:func:`join_as_replacement` instead of splitting COMM_WORLD.
+:func:`join_as_replacement` instead of splitting COMM_WORLD. Each replacement is spawned on the
+node :func:`ftmpi.placement.replacement_nodes` picks (a spare node first, then a live node
+holding no member of its chain, then the least loaded live node; Info key ``host``), and after
+the Merge every rank gathers every rank's node again (``Runtime.nodes``; a Shrink renumbers it).
 
 A rank dying during a recovery makes one of the recovery's own MPI calls (``Shrink``,
 ``Split``, ``Split_type``, ``Spawn``, ``Merge``, ``Agree``) fail on the survivors; every such call
@@ -46,6 +49,8 @@ from mpi4py import MPI
 from ftmpi import events
 from ftmpi.config import Config
 from ftmpi.failpoints import failpoint
+from ftmpi.fatal import UserError
+from ftmpi.placement import replacement_nodes
 from ftmpi.runtime import Runtime, durable_state
 from ftmpi.wire import PeerFailure, run_hash, wait_all
 
@@ -171,6 +176,7 @@ def recover(
     ]
     rt.workers = [rank_map[r] for r in rt.workers if r in rank_map]
     rt.servers = [rank_map.get(r) if r is not None else None for r in rt.servers]
+    rt.nodes = [rt.nodes[o] for o in sorted(rank_map, key=rank_map.__getitem__)]
     if on_shrink is not None:
         on_shrink(rank_map)
     for j in result.failed_servers:
@@ -310,7 +316,10 @@ def spawn_replacements(rt: Runtime) -> list[int]:
     merge them into the world (all survivors).
 
     Returns the refilled server slots. The replacements run ``sys.argv`` with this Python; new
-    workers are appended to the worker list.
+    workers are appended to the worker list. Each is placed on the node
+    :func:`ftmpi.placement.replacement_nodes` picks (``MPI_Comm_spawn_multiple``, one command
+    per replacement with the Info key ``host``), or wherever Open MPI puts it when the job has
+    a single node and no spare. Every rank then learns every rank's node (:func:`gather_nodes`).
     """
     slots = sorted(rt.down_since)
     new_workers = len(rt.workers_down)
@@ -323,6 +332,12 @@ def spawn_replacements(rt: Runtime) -> list[int]:
             f"cannot re-spawn a server: the job was not started from a script file ({script!r}); "
             "run `python train.py ...` so replacements can run the same script"
         )
+    hosts = replacement_nodes(
+        rt.nodes,
+        rt.config.spares,
+        [rt.shard_of(j) for j in slots] + [None] * new_workers,
+        [rt.chain_nodes(k) for k in range(rt.num_shards)],
+    )
     events.emit(
         rt.config.run_dir,
         "spawn_started",
@@ -330,25 +345,16 @@ def spawn_replacements(rt: Runtime) -> list[int]:
         role=role_of(rt),
         slots=slots,
         workers=new_workers,
+        nodes=hosts,
         view=rt.view,
     )
-    info = MPI.Info.Create()
-    info.Set("wdir", os.getcwd())
+    pinned = len({*rt.nodes, *rt.config.spares}) > 1  # else there is no choice to make
+    command = [os.path.abspath(script), *sys.argv[1:]]
     with deadline(rt.config, role_of(rt), "spawning replacements (MPI_Comm_spawn + merge)"):
-        world = rt.world
-        assert isinstance(world, MPI.Intracomm)  # Dup, Shrink and Merge make intracommunicators
-        with failures("spawning replacements (MPI_Comm_spawn)"):
-            inter = world.Spawn(
-                sys.executable,
-                args=[os.path.abspath(script), *sys.argv[1:]],
-                maxprocs=len(slots) + new_workers,
-                root=0,
-                info=info,
-            )
+        inter = _spawn(rt, command, hosts, pinned)
         inter.Set_errhandler(MPI.ERRORS_RETURN)
         with failures("merging the replacements into the world"):
             merged = inter.Merge(high=False)
-    info.Free()
     merged.Set_errhandler(MPI.ERRORS_RETURN)
     base = rt.world.Get_size()
     for k, j in enumerate(slots):
@@ -363,7 +369,10 @@ def spawn_replacements(rt: Runtime) -> list[int]:
     rt.workers_down = []
     rt.intercomms.append(inter)
     _bcast_json(merged, _assignment(rt) if merged.Get_rank() == 0 else None, rt.config.timeout)
+    nodes = gather_nodes(merged, rt.config.timeout)
+    rt.nodes = nodes
     _install(rt, merged)
+    placed = nodes[base:]
     events.emit(
         rt.config.run_dir,
         "replacement_ready",
@@ -371,15 +380,69 @@ def spawn_replacements(rt: Runtime) -> list[int]:
         role=role_of(rt),
         slots=slots,
         workers=new_workers,
+        nodes=placed,
         view=rt.view,
     )
     if is_coordinator(rt):
+        where = f" (on {', '.join(placed)})" if pinned else ""
         _say(
             rt,
-            f"recovered: {_names(slots, [], replaced=new_workers)} replaced, "
+            f"recovered: {_names(slots, [], replaced=new_workers)} replaced{where}, "
             f"{waited:.1f} s after the failure (view {rt.view})",
         )
     return slots
+
+
+def _spawn(rt: Runtime, command: list[str], hosts: list[str], pinned: bool) -> MPI.Intercomm:
+    """``MPI_Comm_spawn_multiple`` of one ``command`` per entry of ``hosts`` (collective over
+    the world), with the Info key ``host`` when ``pinned``. A process-failure or revoked error
+    becomes ``PeerFailure``; any other MPI error with ``host`` set becomes a
+    :class:`~ftmpi.fatal.UserError` that names the nodes and what Open MPI needs to know of
+    them."""
+    world = rt.world
+    assert isinstance(world, MPI.Intracomm)  # Dup, Shrink and Merge make intracommunicators
+    infos = []
+    for host in hosts:
+        info = MPI.Info.Create()
+        info.Set("wdir", os.getcwd())
+        if pinned:
+            info.Set("host", host)
+        infos.append(info)
+    try:
+        with failures("spawning replacements (MPI_Comm_spawn)"):
+            return world.Spawn_multiple(
+                [sys.executable] * len(hosts),
+                args=[command] * len(hosts),
+                maxprocs=[1] * len(hosts),
+                info=infos,
+                root=0,
+            )
+    except MPI.Exception as exc:
+        if not pinned:
+            raise
+        raise UserError(
+            f"spawning replacements on node(s) {hosts} failed ({exc.Get_error_string()}): Open "
+            "MPI must know each node by that name (MPI_Get_processor_name's): list it in the "
+            "hostfile or the allocation, a spare node too (FTMPI_SPARE_NODES, with no rank "
+            "mapped to it)"
+        ) from exc
+    finally:
+        for info in infos:
+            info.Free()
+
+
+def gather_nodes(comm: MPI.Comm, timeout: float) -> list[str]:
+    """Every rank's node (``MPI_Get_processor_name``), by rank of ``comm``; collective over
+    ``comm``. Raises ``PeerFailure`` if a rank died, ``CommTimeout`` after ``timeout`` s."""
+    width = MPI.MAX_PROCESSOR_NAME
+    mine = np.zeros(width, dtype=np.uint8)
+    name = MPI.Get_processor_name().encode()[:width]
+    mine[: len(name)] = np.frombuffer(name, dtype=np.uint8)
+    every = np.empty(comm.Get_size() * width, dtype=np.uint8)
+    wait_all([comm.Iallgather(mine, every)], timeout, "gathering every rank's node name")
+    return [
+        row.tobytes().rstrip(b"\0").decode(errors="replace") for row in every.reshape(-1, width)
+    ]
 
 
 def _names(servers: list[int], workers: list[int], *, replaced: int = 0) -> str:
@@ -405,6 +468,7 @@ def join_as_replacement(parent: MPI.Intercomm) -> Runtime:
         merged = parent.Merge(high=True)
     merged.Set_errhandler(MPI.ERRORS_RETURN)
     doc = _bcast_json(merged, None, launch_config.timeout)
+    nodes = gather_nodes(merged, launch_config.timeout)
     config_env = dict(doc["config"])
     os.environ.update(config_env)
     config = Config.from_env(config_env)
@@ -424,11 +488,19 @@ def join_as_replacement(parent: MPI.Intercomm) -> Runtime:
         server_index=servers.index(me) if is_server else -1,
         incarnations=list(doc["incarnations"]),
         chains=[list(c) for c in doc["chains"]],
+        nodes=nodes,
         view=int(doc["view"]),
         ulfm=True,
         intercomms=[parent],
         late_joiner=not is_server,
     )
     _install(rt, merged)
-    events.emit(config.run_dir, "replacement_joined", rank=me, role=role_of(rt), view=rt.view)
+    events.emit(
+        config.run_dir,
+        "replacement_joined",
+        rank=me,
+        role=role_of(rt),
+        node=nodes[me],
+        view=rt.view,
+    )
     return rt

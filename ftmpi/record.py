@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ftmpi.events import read_events
+from ftmpi.fence import fenced_message, superseded
 from ftmpi.manifest import (
     MANIFEST,
     default_run_dir,
@@ -187,6 +188,10 @@ def _finish(rt: Runtime) -> dict[str, Any] | None:
             silent.append(i)
     run_dir = written_run_dir() or default_run_dir(rt)
     doc = summary(rt, reports, lost=lost, silent=silent)
+    newer = superseded(run_dir, rt.config.attempt)
+    if newer is not None:
+        print(f"ftmpi: {fenced_message('summary.json', rt.config.attempt, newer)}", file=sys.stderr)
+        return doc
     write_json_atomic(os.path.join(run_dir, SUMMARY), doc)
     if os.path.exists(os.path.join(run_dir, MANIFEST)):
         ftmpi_outcome = {

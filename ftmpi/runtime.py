@@ -60,7 +60,12 @@ class Runtime:
     """Whether the MPI survives rank deaths (Open MPI with ``--with-ft ulfm``)."""
     chains: list[list[int]] = field(default_factory=list)
     """Per shard, its server slots in chain order (head first). One slot per shard unless the
-    strategy replicates shards on chains; a replacement is appended at the tail."""
+    strategy replicates shards on chains (spread over the nodes: :mod:`ftmpi.placement`); a
+    replacement is appended at the tail."""
+    nodes: list[str] = field(default_factory=list)
+    """The node (``MPI_Get_processor_name``) of every rank of ``world``, by world rank: gathered
+    at start and after every Merge, renumbered with every Shrink, so it always matches the
+    current view."""
     intercomms: list[Any] = field(default_factory=list, repr=False)
     comms: list[Any] = field(default_factory=list, repr=False)
     """Every communicator ftmpi created on this process (all views), freed at exit."""
@@ -99,6 +104,10 @@ class Runtime:
     def live_chain(self, shard: int) -> list[int]:
         """``shard``'s live server slots, head first."""
         return [s for s in self.chains[shard] if self.servers[s] is not None]
+
+    def chain_nodes(self, shard: int) -> list[str]:
+        """The nodes of ``shard``'s live servers, head first."""
+        return [self.nodes[self.server_world_rank(s)] for s in self.live_chain(shard)]
 
     def shard_head(self, shard: int) -> int:
         """World rank of the server that takes ``shard``'s requests (its chain's live head);
@@ -148,12 +157,6 @@ def _server_down(slot: int) -> Exception:
     from ftmpi.wire import ServerDown
 
     return ServerDown(slot)
-
-
-def initial_chains(config: Config) -> list[list[int]]:
-    """Shard ``k``'s chain: slots ``k*R .. k*R+R-1`` with chains of length R, else ``[k]``."""
-    r = config.chain_length if config.chained else 1
-    return [list(range(k * r, k * r + r)) for k in range(config.num_shards)]
 
 
 def durable_state(config: Config) -> str:

@@ -42,7 +42,7 @@ from ftmpi.resources import peak_rss_bytes
 from ftmpi.runtime import Runtime
 from ftmpi.server_recovery import ServerRecovery
 from ftmpi.server_wire import ServerWire
-from ftmpi.snapshot_store import RestoreRefused, SnapshotStore
+from ftmpi.snapshot_store import RestoreRefused, server_stores
 from ftmpi.strategies import Strategy
 from ftmpi.wire import Header, Kind
 
@@ -60,7 +60,9 @@ class ParameterServer:
         self.shard_index = rt.shard_of(self.index)
         """The shard this server holds (its chain's shard)."""
         self.replica = ShardReplica()
-        self.store = SnapshotStore(rt, self.index, self.replica, self._warn)
+        self.store, self.node_copy = server_stores(rt, self.index, self.replica, self._warn)
+        """Snapshots to restore from (``checkpoint``'s, or a chain's gathered node copies), and
+        this server's node copy (a chain's, with ``node_copy_dir``; else it writes nothing)."""
         self.wire = ServerWire(rt, self.index, self.shard_index, self.replica)
         self.stopped: set[int] = set()
         self.staleness_sum = 0
@@ -139,6 +141,7 @@ class ParameterServer:
         """Apply ``update`` to the replica, then snapshot if one is due (``checkpoint``)."""
         self.replica.apply(update, loaded=loaded)
         self.store.after_update()
+        self.node_copy.after_update()
 
     def reply_weights(self, worker: int) -> None:
         self.wire.reply(worker, Kind.WEIGHTS, self.replica.weights_bytes())
@@ -187,6 +190,7 @@ class ParameterServer:
                     continue
                 handler(header, src)
                 self.store.raise_if_failed()  # a failed background write ends the job now
+                self.node_copy.raise_if_failed()
             except wire.PeerFailure as exc:
                 if set(self.rt.workers) <= self.stopped:
                     # training is over and the workers are leaving: they will not join a
@@ -195,6 +199,7 @@ class ParameterServer:
                     break
                 self.recovery.recover(str(exc))
         self.store.flush()
+        self.node_copy.discard()  # training is over: the copy is not needed any more
 
     def _idle_polling(self) -> wire.Polling:
         """How this server waits for its next request: a chain member behind the head hears
@@ -254,11 +259,9 @@ class ParameterServer:
         self.replica.build(spec, binary, version=int(header.version))
         self.replica.last_seq = {int(r): q for r, q in spec.get("last_seq", {}).items()}
         if self.link is not None:
-            self.link.committed = self.version
-            succ = self.link.succ
-            if succ is not None:
-                self.link.hand_over_state(succ)
+            self.link.holds_whole_state()
         self.recovery.after_state_installed()
+        self.node_copy.after_state_installed()
         return True
 
     def _on_state_size(self, header: Header, src: int) -> None:
@@ -417,6 +420,9 @@ class ParameterServer:
         except RestoreRefused as exc:
             self.wire.reply_error(src, str(exc))
             return
+        if self.link is not None:  # a chain's head restored: its members take the state
+            self.link.holds_whole_state()
+        self.node_copy.after_state_installed()
         self.wire.reply_json(src, doc)
 
     def stats(self) -> dict[str, Any]:

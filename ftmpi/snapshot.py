@@ -388,6 +388,11 @@ class SnapshotWriter:
             finally:
                 self._queue.task_done()
 
+    @property
+    def busy(self) -> bool:
+        """Whether a background write is still in progress (never for a synchronous writer)."""
+        return self._queue is not None and bool(self._queue.unfinished_tasks)
+
     def raise_if_failed(self) -> None:
         """Raise :class:`SnapshotError` if a background write has failed (its message says
         why and the fix); the caller should end the job rather than train on without

@@ -1,4 +1,12 @@
-"""A server's snapshots of its shard (``checkpoint``): writing, listing and restoring them.
+"""A server's snapshots of its shard: writing, listing and restoring them.
+
+Two stores use this: the durable snapshots of ``checkpoint`` (in ``config.snapshot_dir``, named
+by the server's slot, every ``checkpoint_every`` versions) and a chain server's **node copy**
+(:func:`node_copy_store`: the newest versions of its shard in node-local memory, written in
+the background and skipped while the previous write is in progress, so the server never waits
+for it; named by shard, since every replica of a chain holds the same state). A relaunch after
+a lost node restores a chain from the node copies the launcher collected from the surviving
+nodes (:func:`node_copy_sources`).
 
 The request loop (``ftmpi.server``) answers ``SNAPSHOT``, ``SNAPSHOTS`` and ``RESTORE`` with
 :meth:`SnapshotStore.write_now`, :meth:`SnapshotStore.versions` and
@@ -12,10 +20,17 @@ instead of training on without durable state.
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import os
+import shutil
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from ftmpi import events
+from ftmpi.config import NODE_COPIES
+from ftmpi.fence import fenced_message, superseded
 from ftmpi.optim_state import snapshot_class_problem
 from ftmpi.replica import ShardReplica
 from ftmpi.repro import rng_policy
@@ -31,6 +46,7 @@ from ftmpi.snapshot import (
     require_room,
     snapshot_path,
 )
+from ftmpi.strategies import Strategy
 
 
 class RestoreRefused(Exception):
@@ -38,14 +54,88 @@ class RestoreRefused(Exception):
     says why. The replica is left as it was."""
 
 
-class SnapshotStore:
-    """Snapshots of one server's shard, in ``config.snapshot_dir`` under its slot's name."""
+@dataclass(frozen=True)
+class StorePolicy:
+    """Where a store writes and reads, and how often."""
 
-    def __init__(self, rt: Runtime, slot: int, replica: ShardReplica, warn: Callable[[str], None]):
+    directory: str
+    """Where snapshots are written (empty: this store only reads)."""
+    key: int
+    """The number in the file names: the server's slot (``checkpoint``) or its shard."""
+    every: int
+    keep: int
+    asynchronous: bool
+    skip_when_busy: bool = False
+    """A snapshot due while the previous one is still being written is skipped."""
+    read_from: tuple[str, ...] = field(default=())
+    """Directories whose snapshots :meth:`SnapshotStore.restore` may load (default: the one
+    written to)."""
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return self.read_from or ((self.directory,) if self.directory else ())
+
+
+def checkpoint_policy(rt: Runtime, slot: int) -> StorePolicy:
+    """``checkpoint``'s durable snapshots: ``config.snapshot_dir``, named by slot."""
+    cfg = rt.config
+    return StorePolicy(
+        cfg.snapshot_dir, slot, cfg.checkpoint_every, cfg.checkpoint_keep, cfg.async_checkpoint
+    )
+
+
+def node_copy_sources(rt: Runtime) -> tuple[str, ...]:
+    """The gathered node copies a resumed chain may restore from (every server's folder)."""
+    root = os.path.join(rt.config.run_dir, NODE_COPIES)
+    return tuple(sorted(glob.glob(os.path.join(glob.escape(root), "*", "slot*"))))
+
+
+def node_copy_policy(rt: Runtime, slot: int) -> StorePolicy:
+    """A chain server's node copy: every version, in the background, skipped while busy, the
+    newest two kept, in ``config.node_copy_dir/slot<j>``, named by shard."""
+    return StorePolicy(
+        os.path.join(rt.config.node_copy_dir, f"slot{slot}"),
+        rt.shard_of(slot),
+        every=1,
+        keep=2,
+        asynchronous=True,
+        skip_when_busy=True,
+    )
+
+
+def server_stores(
+    rt: Runtime, slot: int, replica: ShardReplica, warn: Callable[[str], None]
+) -> tuple[SnapshotStore, SnapshotStore]:
+    """A server's two stores: the one it restores from (``checkpoint``'s snapshots; on a chain,
+    the node copies the launcher gathered after a lost node, read only) and its node copy (a
+    chain's, when ``node_copy_dir`` is set; otherwise a store that writes nothing)."""
+    shard = rt.shard_of(slot)
+    inert = StorePolicy("", shard, 1, 1, False)
+    if not Strategy.named(rt.config.strategy).replicates:
+        return SnapshotStore(rt, slot, replica, warn), SnapshotStore(rt, slot, replica, warn, inert)
+    gathered = StorePolicy("", shard, 1, 1, False, read_from=node_copy_sources(rt))
+    restore = SnapshotStore(rt, slot, replica, warn, gathered)
+    copying = node_copy_policy(rt, slot) if rt.config.node_copy_dir else inert
+    return restore, SnapshotStore(rt, slot, replica, warn, copying)
+
+
+class SnapshotStore:
+    """Snapshots of one server's shard, as its :class:`StorePolicy` says."""
+
+    def __init__(
+        self,
+        rt: Runtime,
+        slot: int,
+        replica: ShardReplica,
+        warn: Callable[[str], None],
+        policy: StorePolicy | None = None,
+    ):
         self.rt = rt
         self.slot = slot
+        self.shard = rt.shard_of(slot)
         self.replica = replica
         self.warn = warn
+        self.policy = policy or checkpoint_policy(rt, slot)
         self.writer: SnapshotWriter | None = None
         self.resumed_from: list[str] = []
         """Runs this shard's state descends from (sorted; not this run): a resumed
@@ -57,22 +147,30 @@ class SnapshotStore:
         """Create the snapshot writer once the shard's state exists, first checking that the
         checkpoint directory has room for two snapshots of the model (this shard's size times
         the shards, which share the directory); raises :class:`SnapshotError` if not."""
-        if self.writer is None:
-            cfg = self.rt.config
+        if self.writer is None and self.policy.directory:
+            pol = self.policy
             spec, payload = self.replica.state()
             shards = max(self.rt.num_shards, 1)
-            require_room(cfg.snapshot_dir, shards * encoded_nbytes(spec, payload))
+            require_room(pol.directory, shards * encoded_nbytes(spec, payload))
             self.writer = SnapshotWriter(
-                cfg.snapshot_dir,
-                self.slot,
-                keep=cfg.checkpoint_keep,
-                asynchronous=bool(cfg.async_checkpoint),
-                timeout=cfg.timeout,
+                pol.directory,
+                pol.key,
+                keep=pol.keep,
+                asynchronous=pol.asynchronous,
+                timeout=self.rt.config.timeout,
             )
 
     def submit(self) -> None:
-        """Submit a snapshot of the current version (params, optimizer state, positions)."""
-        assert self.writer is not None
+        """Submit a snapshot of the current version (params, optimizer state, positions);
+        nothing for a store that does not write (no directory)."""
+        if self.writer is None:
+            return
+        cfg = self.rt.config
+        newer = superseded(cfg.run_dir, cfg.attempt)
+        if newer is not None:
+            raise SnapshotError(
+                fenced_message(f"a snapshot to {self.policy.directory}", cfg.attempt, newer)
+            )
         r = self.replica
         spec, payload = r.state()
         positions = {
@@ -96,10 +194,14 @@ class SnapshotStore:
         self.submit()
 
     def after_update(self) -> None:
-        """After an applied update: snapshot every ``checkpoint_every`` versions once a writer
-        exists."""
-        if self.writer is not None and self.replica.version % self.rt.config.checkpoint_every == 0:
-            self.submit()
+        """After an applied update: snapshot every ``policy.every`` versions once a writer
+        exists (with ``skip_when_busy``, only if the previous write is done)."""
+        w = self.writer
+        if w is None or self.replica.version % self.policy.every:
+            return
+        if self.policy.skip_when_busy and w.busy:
+            return
+        self.submit()
 
     def write_now(self) -> int:
         """Write a snapshot of the current version and return it once durable. Raises
@@ -109,6 +211,14 @@ class SnapshotStore:
         self.submit()
         self.writer.flush()
         return self.replica.version
+
+    def discard(self) -> None:
+        """Wait for a pending write, then delete this store's directory (a node copy once
+        training is over); never raises for a directory already gone."""
+        with contextlib.suppress(SnapshotError):
+            self.flush()
+        if self.policy.directory:
+            shutil.rmtree(self.policy.directory, ignore_errors=True)
 
     def raise_if_failed(self) -> None:
         """Raise :class:`SnapshotError` if a background write has failed."""
@@ -127,10 +237,12 @@ class SnapshotStore:
         lineage (any run's, before a resumed job's first restore); warns about the others."""
         cfg = self.rt.config
         self.flush()
-        valid = []
-        for v in list_versions(cfg.snapshot_dir, self.slot):
+        valid: set[int] = set()
+        for directory, v in self._files():
+            if v in valid:
+                continue
             try:
-                snap = read_snapshot(snapshot_path(cfg.snapshot_dir, self.slot, v))
+                snap = read_snapshot(snapshot_path(directory, self.policy.key, v))
             except SnapshotError as exc:
                 self.warn(f"skipping invalid snapshot: {exc}")
                 continue
@@ -141,8 +253,12 @@ class SnapshotStore:
             if why:
                 self.warn(f"skipping snapshot {snap.path}: {why}")
                 continue
-            valid.append(v)
-        return valid
+            valid.add(v)
+        return sorted(valid)
+
+    def _files(self) -> list[tuple[str, int]]:
+        """(directory, version) of every snapshot file of this store's key it may read."""
+        return [(d, v) for d in self.policy.sources for v in list_versions(d, self.policy.key)]
 
     def _foreign(self, meta: dict[str, Any]) -> str | None:
         """Why a verified snapshot is not one of this run's states (or of a run it resumed
@@ -158,11 +274,16 @@ class SnapshotStore:
         snapshot cannot be used (the replica is unchanged) and :class:`SnapshotError` when a
         writer cannot be set up afterwards."""
         cfg = self.rt.config
+        found = [d for d, v in self._files() if v == version]
         try:
-            snap = read_snapshot(snapshot_path(cfg.snapshot_dir, self.slot, version))
+            snap = read_snapshot(
+                snapshot_path(
+                    found[0] if found else self.policy.directory, self.policy.key, version
+                )
+            )
         except SnapshotError as exc:
             raise RestoreRefused(str(exc)) from exc
-        if int(snap.meta["shard"]["index"]) != self.slot:
+        if int(snap.meta["shard"]["index"]) != self.shard:
             raise RestoreRefused(f"{snap.path} holds shard {snap.meta['shard']['index']}")
         spec = self.replica.spec
         why = incompatibility(snap.meta, spec["shard"]) if spec else None

@@ -345,8 +345,10 @@ class WorkerRecovery:
         same error on every worker, see ``_Snapshots.rollback``)."""
         if self.rt.late_joiner:
             self.join()
-        elif self.rt.config.resume and self.snapshots is not None:
-            position = self.snapshots.rollback(resume=True)
+        elif self.rt.config.resume and (self.snapshots or self.strategy.replicates):
+            # a chain resumes from the node copies gathered after a lost node, if any
+            restorer = self.snapshots or _Snapshots(self.rt, self.client, self.trainee)
+            position = restorer.rollback(resume=True)
             if position is None:
                 return
             self.trainee._ftmpi_started = True

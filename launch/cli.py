@@ -27,11 +27,12 @@ from collections.abc import Callable, Mapping, Sequence
 
 from ftmpi.config import ENV_PREFIX, ConfigError
 from ftmpi.faults import parse_schedule
+from ftmpi.strategies import Strategy
 from launch import bench, diff, experiment, replay, summary
 from launch.command import LAUNCHERS, JobSpec, build_command, find_launcher, process_env
 from launch.jobenv import add_config_flags, config_overrides, job_environment, server_updates
 from launch.kills import kill_flags_text, parse_kill_flags, random_schedule
-from launch.nodes import NodePlan, parse_hostfile, parse_hosts, write_hostfile
+from launch.nodes import NodePlan, parse_hostfile, parse_hosts, slurm_nodes, write_hostfile
 from launch.preflight import refuse_unusable_checkpoint_dir
 from launch.restart import LaunchReport, run_with_restarts
 from launch.rundir import refuse_finished, refuse_other_unfinished, resolve
@@ -192,7 +193,10 @@ def _plan(
         cpus=os.cpu_count() or 1,
     )
 
-    nodes = _node_plan(args)
+    nodes = _node_plan(args, environ)
+    if nodes is not None and Strategy.named(config.strategy).replicates:
+        # a chain's state outlives a lost node in the other nodes' memory (launch.nodes)
+        env.setdefault("FTMPI_NODE_COPY_DIR", f"/dev/shm/ftmpi-{run_id}")
 
     def make_command(job_env: Mapping[str, str]) -> list[str]:
         if nodes is None or args.dry_run:
@@ -239,19 +243,28 @@ def _plan(
     return env, make_command, report, nodes
 
 
-def _node_plan(args: argparse.Namespace) -> NodePlan | None:
-    """The nodes of a multi-node ``mpirun`` job (``--hostfile`` or ``-H``), with its spares;
-    None for any other launch. Raises ``NodeError`` naming a bad file, list or spare."""
+def _node_plan(args: argparse.Namespace, environ: Mapping[str, str]) -> NodePlan | None:
+    """The nodes of a multi-node ``mpirun`` job (``--hostfile``, ``-H``, or the Slurm
+    allocation it runs in), with its spares; None for any other launch. Raises ``NodeError``
+    naming a bad file, list or spare."""
     spares = [s for s in (args.spare_nodes or "").split(",") if s]
-    if args.launcher != "mpirun" or not (args.hostfile or args.hosts):
-        if spares:
-            raise ValueError(
-                f"--spare-nodes {args.spare_nodes}: spares need mpirun with --hostfile or -H"
-            )
-        return None
     if args.hostfile and args.hosts:
         raise ValueError("give the nodes either with --hostfile or with -H, not both")
-    listed = parse_hostfile(args.hostfile) if args.hostfile else parse_hosts(args.hosts)
+    listed = None
+    if args.launcher == "mpirun":
+        if args.hostfile:
+            listed = parse_hostfile(args.hostfile)
+        elif args.hosts:
+            listed = parse_hosts(args.hosts)
+        else:
+            listed = slurm_nodes(environ)
+    if listed is None:
+        if spares:
+            raise ValueError(
+                f"--spare-nodes {args.spare_nodes}: spares need mpirun with --hostfile, -H or "
+                "a Slurm allocation"
+            )
+        return None
     return NodePlan(listed, spares)
 
 

@@ -9,20 +9,27 @@ through the same agent ``mpirun`` starts its daemons with (``PRTE_MCA_plm_ssh_ag
 ssh), and relaunches on the survivors: each attempt gets a hostfile of its own in the run
 directory (``hostfile.<attempt>``) that names only usable nodes, a spare taking a lost node's
 place. A lost node is never used again in this run.
+
+A chain's servers keep their shard in node-local memory (``FTMPI_NODE_COPY_DIR``, under
+``/dev/shm``); before a relaunch the launcher gathers what the surviving nodes hold into the run
+directory (:func:`gather_node_copies`), where the relaunched servers restore from it.
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 PROBE_TIMEOUT = 5.0
 """Seconds a node has to answer the launcher's probe (``AGENT NODE true``)."""
+GATHER_TIMEOUT = 300.0
+"""Seconds a node has to hand over its node copies before the relaunch goes on without them."""
 
 
 class NodeError(ValueError):
@@ -70,6 +77,47 @@ def parse_hosts(hosts: str) -> list[Node]:
             raise NodeError(f"-H {hosts}: {item!r} has no valid slot count; write NAME:N, N >= 1")
         nodes.append(Node(name, int(slots or 1)))
     return _checked(nodes, f"-H {hosts}")
+
+
+def slurm_nodes(environ: Mapping[str, str]) -> list[Node] | None:
+    """The nodes of the Slurm allocation ``mpirun`` runs in (``SLURM_JOB_NODELIST``, expanded
+    by ``scontrol show hostnames``; slots from ``SLURM_TASKS_PER_NODE``), or None outside
+    one. Raises :class:`NodeError` when the allocation cannot be read."""
+    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return None
+    try:
+        done = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT,
+            env=dict(environ),
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise NodeError(
+            f"cannot expand SLURM_JOB_NODELIST={nodelist} with scontrol: {exc}"
+        ) from None
+    names = done.stdout.split()
+    if done.returncode != 0 or not names:
+        raise NodeError(
+            f"scontrol show hostnames {nodelist} failed ({done.stderr.strip()}); run inside a "
+            "Slurm allocation or pass --hostfile"
+        )
+    slots = tasks_per_node(environ.get("SLURM_TASKS_PER_NODE", ""), len(names))
+    return _checked([Node(n, k) for n, k in zip(names, slots, strict=True)], "the allocation")
+
+
+def tasks_per_node(spec: str, nodes: int) -> list[int]:
+    """``SLURM_TASKS_PER_NODE`` (``2(x3),1``) as one count per node; one each when it is
+    missing or does not match the node count."""
+    counts: list[int] = []
+    for item in filter(None, spec.split(",")):
+        number, _, repeat = item.partition("(x")
+        if not number.isdigit() or (repeat and not repeat.rstrip(")").isdigit()):
+            return [1] * nodes
+        counts += [int(number)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return counts if len(counts) == nodes else [1] * nodes
 
 
 def _checked(nodes: list[Node], where: str) -> list[Node]:
@@ -154,17 +202,21 @@ def agent_command(environ: Mapping[str, str]) -> list[str]:
     return ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(PROBE_TIMEOUT)}"]
 
 
-def unreachable(
-    names: Sequence[str], environ: Mapping[str, str], timeout: float = PROBE_TIMEOUT
-) -> list[str]:
-    """Of ``names``, the nodes that do not run ``true`` through :func:`agent_command` within
-    ``timeout`` seconds (all probed at once; never waits longer than ``timeout`` + 1 s)."""
+def on_nodes(
+    names: Sequence[str],
+    command: str | Callable[[str], str],
+    environ: Mapping[str, str],
+    timeout: float,
+) -> list[bool]:
+    """Run the shell ``command`` (or ``command(node)``) on every node of ``names`` at once
+    through :func:`agent_command`; per node, whether it exited 0 within ``timeout`` seconds."""
     agent = agent_command(environ)
 
-    def dead(name: str) -> bool:
+    def ok(name: str) -> bool:
+        line = command(name) if callable(command) else command
         try:
             done = subprocess.run(
-                [*agent, name, "true"],
+                [*agent, name, line],
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 timeout=timeout,
@@ -172,14 +224,44 @@ def unreachable(
                 start_new_session=True,
             )
         except (subprocess.TimeoutExpired, OSError):
-            return True
-        return done.returncode != 0
+            return False
+        return done.returncode == 0
 
     if not names:
         return []
     with ThreadPoolExecutor(max_workers=min(32, len(names))) as pool:
-        verdicts = list(pool.map(dead, names))
-    return [n for n, d in zip(names, verdicts, strict=True) if d]
+        return list(pool.map(ok, names))
+
+
+def unreachable(
+    names: Sequence[str], environ: Mapping[str, str], timeout: float = PROBE_TIMEOUT
+) -> list[str]:
+    """Of ``names``, the nodes that do not run ``true`` through :func:`agent_command` within
+    ``timeout`` seconds (all probed at once; never waits much longer than ``timeout``)."""
+    answered = on_nodes(names, "true", environ, timeout)
+    return [n for n, up in zip(names, answered, strict=True) if not up]
+
+
+def gather_node_copies(
+    names: Sequence[str],
+    source: str,
+    dest: str,
+    environ: Mapping[str, str],
+    timeout: float = GATHER_TIMEOUT,
+) -> list[str]:
+    """Copy each node's ``source`` directory (its node copies) to ``dest/<node>/`` (on the
+    shared filesystem), replacing what an earlier gathering left; returns the nodes that
+    held copies and handed them over."""
+    shutil.rmtree(dest, ignore_errors=True)
+    os.makedirs(dest, exist_ok=True)
+    src = shlex.quote(source)
+
+    def copy(node: str) -> str:
+        dst = shlex.quote(os.path.join(dest, node))
+        return f"test -d {src} || exit 3; mkdir -p {dst} && cp -R {src}/. {dst}/"
+
+    copied = on_nodes(names, copy, environ, timeout)
+    return [n for n, ok in zip(names, copied, strict=True) if ok]
 
 
 def write_hostfile(plan: NodePlan, run_dir: str, attempt: int) -> str:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import shlex
 import signal
@@ -54,12 +55,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from ftmpi.config import NODE_COPIES
 from ftmpi.fatal import read_fatal
 from ftmpi.faults import KillSpec, format_schedule
+from ftmpi.fence import start_attempt
 from ftmpi.lifecycle import die_with_parent
 from ftmpi.manifest import write_json_atomic
 from launch.kills import log_injected, logged_kills, remaining_schedule
-from launch.nodes import NodePlan, unreachable
+from launch.nodes import NodePlan, gather_node_copies, unreachable
 from launch.noise import OutputFilter, open_log
 from launch.outcome import NODE_LOST, Outcome, exit_status, judge
 from launch.proctree import kill_tree
@@ -208,10 +211,13 @@ def run_with_restarts(
         env["FTMPI_KILL"] = format_schedule(remaining)
         if report.attempts:
             env["FTMPI_RESUME"] = "1"
+        number = len(report.earlier) + len(report.attempts)
+        env["FTMPI_ATTEMPT"] = str(number)
+        start_attempt(report.run_dir, number)  # fences the older attempts' ranks (ftmpi.fence)
         cmd = make_command(env)
         print("ftmpi-run:", shlex.join(cmd), flush=True)
         attempt = Attempt(
-            number=len(report.earlier) + len(report.attempts),
+            number=number,
             command=cmd,
             kill=env["FTMPI_KILL"],
             resume=int(env.get("FTMPI_RESUME", "0")),
@@ -226,6 +232,9 @@ def run_with_restarts(
             signal_name=attempt.signal,
             injected=attempt.injected,
         )
+        if nodes is not None and outcome.status == NODE_LOST:
+            outcome = _find_lost_nodes(nodes, outcome, process_env(env))
+            attempt.lost_nodes = list(outcome.nodes)
         attempt.status, attempt.cause = outcome.status, outcome.cause
         if report.attempts:
             reached = attempt.first_output or attempt.ended
@@ -244,21 +253,14 @@ def run_with_restarts(
             break
         if report.restarts >= report.max_restarts:
             break
-        if nodes is not None and outcome.status == NODE_LOST:
-            lost = nodes.lose(
-                [*outcome.nodes, *unreachable([n.name for n in nodes.usable], process_env(env))]
+        if (
+            nodes is not None
+            and outcome.status == NODE_LOST
+            and not _relaunch_elsewhere(
+                nodes, env.get("FTMPI_NODE_COPY_DIR"), report.run_dir, process_env(env)
             )
-            attempt.lost_nodes = lost
-            report.write()
-            if not nodes.ranked:
-                print("ftmpi-run: no usable node is left; not relaunching", flush=True)
-                break
-            print(
-                f"ftmpi-run: node(s) {', '.join(lost) or 'none'} left out; the relaunch runs on "
-                f"{', '.join(n.name for n in nodes.ranked)}"
-                + (f" (spares {', '.join(nodes.free_spares)})" if nodes.free_spares else ""),
-                flush=True,
-            )
+        ):
+            break
         fired = logged_kills(report.run_dir, attempt.started, attempt.ended + 1.0)
         remaining = remaining_schedule(remaining, fired, job_start=job_start, now=time.time())
         print(
@@ -268,6 +270,45 @@ def run_with_restarts(
             flush=True,
         )
     return report
+
+
+def _relaunch_elsewhere(
+    nodes: NodePlan, node_copies: str | None, run_dir: str, environ: Mapping[str, str]
+) -> bool:
+    """Before relaunching after a lost node: gather the chain's node copies from the usable
+    nodes (``node_copies``: where servers keep them) and say where the relaunch runs; False
+    when no node is left to run on."""
+    if node_copies:
+        names = [n.name for n in nodes.usable]
+        held = gather_node_copies(names, node_copies, str(Path(run_dir) / NODE_COPIES), environ)
+        where = ", ".join(held) or "no node"
+        print(f"ftmpi-run: gathered the servers' node copies from {where}", flush=True)
+    if not nodes.ranked:
+        print("ftmpi-run: no usable node is left; not relaunching", flush=True)
+        return False
+    spares = f" (spares {', '.join(nodes.free_spares)})" if nodes.free_spares else ""
+    print(
+        f"ftmpi-run: node(s) {', '.join(nodes.lost)} left out; the relaunch runs on "
+        f"{', '.join(n.name for n in nodes.ranked)}{spares}",
+        flush=True,
+    )
+    return True
+
+
+def _find_lost_nodes(nodes: NodePlan, outcome: Outcome, environ: Mapping[str, str]) -> Outcome:
+    """Mark lost the nodes the runtime named and those no longer answering the agent's probe
+    (:mod:`launch.nodes`); the outcome, naming every node lost in it."""
+    probed = unreachable([n.name for n in nodes.usable], environ)
+    lost = nodes.lose([*outcome.nodes, *probed])
+    if not lost or set(lost) == set(outcome.nodes):
+        return outcome
+    names = ", ".join(dict.fromkeys([*outcome.nodes, *lost]))
+    cause = (
+        f"node {names} was lost: Open MPI's runtime lost its daemon there and ended the whole job"
+    )
+    return dataclasses.replace(
+        outcome, cause=cause, nodes=tuple(dict.fromkeys([*outcome.nodes, *lost]))
+    )
 
 
 def _say_where_they_differ(attempt: Attempt, outcome: Outcome) -> None:

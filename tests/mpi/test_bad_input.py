@@ -70,3 +70,21 @@ def test_mixed_dtypes_end_the_job_with_one_line(mpi, tmp_path):
     lines = [line for line in res.stderr.splitlines() if "share one dtype" in line]
     assert len(lines) == 1 and "UserError" in lines[0] and "model.float()" in lines[0], lines
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
+
+
+def test_a_spare_node_open_mpi_does_not_know_ends_the_job_naming_it(mpi, tmp_path):
+    env = {
+        "FTMPI_SERVERS": "1",
+        "FTMPI_BACKEND": "mpi",
+        "FTMPI_STRATEGY": "checkpoint",
+        "FTMPI_RUN_DIR": str(tmp_path / "run"),
+        "FTMPI_KILL": "server:0@step=5",
+        "FTMPI_SPARE_NODES": "no-such-node",
+    }
+    res = mpi(3, [PROG, "20"], env=env, timeout=120)
+    assert res.returncode != 0 and not res.json_lines(), res.stdout
+    lines = [line for line in res.stderr.splitlines() if "ftmpi: error on" in line]
+    assert len(lines) == 1, res.stderr[-3000:]
+    assert "UserError: spawning replacements on node(s) ['no-such-node'] failed" in lines[0]
+    assert "list it in the hostfile" in lines[0]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]

@@ -7,6 +7,8 @@ same run without one.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ftmpi.events import read_events
@@ -85,6 +87,31 @@ def test_chain_tail_ack_loses_nothing(mpi, tmp_path, chain_reference, victim):
     received = [e for e in events if e["event"] == "state_received"]
     assert received[-1]["role"] == f"server {victim}" and received[-1]["mapped_first"]
     assert received[-1]["nbytes"] == transfers[-1]["nbytes"]
+
+
+def test_chain_placement_is_recorded_and_a_replacement_placed_by_name_is_bit_exact(
+    mpi, tmp_path, chain_reference
+):
+    """The manifest names every rank's role and node and the chain's nodes. ``localhost``
+    names this machine to Open MPI, so as a spare node it is a second candidate: the
+    replacement of the middle server is placed there by name (Info key ``host``), lands on
+    this machine, and the run ends bit-exact."""
+    env = {**CHAIN, "FTMPI_KILL": "server:1@step=37", "FTMPI_SPARE_NODES": "localhost"}
+    got, run_dir = train(mpi, tmp_path, "kill", env=env)
+    assert got[0]["weights"] == got[1]["weights"] == chain_reference[0]["weights"]
+    layout = json.loads((run_dir / "manifest.json").read_text())["layout"]
+    node = layout["ranks"][0]["node"]
+    roles = ["worker 0", "worker 1", "server 0", "server 1", "server 2"]
+    assert layout["ranks"] == [
+        {"world_rank": r, "role": role, "node": node} for r, role in enumerate(roles)
+    ]
+    assert (layout["chains"], layout["chain_nodes"]) == ([[0, 1, 2]], [[node] * 3])
+    assert (layout["hosts"], layout["spare_nodes"]) == ([node], ["localhost"])
+    events = read_events(str(run_dir))
+    started = {tuple(e["nodes"]) for e in events if e["event"] == "spawn_started"}
+    ready = {tuple(e["nodes"]) for e in events if e["event"] == "replacement_ready"}
+    joined = [e["node"] for e in events if e["event"] == "replacement_joined"]
+    assert (started, ready, joined) == ({("localhost",)}, {(node,)}, [node])
 
 
 def test_chain_next_ack_every_n_loses_at_most_n_minus_1(mpi, tmp_path):

@@ -1,12 +1,16 @@
-"""A real single-node Slurm cluster with job accounting in a temporary directory, for tests.
+"""A real Slurm cluster with job accounting in a temporary directory, for tests.
 
 ``munged`` (as the munge user), a throw-away MariaDB (``mariadbd`` on 127.0.0.1), ``slurmdbd -D``
 (accounting, so ``sacct`` answers), ``slurmctld -D`` and ``slurmd -D`` run in the background
 with everything they write (key, sockets, database, state, spool, logs) under one directory and
 on free ports, so the cluster touches nothing system-wide and two test sessions on one machine
-do not meet. Clients find it through ``SLURM_CONF`` (slurmdbd finds ``slurmdbd.conf`` beside
-it). Every process started here, and every job process (they inherit ``SLURM_CONF``), carries
-that variable or the directory's path; :meth:`SlurmCluster.stop` ends them all by PID and checks
+do not meet. By default all of them run on this machine, one compute node. Given :class:`Nodes`
+(e.g. ``tests.multinode.cluster.Cluster``), the controller side (munged, the database,
+slurmdbd, slurmctld) runs on the first node, one slurmd on every node, and the client commands
+on the first node too (the login node); the directory must then be visible on every node.
+Clients find it through ``SLURM_CONF`` (slurmdbd finds ``slurmdbd.conf`` beside it). Every
+process started here, and every job process (they inherit ``SLURM_CONF``), carries that variable
+or the directory's path; :meth:`SlurmCluster.stop` ends them all by PID and checks
 that none is left.
 """
 
@@ -19,8 +23,9 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 SLURM_CONF = """\
 ClusterName=ftmpitest
@@ -33,11 +38,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={root}/munge/munge.socket,cred_expire=10
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool{per_node}
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd{per_node}.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd{per_node}.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -55,12 +60,13 @@ AccountingStoragePort={dbd_port}
 AccountingStoragePass={root}/munge/munge.socket
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
-{node} State=UNKNOWN
+{nodes}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 """A cluster without systemd or cgroups; ``cred_expire=10`` and the scheduler intervals let a
 requeued job start again within about 15 s. Jobs are accounted (state, exit code, restarts)
-through slurmdbd, but no usage is gathered and no limits are enforced."""
+through slurmdbd, but no usage is gathered and no limits are enforced. ``{per_node}`` is ``/%n``
+(Slurm puts the node's name there) when several slurmd share the directory."""
 
 SLURMDBD_CONF = """\
 AuthType=auth/munge
@@ -86,14 +92,43 @@ class SlurmError(RuntimeError):
     """The cluster did not start or stop as expected; the message holds the daemons' logs."""
 
 
-class SlurmCluster:
-    """One controller and one compute node (this machine) rooted at ``root``."""
+class Nodes(Protocol):
+    """Machines to run a multi-node cluster on (``tests.multinode.cluster.Cluster`` is one)."""
 
-    def __init__(self, root: Path):
+    nodes: list[str]
+    """Node names (hostnames); the first runs the controller side and the clients."""
+
+    def address(self, node: str) -> str:
+        """The node's IPv4 address, which the other nodes reach."""
+        ...
+
+    def command(
+        self,
+        node: str,
+        cmd: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | str | None = None,
+    ) -> list[str]:
+        """The argv that runs ``cmd`` on ``node`` in ``cwd`` with a clean environment plus
+        ``env``."""
+        ...
+
+    def listening(self, node: str, port: int) -> bool:
+        """Whether a TCP socket on ``node`` listens on ``port``."""
+        ...
+
+
+class SlurmCluster:
+    """One controller and one compute node (this machine) rooted at ``root``; with ``nodes``,
+    one compute node per node of ``nodes`` (the controller on the first)."""
+
+    def __init__(self, root: Path, nodes: Nodes | None = None):
         self.root = root
         self.conf = root / "slurm.conf"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.node = ""
+        self.nodes = nodes
 
     @property
     def env(self) -> dict[str, str]:
@@ -115,8 +150,18 @@ class SlurmCluster:
         self._write_munge_key()
         node_line = _run(["slurmd", "-C"]).splitlines()[0]
         self.node = node_line.split()[0].split("=", 1)[1]
-        ctld_port, slurmd_port, dbd_port, db_port = _free_ports(4)
+        node_lines = [f"{node_line} State=UNKNOWN"]
         host = socket.gethostname().split(".")[0]
+        if self.nodes is not None:  # this machine's hardware, once per node
+            hardware = node_line.split(maxsplit=1)[1]
+            host = self.node = self.nodes.nodes[0]
+            node_lines = [
+                f"NodeName={n} NodeAddr={self.nodes.address(n)} {hardware} State=UNKNOWN"
+                for n in self.nodes.nodes
+            ]
+            for n in self.nodes.nodes:  # slurmd needs its spool directory
+                (self.root / "spool" / n).mkdir()
+        ctld_port, slurmd_port, dbd_port, db_port = _free_ports(4)
         self.conf.write_text(
             SLURM_CONF.format(
                 host=host,
@@ -124,7 +169,8 @@ class SlurmCluster:
                 slurmd_port=slurmd_port,
                 dbd_port=dbd_port,
                 root=self.root,
-                node=node_line,
+                per_node="" if self.nodes is None else "/%n",
+                nodes="\n".join(node_lines),
             )
         )
         dbd_conf = self.root / "slurmdbd.conf"
@@ -145,16 +191,19 @@ class SlurmCluster:
                 f"--log-file={munge}/munged.log",
                 f"--seed-file={munge}/munged.seed",
             ],
-            user=pw.pw_uid,
-            group=pw.pw_gid,
+            user=(pw.pw_uid, pw.pw_gid),
         )
         self._start_database(db_port, timeout)
         self._wait(lambda: (munge / "munge.socket").exists(), timeout, "munged's socket")
         self._spawn("slurmdbd", ["slurmdbd", "-D"])
         self._wait(lambda: self._listening(dbd_port), timeout, "slurmdbd's port")
         self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
-        self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf)])
-        self._wait(self._node_idle, timeout, f"node {self.node} to be idle")
+        if self.nodes is None:
+            self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf)])
+        else:
+            for n in self.nodes.nodes:
+                self._spawn(f"slurmd-{n}", ["slurmd", "-D", "-f", str(self.conf)], node=n)
+        self._wait(self._node_idle, timeout, f"node(s) {self._node_names()} to be idle")
 
     def _start_database(self, port: int, timeout: float) -> None:
         """Create an empty MariaDB data directory and start ``mariadbd`` on 127.0.0.1:port."""
@@ -204,7 +253,8 @@ class SlurmCluster:
             self.client(["scancel", "--full", "--user", pwd.getpwuid(os.getuid()).pw_name])
             with contextlib.suppress(SlurmError):
                 self._wait(lambda: not self.client(["squeue", "-h"]).strip(), timeout, "no jobs")
-        for name in ("slurmd", "slurmctld", "slurmdbd", "mariadbd", "munged"):
+        slurmds = [name for name in self.procs if name.startswith("slurmd-")]
+        for name in ("slurmd", *slurmds, "slurmctld", "slurmdbd", "mariadbd", "munged"):
             proc = self.procs.get(name)
             if proc is not None and proc.poll() is None:
                 proc.terminate()
@@ -247,7 +297,25 @@ class SlurmCluster:
         for path in (munge, key):
             os.chown(path, pw.pw_uid, pw.pw_gid)
 
-    def _spawn(self, name: str, cmd: list[str], **kwargs: object) -> None:
+    def _spawn(
+        self,
+        name: str,
+        cmd: list[str],
+        *,
+        node: str | None = None,
+        user: tuple[int, int] | None = None,
+    ) -> None:
+        """Start a daemon, as ``user`` (uid, gid) if given; with :class:`Nodes`, on ``node``
+        (default the first)."""
+        uid = gid = None
+        if self.nodes is not None:
+            if user is not None:  # nsenter needs root: drop to the user after it
+                ids = [f"--reuid={user[0]}", f"--regid={user[1]}", "--clear-groups"]
+                cmd = ["setpriv", *ids, *cmd]
+            host = node or self.nodes.nodes[0]
+            cmd = self.nodes.command(host, cmd, env={"SLURM_CONF": str(self.conf)}, cwd=self.root)
+        elif user is not None:
+            uid, gid = user
         out = open(self.root / f"{name}.daemon.out", "wb")  # noqa: SIM115 (outlives this call)
         with out:
             self.procs[name] = subprocess.Popen(
@@ -258,7 +326,8 @@ class SlurmCluster:
                 cwd=self.root,
                 env=self.env,
                 start_new_session=True,
-                **kwargs,  # type: ignore[arg-type]
+                user=uid,
+                group=gid,
             )
 
     def _check_daemons(self) -> None:
@@ -268,14 +337,20 @@ class SlurmCluster:
 
     def _listening(self, port: int) -> bool:
         self._check_daemons()
+        if self.nodes is not None:
+            return self.nodes.listening(self.nodes.nodes[0], port)
         with socket.socket() as s:
             s.settimeout(1.0)
             return s.connect_ex(("127.0.0.1", port)) == 0
 
+    def _node_names(self) -> list[str]:
+        return [self.node] if self.nodes is None else self.nodes.nodes
+
     def _node_idle(self) -> bool:
+        """Whether every node is idle."""
         self._check_daemons()
         state = self.client(["sinfo", "-h", "-N", "-o", "%T"], check=False)
-        return state.strip() == "idle"
+        return state.split() == ["idle"] * len(self._node_names())
 
     def _wait(self, ready, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -295,7 +370,13 @@ class SlurmCluster:
         check: bool = True,
         timeout: float = 30.0,
     ) -> str:
-        """Run a Slurm client command against this cluster; its standard output."""
+        """Run a Slurm client command against this cluster; its standard output. With
+        :class:`Nodes`, on the first node, in a clean environment plus ``SLURM_CONF`` and
+        ``env`` (what ``sbatch --export=ALL`` passes on to a job)."""
+        if self.nodes is not None:
+            env = {"SLURM_CONF": str(self.conf), **(env or {})}
+            cmd = self.nodes.command(self.nodes.nodes[0], cmd, env=env, cwd=cwd or self.root)
+            return _run(cmd, check=check, timeout=timeout)
         return _run(cmd, env={**self.env, **(env or {})}, cwd=cwd, check=check, timeout=timeout)
 
     def sbatch(

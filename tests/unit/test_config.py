@@ -160,6 +160,9 @@ def test_bad_values_are_named(kwargs, env, message):
         ({"FTMPI_FAILPOINTS": "nowhere@server:0"}, "unknown place 'nowhere'"),
         ({"FTMPI_FAILPOINTS": "apply@disk"}, "unknown role 'disk'"),
         ({"FTMPI_FAILPOINTS": "apply@server:0#0"}, "#HIT must be >= 1"),
+        ({"FTMPI_SPARE_NODES": "n3,,n4"}, "spare_nodes='n3,,n4': '' is not a node name"),
+        ({"FTMPI_SPARE_NODES": "n3 n4"}, "'n3 n4' is not a node name; list the spare nodes'"),
+        ({"FTMPI_SPARE_NODES": "n3,n4,n3"}, "names 'n3' twice; list each spare node once"),
     ],
 )
 def test_bad_variables_are_named(env, message):
@@ -167,6 +170,13 @@ def test_bad_variables_are_named(env, message):
     with pytest.raises(ConfigError) as err:
         Config.from_env(env)
     assert message in str(err.value)
+
+
+def test_spare_nodes_are_a_comma_separated_list():
+    assert Config.from_env({}).spares == ()
+    c = Config.from_env({"FTMPI_SPARE_NODES": " n4, node-5.cluster "})
+    assert c.spares == ("n4", "node-5.cluster")
+    assert Config.from_env(c.env()) == c
 
 
 def test_world_check():

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from launch.nodes import NodeError, NodePlan, parse_hostfile, parse_hosts, unreachable
+from launch.nodes import (
+    NodeError,
+    NodePlan,
+    parse_hostfile,
+    parse_hosts,
+    tasks_per_node,
+    unreachable,
+)
 from launch.outcome import NODE_LOST, judge
 
 LOST_N2 = """--------------------------------------------------------------------------
@@ -87,3 +94,10 @@ def test_the_probe_finds_nodes_that_do_not_answer_within_its_deadline(tmp_path: 
     dead = unreachable(["up", "down", "hung"], {"PRTE_MCA_plm_ssh_agent": str(agent)}, timeout=1)
     assert dead == ["down", "hung"]
     assert time.monotonic() - t0 < 5
+
+
+def test_slurm_tasks_per_node_expands_repeats() -> None:
+    assert tasks_per_node("2(x3),1", 4) == [2, 2, 2, 1]
+    assert tasks_per_node("4", 1) == [4]
+    assert tasks_per_node("2(x2)", 3) == [1, 1, 1]  # does not match the nodes: one each
+    assert tasks_per_node("", 2) == [1, 1]

@@ -186,26 +186,26 @@ def test_trainer_fields_join_the_summary_but_not_over_ftmpi_own(monkeypatch):
     assert silent["finished"] is False and silent["workers_silent"] == [1]
 
 
-def fake_runtime(run_dir, gathers):
+def fake_runtime(run_dir):
+    """Worker 0 of 2 workers on n1 and n2 and one server on n2; node n9 spare."""
     from ftmpi.config import Config
+    from ftmpi.runtime import Runtime
 
-    def allgather(value):
-        gathers.append(value)
-        return [value, value]
-
-    return SimpleNamespace(
-        config=Config(run_dir=str(run_dir), run_id="rid"),
-        run_id="rid",
-        late_joiner=False,
-        role_rank=0,
-        group=SimpleNamespace(allgather=allgather),
+    rt = Runtime(
+        config=Config(run_dir=str(run_dir), run_id="rid", spare_nodes="n9"),
+        world=None,
+        group=SimpleNamespace(Get_rank=lambda: 0),
+        is_server=False,
         workers=[0, 1],
         servers=[2],
+        run_id="rid",
+        run=0,
+        job_start=0.0,
         chains=[[0]],
-        num_workers=2,
-        num_servers=1,
-        backend=SimpleNamespace(name="mpi"),
+        nodes=["n1", "n2", "n2"],
     )
+    rt.backend = SimpleNamespace(name="mpi")
+    return rt
 
 
 def test_a_trainer_adding_manifest_fields_updates_it_and_a_relaunch_counts_a_restart(
@@ -214,18 +214,34 @@ def test_a_trainer_adding_manifest_fields_updates_it_and_a_relaunch_counts_a_res
     from ftmpi import manifest
 
     monkeypatch.setattr(manifest, "_written", manifest._Written())
-    gathers: list[str] = []
-    rt = fake_runtime(tmp_path, gathers)
+    rt = fake_runtime(tmp_path)
     first = manifest.write_manifest(rt)  # what ftmpi.init() does
     assert first is not None and first["script"]["path"] == manifest.main_script()
+    rt.nodes = ["n1", "n2", "n3"]  # a later view: the manifest keeps the layout at the start
     added = manifest.write_manifest(rt, str(tmp_path), data={"sha256": "d"}, extra={"trainer": {}})
-    assert len(gathers) == 1  # the layout is gathered once: the second call is no collective
     doc = manifest.read_manifest(tmp_path / "manifest.json")
     assert doc == added and doc["data"] == {"sha256": "d"} and doc["trainer"] == {}
+    assert doc["layout"] == first["layout"]
     assert "restarts" not in doc and doc["started"] == first["started"]
     monkeypatch.setattr(manifest, "_written", manifest._Written())  # a relaunched job
     again = manifest.write_manifest(rt)
     assert again is not None and again["restarts"] == 1 and again["data"] == {}
+
+
+def test_the_manifest_records_every_ranks_role_and_node_and_the_chains_nodes(tmp_path, monkeypatch):
+    from ftmpi import manifest
+
+    monkeypatch.setattr(manifest, "_written", manifest._Written())
+    layout = manifest.write_manifest(fake_runtime(tmp_path))["layout"]
+    assert layout["ranks"] == [
+        {"world_rank": 0, "role": "worker 0", "node": "n1"},
+        {"world_rank": 1, "role": "worker 1", "node": "n2"},
+        {"world_rank": 2, "role": "server 0", "node": "n2"},
+    ]
+    assert [w["host"] for w in layout["workers"]] == ["n1", "n2"]
+    assert layout["servers"] == [{"server": 0, "world_rank": 2, "host": "n2"}]
+    assert (layout["chains"], layout["chain_nodes"]) == ([[0]], [["n2"]])
+    assert (layout["hosts"], layout["spare_nodes"]) == (["n1", "n2"], ["n9"])
 
 
 def test_a_torn_event_line_is_skipped_and_the_rest_read(tmp_path):

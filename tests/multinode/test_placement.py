@@ -1,0 +1,148 @@
+"""Placement across the nodes of a 3-node cluster: every chain's replicas on distinct nodes (as
+``--map-by node`` lays the ranks out, and dealt onto the chains when ``--map-by slot`` fills one
+node first), a killed server's replacement spawned on a live node holding no other member of
+its chain or on the spare node, and every run bit-exact against the same run without the kill
+on one machine."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ftmpi.events import read_events
+from tests.conftest import MPIRUN, PROGS, ROOT, run_command
+from tests.multinode.cluster import Cluster
+
+pytestmark = [pytest.mark.multinode, pytest.mark.timeout(300)]
+
+PROG = str(PROGS / "ft_train.py")
+STEPS = 60
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A job on the cluster: its hostfile's slots per node, Open MPI's mapping, its ranks."""
+
+    slots: dict[str, int]
+    mapping: str
+    servers: int
+    chain_length: int
+    spare: str = ""
+
+    @property
+    def ranks(self) -> int:
+        return 2 + self.servers  # two workers
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {
+            "FTMPI_SERVERS": str(self.servers),
+            "FTMPI_STRATEGY": "chain",
+            "FTMPI_CHAIN_LENGTH": str(self.chain_length),
+            "FTMPI_BACKEND": "mpi",
+            "FTMPI_TIMEOUT": "120",
+        }
+        return {**env, "FTMPI_SPARE_NODES": self.spare} if self.spare else env
+
+
+def run_on_cluster(cluster: Cluster, layout: Layout, run_dir: Path, kill: str) -> list[dict]:
+    """``ft_train.py`` launched from n1 across the cluster; the workers' reports."""
+    hostfile = run_dir.parent / f"{run_dir.name}.hosts"
+    hostfile.write_text("".join(f"{n} slots={k}\n" for n, k in layout.slots.items()))
+    env = {**layout.env, "FTMPI_RUN_DIR": str(run_dir), "FTMPI_KILL": kill}
+    cmd = [
+        *(str(MPIRUN), "--allow-run-as-root", "--with-ft", "ulfm", "--hostfile", str(hostfile)),
+        *("--map-by", f"{layout.mapping}:oversubscribe", "-np", str(layout.ranks)),
+        *(arg for k, v in {**env, "OMP_NUM_THREADS": "1"}.items() for arg in ("-x", f"{k}={v}")),
+        *(sys.executable, PROG, str(STEPS)),
+    ]
+    launch_env = {**cluster.mpi_env, "PYTHONUNBUFFERED": "1"}
+    res = run_command(cluster.command("n1", cmd, env=launch_env, cwd=ROOT), timeout=240)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    reports = sorted(res.json_lines(), key=lambda r: r["worker"])
+    assert len(reports) == 2, res.stdout[-2000:] + res.stderr[-3000:]
+    return reports
+
+
+def reference_weights(mpi, layout: Layout, run_dir: Path) -> str:
+    """The weights of the same run without the kill, on this machine."""
+    res = mpi(layout.ranks, [PROG, str(STEPS)], env={**layout.env, "FTMPI_RUN_DIR": str(run_dir)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    return {r["weights"] for r in res.json_lines()}.pop()
+
+
+def placed(run_dir: Path) -> tuple[set, set, list]:
+    """The nodes the run's events name: chosen (``spawn_started``), run on
+    (``replacement_ready``), joined from (``replacement_joined``)."""
+    events = read_events(str(run_dir))
+    chosen = {tuple(e["nodes"]) for e in events if e["event"] == "spawn_started"}
+    ready = {tuple(e["nodes"]) for e in events if e["event"] == "replacement_ready"}
+    joined = [e["node"] for e in events if e["event"] == "replacement_joined"]
+    return chosen, ready, joined
+
+
+@dataclass(frozen=True)
+class Case:
+    layout: Layout
+    kill: str
+    rank_nodes: list[str]
+    """Each world rank's node, as Open MPI maps them."""
+    chains: list[list[int]]
+    target: str
+    """The node the killed server's replacement goes to."""
+
+
+CASES = {
+    # rank r on node r % 3: servers 0, 1, 2 on n3, n1, n2; server 1 dies and n1 (its workers
+    # live on) is the only node holding no other member of the chain
+    "map-by-node": Case(
+        Layout({"n1": 2, "n2": 2, "n3": 2}, "node", servers=3, chain_length=3),
+        "server:1@step=37",
+        ["n1", "n2", "n3", "n1", "n2"],
+        [[0, 1, 2]],
+        "n1",
+    ),
+    # n1 filled first: servers 0, 1 on n1, 2, 3 on n2, 4, 5 on n3, dealt onto chains [0, 2, 4]
+    # and [1, 3, 5]; server 2 dies and n2 holds no other member of its chain
+    "map-by-slot": Case(
+        Layout({"n1": 4, "n2": 2, "n3": 2}, "slot", servers=6, chain_length=3),
+        "server:2@step=37",
+        ["n1"] * 4 + ["n2"] * 2 + ["n3"] * 2,
+        [[0, 2, 4], [1, 3, 5]],
+        "n2",
+    ),
+    # n3 listed with no rank mapped to it: the spare takes server 0's replacement
+    "spare": Case(
+        Layout({"n1": 3, "n2": 1, "n3": 2}, "slot", servers=2, chain_length=2, spare="n3"),
+        "server:0@step=37",
+        ["n1", "n1", "n1", "n2"],
+        [[0, 1]],
+        "n3",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_chains_span_nodes_and_a_replacement_lands_on_a_live_node(cluster, mpi, name):
+    case, layout = CASES[name], CASES[name].layout
+    run_dir = cluster.shared / f"placement-{name}"
+    got = run_on_cluster(cluster, layout, run_dir, case.kill)
+    want = reference_weights(mpi, layout, cluster.shared / f"placement-{name}-ref")
+    assert got[0]["weights"] == got[1]["weights"] == want
+    assert got[0]["versions"] == [STEPS] * len(case.chains)
+    recorded = json.loads((run_dir / "manifest.json").read_text())["layout"]
+    roles = ["worker 0", "worker 1", *(f"server {s}" for s in range(layout.servers))]
+    assert [(r["role"], r["node"]) for r in recorded["ranks"]] == list(
+        zip(roles, case.rank_nodes, strict=True)
+    )
+    slot_nodes = case.rank_nodes[2:]
+    assert recorded["chains"] == case.chains
+    assert recorded["chain_nodes"] == [[slot_nodes[s] for s in c] for c in case.chains]
+    assert all(len(set(nodes)) == layout.chain_length for nodes in recorded["chain_nodes"])
+    assert recorded["spare_nodes"] == ([layout.spare] if layout.spare else [])
+    target = case.target
+    assert placed(run_dir) == ({(target,)}, {(target,)}, [target])
