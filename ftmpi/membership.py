@@ -318,8 +318,9 @@ def spawn_replacements(rt: Runtime) -> list[int]:
     Returns the refilled server slots. The replacements run ``sys.argv`` with this Python; new
     workers are appended to the worker list. Each is placed on the node
     :func:`ftmpi.placement.replacement_nodes` picks (``MPI_Comm_spawn_multiple``, one command
-    per replacement with the Info key ``host``), or wherever Open MPI puts it when the job has
-    a single node and no spare. Every rank then learns every rank's node (:func:`gather_nodes`).
+    per replacement with the Info key ``host``); when the job has a single node and no spare
+    there is no choice, and one ``MPI_Comm_spawn`` lets Open MPI place them as it always did.
+    Every rank then learns every rank's node (:func:`gather_nodes`).
     """
     slots = sorted(rt.down_since)
     new_workers = len(rt.workers_down)
@@ -351,7 +352,7 @@ def spawn_replacements(rt: Runtime) -> list[int]:
     pinned = len({*rt.nodes, *rt.config.spares}) > 1  # else there is no choice to make
     command = [os.path.abspath(script), *sys.argv[1:]]
     with deadline(rt.config, role_of(rt), "spawning replacements (MPI_Comm_spawn + merge)"):
-        inter = _spawn(rt, command, hosts, pinned)
+        inter = _spawn(rt, command, len(hosts), hosts if pinned else None)
         inter.Set_errhandler(MPI.ERRORS_RETURN)
         with failures("merging the replacements into the world"):
             merged = inter.Merge(high=False)
@@ -393,32 +394,31 @@ def spawn_replacements(rt: Runtime) -> list[int]:
     return slots
 
 
-def _spawn(rt: Runtime, command: list[str], hosts: list[str], pinned: bool) -> MPI.Intercomm:
-    """``MPI_Comm_spawn_multiple`` of one ``command`` per entry of ``hosts`` (collective over
-    the world), with the Info key ``host`` when ``pinned``. A process-failure or revoked error
-    becomes ``PeerFailure``; any other MPI error with ``host`` set becomes a
-    :class:`~ftmpi.fatal.UserError` that names the nodes and what Open MPI needs to know of
-    them."""
+def _spawn(rt: Runtime, command: list[str], count: int, hosts: list[str] | None) -> MPI.Intercomm:
+    """Start ``count`` processes of this Python running ``command`` (collective over the
+    world): one ``MPI_Comm_spawn``, placed by Open MPI, when ``hosts`` is None; else
+    ``MPI_Comm_spawn_multiple`` of one command per entry of ``hosts``, each with the Info key
+    ``host``. A process-failure or revoked error becomes ``PeerFailure``; any other MPI error
+    with ``hosts`` given becomes a :class:`~ftmpi.fatal.UserError` that names the nodes and
+    what Open MPI needs to know of them."""
     world = rt.world
     assert isinstance(world, MPI.Intracomm)  # Dup, Shrink and Merge make intracommunicators
-    infos = []
-    for host in hosts:
-        info = MPI.Info.Create()
-        info.Set("wdir", os.getcwd())
-        if pinned:
-            info.Set("host", host)
-        infos.append(info)
+    infos = [_spawn_info(None)] if hosts is None else [_spawn_info(host) for host in hosts]
     try:
         with failures("spawning replacements (MPI_Comm_spawn)"):
+            if hosts is None:
+                return world.Spawn(
+                    sys.executable, args=command, maxprocs=count, root=0, info=infos[0]
+                )
             return world.Spawn_multiple(
-                [sys.executable] * len(hosts),
-                args=[command] * len(hosts),
-                maxprocs=[1] * len(hosts),
+                [sys.executable] * count,
+                args=[command] * count,
+                maxprocs=[1] * count,
                 info=infos,
                 root=0,
             )
     except MPI.Exception as exc:
-        if not pinned:
+        if hosts is None:
             raise
         raise UserError(
             f"spawning replacements on node(s) {hosts} failed ({exc.Get_error_string()}): Open "
@@ -429,6 +429,15 @@ def _spawn(rt: Runtime, command: list[str], hosts: list[str], pinned: bool) -> M
     finally:
         for info in infos:
             info.Free()
+
+
+def _spawn_info(host: str | None) -> MPI.Info:
+    """A spawned process's Info: this working directory, and its node when ``host`` is given."""
+    info = MPI.Info.Create()
+    info.Set("wdir", os.getcwd())
+    if host is not None:
+        info.Set("host", host)
+    return info
 
 
 def gather_nodes(comm: MPI.Comm, timeout: float) -> list[str]:

@@ -1,12 +1,13 @@
 """The nodes a multi-node job runs on, and which of them the next attempt may use.
 
-A job given ``--hostfile FILE`` (or ``-H n1:2,n2:2``) runs its ranks on the listed nodes except
+A job given ``--hostfile FILE`` (or ``-H n1:2,n2:2``, or run by ``mpirun`` inside a Slurm
+allocation: its nodes) runs its ranks on the listed nodes except
 the **spares** (``--spare-nodes``): a spare holds no rank at the start; it is where a replacement
 goes (``FTMPI_SPARE_NODES``, ``ftmpi.placement``) and where a relaunch puts the ranks of a lost
 node. Open MPI 5 ends the whole job when it loses a node's daemon (``launch.outcome``:
 ``NODE_LOST``); the launcher then marks that node lost, checks the others are still reachable
-through the same agent ``mpirun`` starts its daemons with (``PRTE_MCA_plm_ssh_agent``, else
-ssh), and relaunches on the survivors: each attempt gets a hostfile of its own in the run
+the way ``mpirun`` reaches them (``PRTE_MCA_plm_ssh_agent``; in a Slurm allocation, a job step;
+else ssh), and relaunches on the survivors: each attempt gets a hostfile of its own in the run
 directory (``hostfile.<attempt>``) that names only usable nodes, a spare taking a lost node's
 place. A lost node is never used again in this run.
 
@@ -25,6 +26,8 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from launch.proctree import kill_tree
 
 PROBE_TIMEOUT = 5.0
 """Seconds a node has to answer the launcher's probe (``AGENT NODE true``)."""
@@ -193,13 +196,18 @@ class NodePlan:
         }
 
 
-def agent_command(environ: Mapping[str, str]) -> list[str]:
-    """How ``mpirun`` reaches a node: ``PRTE_MCA_plm_ssh_agent`` (words), else non-interactive
-    ssh with a connect timeout."""
+def remote_command(node: str, command: str, environ: Mapping[str, str]) -> list[str]:
+    """The argv that runs the shell ``command`` on ``node`` the way ``mpirun`` reaches it: its
+    ssh agent (``PRTE_MCA_plm_ssh_agent``, words; the agent's remote shell runs the line), or
+    inside a Slurm allocation a job step on that node (``srun --overlap``), else
+    non-interactive ssh with a connect timeout."""
     agent = environ.get("PRTE_MCA_plm_ssh_agent") or environ.get("OMPI_MCA_plm_ssh_agent")
     if agent:
-        return shlex.split(agent)
-    return ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(PROBE_TIMEOUT)}"]
+        return [*shlex.split(agent), node, command]
+    if environ.get("SLURM_JOB_ID"):
+        return ["srun", "--overlap", "-N1", "-n1", "-w", node, "sh", "-c", command]
+    ssh = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(PROBE_TIMEOUT)}"]
+    return [*ssh, node, command]
 
 
 def on_nodes(
@@ -209,23 +217,28 @@ def on_nodes(
     timeout: float,
 ) -> list[bool]:
     """Run the shell ``command`` (or ``command(node)``) on every node of ``names`` at once
-    through :func:`agent_command`; per node, whether it exited 0 within ``timeout`` seconds."""
-    agent = agent_command(environ)
+    (:func:`remote_command`); per node, whether it exited 0 within ``timeout`` seconds (a
+    command still running then is killed with everything it started)."""
 
     def ok(name: str) -> bool:
         line = command(name) if callable(command) else command
         try:
-            done = subprocess.run(
-                [*agent, name, line],
+            proc = subprocess.Popen(
+                remote_command(name, line, environ),
                 stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=timeout,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
                 env=dict(environ),
                 start_new_session=True,
             )
-        except (subprocess.TimeoutExpired, OSError):
+        except OSError:
             return False
-        return done.returncode == 0
+        try:
+            return proc.wait(timeout=timeout) == 0
+        except subprocess.TimeoutExpired:
+            kill_tree(proc.pid)
+            proc.wait()
+            return False
 
     if not names:
         return []
@@ -236,7 +249,7 @@ def on_nodes(
 def unreachable(
     names: Sequence[str], environ: Mapping[str, str], timeout: float = PROBE_TIMEOUT
 ) -> list[str]:
-    """Of ``names``, the nodes that do not run ``true`` through :func:`agent_command` within
+    """Of ``names``, the nodes that do not run ``true`` (:func:`remote_command`) within
     ``timeout`` seconds (all probed at once; never waits much longer than ``timeout``)."""
     answered = on_nodes(names, "true", environ, timeout)
     return [n for n, up in zip(names, answered, strict=True) if not up]

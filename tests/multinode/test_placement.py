@@ -22,6 +22,17 @@ pytestmark = [pytest.mark.multinode, pytest.mark.timeout(300)]
 PROG = str(PROGS / "ft_train.py")
 STEPS = 60
 
+RUNTIME_CRASHES = (
+    "PRTE has lost communication with a remote daemon",
+    "free(): ",
+    "corrupted size vs. prev_size",
+    "double free or corruption",
+)
+"""What Open MPI 5.0's runtime (PRRTE 3.0) prints when a daemon or mpirun itself dies of heap
+corruption after a re-spawn across nodes (measured here in about half the runs that spawn with
+the Info key ``host``, and in some without it; open-mpi/ompi#12599, #13427). Training is then
+cut short (a lost daemon ends the job) or, when mpirun dies at its exit, already done."""
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -62,9 +73,13 @@ def run_on_cluster(cluster: Cluster, layout: Layout, run_dir: Path, kill: str) -
     ]
     launch_env = {**cluster.mpi_env, "PYTHONUNBUFFERED": "1"}
     res = run_command(cluster.command("n1", cmd, env=launch_env, cwd=ROOT), timeout=240)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     reports = sorted(res.json_lines(), key=lambda r: r["worker"])
-    assert len(reports) == 2, res.stdout[-2000:] + res.stderr[-3000:]
+    if res.returncode != 0 or len(reports) != 2:
+        crash = next((s for s in RUNTIME_CRASHES if s in res.stderr), None)
+        if crash is not None and len(reports) != 2:
+            pytest.xfail(f"Open MPI's runtime crashed around the re-spawn: {crash!r}")
+        # a crash after training finished (the launcher's own exit) leaves the run to check
+        assert crash is not None, res.stdout[-2000:] + res.stderr[-3000:]
     return reports
 
 

@@ -159,6 +159,9 @@ class SlurmCluster:
                 f"NodeName={n} NodeAddr={self.nodes.address(n)} {hardware} State=UNKNOWN"
                 for n in self.nodes.nodes
             ]
+            # a killed node is declared DOWN within ~20 s (default 300 s), so a job that
+            # survived it completes (its epilog on the dead node is given up)
+            node_lines.insert(0, "SlurmdTimeout=20")
             for n in self.nodes.nodes:  # slurmd needs its spool directory
                 (self.root / "spool" / n).mkdir()
         ctld_port, slurmd_port, dbd_port, db_port = _free_ports(4)
