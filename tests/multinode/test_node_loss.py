@@ -97,3 +97,33 @@ def test_ftmpi_run_survives_a_lost_node_from_the_chains_node_copies(cluster, ref
     got = check_resumed(run_dir, reference)
     resumed = min(e["time"] for e in got["events"] if e["event"] == "resumed")
     print(f"node death -> training resumed {resumed - died:.1f} s, from version {got['version']}")
+
+
+def test_a_cut_link_is_noticed_in_seconds_and_survived_like_a_lost_node(cluster, reference):
+    run_dir = cluster.shared / "partition"
+    cmd = [
+        *(str(VENV / "ftmpi-run"), "-np", "2", "--servers", "3", "--strategy", "chain"),
+        *("--hostfile", str(cluster.hostfile(slots=2))),
+        *("--max-restarts", "2", "--run-dir", str(run_dir), "--", str(VENV / "python"), PROG),
+        *ARGS,
+    ]
+    job = cluster.start_on("n1", cmd, env={**ENV, **cluster.mpi_env}, cwd=ROOT)
+    try:
+        survivors = ["n1", "n2"]
+        deadline = time.monotonic() + 180
+        while newest_node_copy(cluster, survivors) < KILLED_AT:
+            assert job.poll() is None and time.monotonic() < deadline, "no progress"
+            time.sleep(0.2)
+        cluster.cut_link("n3")  # its processes live on, unreachable
+        cut = time.time()
+        out, err = job.communicate(timeout=300)
+    finally:
+        kill_tree(job.pid)
+        cluster.kill_node("n3")  # the cut-off ranks of the first attempt
+    assert job.returncode == 0, out[-3000:] + err[-3000:]
+    first = json.loads((run_dir / "launcher.json").read_text())["attempts"][0]
+    assert first["status"] == 4 and first["lost_nodes"] == ["n3"], first
+    noticed = first["ended"] - cut
+    assert noticed < 10, f"the cut was noticed after {noticed:.1f} s"
+    check_resumed(run_dir, reference)
+    print(f"cut link noticed and the job ended {noticed:.1f} s after the cut")
