@@ -32,7 +32,7 @@ from launch import bench, diff, experiment, replay, summary
 from launch.command import LAUNCHERS, JobSpec, build_command, find_launcher, process_env
 from launch.jobenv import add_config_flags, config_overrides, job_environment, server_updates
 from launch.kills import kill_flags_text, parse_kill_flags, random_schedule
-from launch.nodes import NodePlan, parse_hostfile, parse_hosts, slurm_nodes, write_hostfile
+from launch.nodes import NodePlan, parse_hostfile, parse_hosts, slurm_nodes, write_placement
 from launch.preflight import refuse_unusable_checkpoint_dir
 from launch.restart import LaunchReport, run_with_restarts
 from launch.rundir import refuse_finished, refuse_other_unfinished, resolve
@@ -202,17 +202,11 @@ def _plan(
         if nodes is None or args.dry_run:
             return build_command(dataclasses.replace(spec, env=job_env))
         # each attempt runs on the nodes still usable (launch.nodes): a hostfile of its own,
-        # the initial ranks kept off the spares with -H
-        hostfile = write_hostfile(nodes, run_dir, len(nodes.lost))
-        ranked = ",".join(f"{n.name}:{n.slots}" for n in nodes.ranked)
+        # the initial ranks kept off the spares by a rankfile
+        hostfile, rankfile = write_placement(nodes, spec.nprocs, run_dir, len(nodes.lost))
         job_env = {**job_env, "FTMPI_SPARE_NODES": ",".join(nodes.free_spares)}
         return build_command(
-            dataclasses.replace(
-                spec,
-                env=job_env,
-                hostfile=hostfile,
-                hosts=ranked if nodes.free_spares else None,
-            )
+            dataclasses.replace(spec, env=job_env, hostfile=hostfile, hosts=None, rankfile=rankfile)
         )
 
     make_command(env)  # refuse a launcher/option mismatch now, whether or not it is installed

@@ -49,6 +49,9 @@ class JobSpec:
     """Host list ``node1:4,node2:4`` (``srun``: the slot counts are dropped)."""
     hostfile: str | None = None
     """MPI hostfile (``mpirun``, ``mpiexec``)."""
+    rankfile: str | None = None
+    """``mpirun`` with a hostfile: place the initial ranks as this rankfile says (spare nodes
+    left free) instead of round-robin over every node."""
     ulfm: bool = True
     """``mpirun`` only: pass ``--with-ft ulfm``."""
     as_root: bool = False
@@ -83,7 +86,8 @@ def _mpirun(spec: JobSpec) -> list[str]:
     if spec.hosts or spec.hostfile:
         # ranks round-robin over the nodes (a chain's replicas and the servers spread out);
         # a replacement may be spawned beyond a node's slots
-        cmd += ["--map-by", "node:oversubscribe"]
+        mapping = f"rankfile:file={spec.rankfile}" if spec.rankfile else "node"
+        cmd += ["--map-by", f"{mapping}:oversubscribe"]
         for key, value in KEEPALIVE.items():
             cmd += ["--prtemca", key, value]
     elif spec.nprocs >= spec.cpus:

@@ -180,11 +180,19 @@ class NodePlan:
         return new
 
     def hostfile_text(self) -> str:
-        """The next attempt's hostfile: the ranked nodes, then the free spares (spawn targets,
-        kept out of the initial mapping by ``-H``)."""
-        ranked = {n.name for n in self.ranked}
-        lines = [f"{n.name} slots={n.slots}" for n in self.usable if n.name in ranked]
-        lines += [f"{n.name} slots={n.slots}" for n in self.usable if n.name not in ranked]
+        """The next attempt's hostfile: every usable node, the free spares included (Open MPI
+        spawns only onto nodes it was given)."""
+        return "".join(f"{n.name} slots={n.slots}\n" for n in self.usable)
+
+    def rankfile_text(self, nprocs: int) -> str:
+        """An Open MPI rankfile putting ``nprocs`` initial ranks round-robin over the ranked
+        nodes (slot ``k`` for a node's ``k``-th rank, cycling over its slots), so the free
+        spares start with no rank."""
+        ranked = self.ranked
+        lines = []
+        for r in range(nprocs):
+            node = ranked[r % len(ranked)]
+            lines.append(f"rank {r}={node.name} slot={(r // len(ranked)) % node.slots}")
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict[str, object]:
@@ -277,9 +285,14 @@ def gather_node_copies(
     return [n for n, ok in zip(names, copied, strict=True) if ok]
 
 
-def write_hostfile(plan: NodePlan, run_dir: str, attempt: int) -> str:
-    """Write the hostfile of attempt ``attempt`` into ``run_dir``; returns its path."""
-    path = os.path.join(run_dir, f"hostfile.{attempt}")
+def write_placement(plan: NodePlan, nprocs: int, run_dir: str, k: int) -> tuple[str, str | None]:
+    """Write the ``k``-th hostfile (``hostfile.<k>``) into ``run_dir`` and, when spares are
+    held back, the rankfile that keeps them free (``rankfile.<k>``); returns their paths."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(plan.hostfile_text())
-    return path
+    hostfile = os.path.join(run_dir, f"hostfile.{k}")
+    Path(hostfile).write_text(plan.hostfile_text())
+    if not plan.free_spares:
+        return hostfile, None
+    rankfile = os.path.join(run_dir, f"rankfile.{k}")
+    Path(rankfile).write_text(plan.rankfile_text(nprocs))
+    return hostfile, rankfile

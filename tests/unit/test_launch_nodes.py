@@ -101,3 +101,16 @@ def test_slurm_tasks_per_node_expands_repeats() -> None:
     assert tasks_per_node("4", 1) == [4]
     assert tasks_per_node("2(x2)", 3) == [1, 1, 1]  # does not match the nodes: one each
     assert tasks_per_node("", 2) == [1, 1]
+
+
+def test_the_rankfile_keeps_the_spares_free() -> None:
+    plan = NodePlan(parse_hosts("n1:2,n2:2,n3:2,n4:2"), spares=["n4"])
+    assert plan.rankfile_text(5).splitlines() == [
+        "rank 0=n1 slot=0",
+        "rank 1=n2 slot=0",
+        "rank 2=n3 slot=0",
+        "rank 3=n1 slot=1",
+        "rank 4=n2 slot=1",
+    ]
+    plan.lose(["n1"])  # the spare now takes ranks; nothing is held back
+    assert "n4" in plan.rankfile_text(3) and plan.free_spares == []

@@ -1,0 +1,48 @@
+"""A spare node (``ftmpi-run --spare-nodes``) starts with no rank and takes a dead server's
+replacement: ``ftmpi-run`` keeps it out of the initial mapping with a rankfile while listing it
+in the hostfile, so Open MPI can spawn onto it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.proctree import kill_tree
+from tests.conftest import PROGS, ROOT
+
+pytestmark = pytest.mark.multinode
+
+VENV = Path(sys.executable).parent
+
+
+def test_a_dead_servers_replacement_goes_to_the_spare_node(cluster):
+    run_dir = cluster.shared / "spare"
+    cmd = [
+        *(str(VENV / "ftmpi-run"), "-np", "2", "--servers", "3", "--strategy", "chain"),
+        *("--hostfile", str(cluster.hostfile(slots=3)), "--spare-nodes", "n3"),
+        *("--kill", "server:0@step=20", "--run-dir", str(run_dir)),
+        *("--", str(VENV / "python"), str(PROGS / "ft_train.py"), "50"),
+    ]
+    env = {"FTMPI_BACKEND": "mpi", "FTMPI_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
+    job = cluster.start_on("n1", cmd, env={**env, **cluster.mpi_env}, cwd=ROOT)
+    try:
+        out, err = job.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        log = run_dir / "job.log"
+        pytest.fail(
+            f"ftmpi-run ran over 150 s; job.log:\n{log.read_text()[-3000:] if log.exists() else ''}"
+        )
+    finally:
+        kill_tree(job.pid)
+    assert job.returncode == 0, out[-3000:] + err[-3000:]
+    layout = json.loads((run_dir / "manifest.json").read_text())["layout"]
+    assert {r["node"] for r in layout["ranks"]} == {"n1", "n2"}  # the spare started empty
+    assert layout["spare_nodes"] == ["n3"]
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    ready = [e for e in events if e["event"] == "replacement_ready"]
+    assert ready and all(e["nodes"] == ["n3"] for e in ready), ready
+    assert "server 0 replaced (on n3)" in err
