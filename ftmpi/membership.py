@@ -316,11 +316,11 @@ def spawn_replacements(rt: Runtime) -> list[int]:
     merge them into the world (all survivors).
 
     Returns the refilled server slots. The replacements run ``sys.argv`` with this Python; new
-    workers are appended to the worker list. Each is placed on the node
-    :func:`ftmpi.placement.replacement_nodes` picks (``MPI_Comm_spawn_multiple``, one command
-    per replacement with the Info key ``host``); when the job has a single node and no spare
-    there is no choice, and one ``MPI_Comm_spawn`` lets Open MPI place them as it always did.
-    Every rank then learns every rank's node (:func:`gather_nodes`).
+    workers are appended to the worker list. With spare nodes listed, each is placed on the
+    node :func:`ftmpi.placement.replacement_nodes` picks (``MPI_Comm_spawn_multiple``, one
+    command per replacement with the Info key ``host``); otherwise one ``MPI_Comm_spawn`` lets
+    Open MPI place them (the first free slot: a dead rank's, on its live node). Every rank
+    then learns every rank's node (:func:`gather_nodes`).
     """
     slots = sorted(rt.down_since)
     new_workers = len(rt.workers_down)
@@ -339,6 +339,11 @@ def spawn_replacements(rt: Runtime) -> list[int]:
         [rt.shard_of(j) for j in slots] + [None] * new_workers,
         [rt.chain_nodes(k) for k in range(rt.num_shards)],
     )
+    # Placing with the Info key ``host`` crashed Open MPI 5.0's runtime in 8 of 21 re-spawns
+    # across nodes (docs/recovery.md, known limitations); without it, Open MPI puts the
+    # replacement in the first free slot, the dead rank's on its own (live) node. So ftmpi
+    # places by name only when the user listed spare nodes for it.
+    pinned = bool(rt.config.spares)
     events.emit(
         rt.config.run_dir,
         "spawn_started",
@@ -346,10 +351,9 @@ def spawn_replacements(rt: Runtime) -> list[int]:
         role=role_of(rt),
         slots=slots,
         workers=new_workers,
-        nodes=hosts,
+        nodes=hosts if pinned else None,
         view=rt.view,
     )
-    pinned = len({*rt.nodes, *rt.config.spares}) > 1  # else there is no choice to make
     command = [os.path.abspath(script), *sys.argv[1:]]
     with deadline(rt.config, role_of(rt), "spawning replacements (MPI_Comm_spawn + merge)"):
         inter = _spawn(rt, command, len(hosts), hosts if pinned else None)

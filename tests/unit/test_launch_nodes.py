@@ -16,20 +16,6 @@ from launch.nodes import (
     tasks_per_node,
     unreachable,
 )
-from launch.outcome import NODE_LOST, judge
-
-LOST_N2 = """--------------------------------------------------------------------------
-PRTE has lost communication with a remote daemon.
-
-  HNP daemon   : [prterun-n1-4242@0,0] on node n1
-  Remote daemon: [prterun-n1-4242@0,2] on node n2
-
-This is usually due to either a failure of the TCP network
-connection to the node, or possibly an internal failure of
-the daemon itself. We cannot recover from this failure, and
-therefore will terminate the job.
---------------------------------------------------------------------------
-"""
 
 
 def test_hostfile_and_host_list(tmp_path: Path) -> None:
@@ -75,12 +61,6 @@ def test_spares_must_be_listed_and_leave_a_node() -> None:
         NodePlan(parse_hosts("n1,n2"), spares=["n5"])
     with pytest.raises(NodeError, match="every node is a spare"):
         NodePlan(parse_hosts("n1"), spares=["n1"])
-
-
-def test_the_lost_node_is_named_from_the_runtime_report(tmp_path: Path) -> None:
-    out = judge(str(tmp_path), 0, [LOST_N2])
-    assert out.status == NODE_LOST and out.nodes == ("n2",)
-    assert "node n2 was lost" in out.cause
 
 
 def test_the_probe_finds_nodes_that_do_not_answer_within_its_deadline(tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ def test_an_unfinished_run_is_never_0(tmp_path):
 def test_a_lost_node_is_named(tmp_path):
     outcome = judge(str(tmp_path), 0, NODE_DIED.splitlines(True))
     assert outcome.status == NODE_LOST and "node n3 was lost" in outcome.cause
+    assert outcome.nodes == ("n3",)  # what the relaunch leaves out (launch.nodes)
     assert outcome.retryable
 
 
