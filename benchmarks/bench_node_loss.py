@@ -14,8 +14,9 @@ ranks round-robin over them. Each case kills every process of one node (its daem
 
 Per case: what the node held (from the manifest), seconds from the node's death to the
 relaunched workers' ``resumed`` event, the version resumed from, the newest node copy any node
-held when it died (the updates redone are the difference), and whether the final weights are
-those of the same job without the failure (run first, on the same cluster).
+held just before the kill, the victim included (the updates redone are at least the
+difference), and whether the final weights are those of the same job without the failure (run
+first, on the same cluster).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from launch.proctree import kill_tree  # noqa: E402
 from tests.multinode.cluster import Cluster  # noqa: E402
+from tests.multinode.test_node_loss import newest_node_copy  # noqa: E402
 
 VENV = Path(sys.executable).parent
 PROG = str(ROOT / "tests" / "mpi" / "progs" / "ft_train.py")
@@ -39,6 +41,7 @@ JOBS = {
     "chain of 3": ["--servers", "3", "--chain-length", "3"],
     "2 chains of 2": ["--servers", "4", "--chain-length", "2"],
 }
+COMPUTE = ["n1", "n2", "n3", "n4"]
 CASES = [
     ("servers only", "chain of 3", "n3"),
     ("workers only", "chain of 3", "n2"),
@@ -51,7 +54,7 @@ def run(
     cluster: Cluster, name: str, job: str, steps: int, victim: str | None, after: float
 ) -> dict:
     run_dir = cluster.shared / name.replace(" ", "-")
-    hostfile = cluster.hostfile(["n1", "n2", "n3", "n4"], slots=2)
+    hostfile = cluster.hostfile(COMPUTE, slots=2)
     cmd = [
         str(VENV / "ftmpi-run"),
         *("-np", "2", "--strategy", "chain", "--chain-ack", "tail", *JOBS[job]),
@@ -71,12 +74,14 @@ def run(
             layout = manifest.get("layout", {}).get("ranks", [])
             out["held"] = [r.get("role") for r in layout if r.get("node") == victim]
             time.sleep(after)
-            out["newest_copy"] = newest_copy(cluster, run_dir.name)
+            out["newest_copy"] = newest_node_copy(cluster, COMPUTE)
             cluster.kill_node(victim)
             died = time.time()
         proc.communicate(timeout=400)
     finally:
         kill_tree(proc.pid)
+        if victim:
+            cluster.revive(victim)
     out["exit"] = proc.returncode
     summary = json.loads((run_dir / "summary.json").read_text())
     out["weights"] = summary.get("weights_sha256")
@@ -89,19 +94,6 @@ def run(
         launcher = json.loads((run_dir / "launcher.json").read_text())
         out["restarts"] = launcher["restarts"]
     return out
-
-
-def newest_copy(cluster: Cluster, _: str) -> int:
-    """The newest shard version in any live node's node copies (``/dev/shm/ftmpi-*``)."""
-    newest = 0
-    for node in ("n1", "n2", "n3", "n4"):
-        res = cluster.run_on(
-            node, ["sh", "-c", "ls /dev/shm/ftmpi-*/slot*/ 2>/dev/null"], check=False
-        )
-        for word in res.stdout.split():
-            if word.endswith(".ftck"):
-                newest = max(newest, int(word.split("-v")[1].split(".")[0]))
-    return newest
 
 
 def main() -> int:

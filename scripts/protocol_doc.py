@@ -29,6 +29,9 @@ MODULES = [
     ("stateless", "training on while a server is down"),
     ("gradlog", "the gradients logged meanwhile"),
     ("snapshot", "crash-safe snapshots"),
+    ("snapshot_store", "a server's snapshots and its node copy"),
+    ("placement", "ranks, replicas and replacements across nodes"),
+    ("fence", "older attempts of a run write nothing"),
 ]
 
 HEADER = """# The recovery protocol
