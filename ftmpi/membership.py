@@ -319,8 +319,8 @@ def spawn_replacements(rt: Runtime) -> list[int]:
     workers are appended to the worker list. With spare nodes listed, each is placed on the
     node :func:`ftmpi.placement.replacement_nodes` picks (``MPI_Comm_spawn_multiple``, one
     command per replacement with the Info key ``host``); otherwise one ``MPI_Comm_spawn`` lets
-    Open MPI place them (the first free slot: a dead rank's, on its live node). Every rank
-    then learns every rank's node (:func:`gather_nodes`).
+    Open MPI place them (measured: on the launch node). Every rank then learns every rank's
+    node (:func:`gather_nodes`).
     """
     slots = sorted(rt.down_since)
     new_workers = len(rt.workers_down)
@@ -341,8 +341,8 @@ def spawn_replacements(rt: Runtime) -> list[int]:
     )
     # Placing with the Info key ``host`` crashed Open MPI 5.0's runtime in 8 of 21 re-spawns
     # across nodes (docs/recovery.md, known limitations); without it, Open MPI puts the
-    # replacement in the first free slot, the dead rank's on its own (live) node. So ftmpi
-    # places by name only when the user listed spare nodes for it.
+    # replacement on the launch node (live, though it may hold another replica of the chain).
+    # So ftmpi places by name only onto the spare nodes the user listed for it.
     pinned = bool(rt.config.spares)
     events.emit(
         rt.config.run_dir,
