@@ -5,9 +5,9 @@ allocation: its nodes) runs its ranks on the listed nodes except
 the **spares** (``--spare-nodes``): a spare holds no rank at the start; it is where a replacement
 goes (``FTMPI_SPARE_NODES``, ``ftmpi.placement``) and where a relaunch puts the ranks of a lost
 node. Open MPI 5 ends the whole job when it loses a node's daemon (``launch.outcome``:
-``NODE_LOST``); the launcher then marks that node lost, checks the others are still reachable
+``NODE_LOST``); the launcher then marks lost the nodes that no longer answer when reached
 the way ``mpirun`` reaches them (``PRTE_MCA_plm_ssh_agent``; in a Slurm allocation, a job step;
-else ssh), and relaunches on the survivors: each attempt gets a hostfile of its own in the run
+else ssh), and relaunches on the others: each attempt gets a hostfile of its own in the run
 directory (``hostfile.<attempt>``) that names only usable nodes, a spare taking a lost node's
 place. A lost node is never used again in this run.
 

@@ -296,19 +296,21 @@ def _relaunch_elsewhere(
 
 
 def _find_lost_nodes(nodes: NodePlan, outcome: Outcome, environ: Mapping[str, str]) -> Outcome:
-    """Mark lost the nodes the runtime named and those no longer answering the agent's probe
-    (:mod:`launch.nodes`); the outcome, naming every node lost in it."""
-    probed = unreachable([n.name for n in nodes.usable], environ)
-    lost = nodes.lose([*outcome.nodes, *probed])
-    if not lost or set(lost) == set(outcome.nodes):
+    """Mark lost the nodes that no longer answer the agent's probe (:mod:`launch.nodes`): a
+    node the runtime named but that answers lost only its daemon (Open MPI's runtime can crash
+    on a live node) and stays in use. When the probe reaches no node at all (no agent that
+    works from here), the runtime's report decides. Returns the outcome naming the lost nodes."""
+    usable = [n.name for n in nodes.usable]
+    probed = unreachable(usable, environ)
+    lost = nodes.lose(probed if len(probed) < len(usable) else list(outcome.nodes))
+    kept = [n for n in outcome.nodes if n not in nodes.lost]
+    if kept:
+        print(f"ftmpi-run: node(s) {', '.join(kept)} still answer; they stay in use", flush=True)
+    if tuple(lost) == outcome.nodes:
         return outcome
-    names = ", ".join(dict.fromkeys([*outcome.nodes, *lost]))
-    cause = (
-        f"node {names} was lost: Open MPI's runtime lost its daemon there and ended the whole job"
-    )
-    return dataclasses.replace(
-        outcome, cause=cause, nodes=tuple(dict.fromkeys([*outcome.nodes, *lost]))
-    )
+    where = f"node {', '.join(lost)} was lost" if lost else "no node was lost"
+    cause = f"{where}: Open MPI's runtime lost a daemon and ended the whole job"
+    return dataclasses.replace(outcome, cause=cause, nodes=tuple(lost))
 
 
 def _say_where_they_differ(attempt: Attempt, outcome: Outcome) -> None:

@@ -94,3 +94,23 @@ def test_the_rankfile_keeps_the_spares_free() -> None:
     ]
     plan.lose(["n1"])  # the spare now takes ranks; nothing is held back
     assert "n4" in plan.rankfile_text(3) and plan.free_spares == []
+
+
+def test_the_probe_decides_which_named_node_is_lost(tmp_path: Path) -> None:
+    from launch.outcome import NODE_LOST, Outcome
+    from launch.restart import _find_lost_nodes
+
+    agent = tmp_path / "agent"
+    agent.write_text('#!/bin/sh\ncase "$1" in n3) exit 255;; *) exit 0;; esac\n')
+    agent.chmod(0o755)
+    env = {"PRTE_MCA_plm_ssh_agent": str(agent)}
+    named_n2 = Outcome(NODE_LOST, "node n2 was lost: ...", nodes=("n2",))
+    plan = NodePlan(parse_hosts("n1,n2,n3"))
+    out = _find_lost_nodes(plan, named_n2, env)  # n2's daemon crashed, n2 answers; n3 is gone
+    assert plan.lost == ["n3"] and out.nodes == ("n3",) and "node n3 was lost" in out.cause
+    nothing = tmp_path / "nothing"
+    nothing.write_text("#!/bin/sh\nexit 255\n")
+    nothing.chmod(0o755)
+    plan = NodePlan(parse_hosts("n1,n2,n3"))
+    out = _find_lost_nodes(plan, named_n2, {"PRTE_MCA_plm_ssh_agent": str(nothing)})
+    assert plan.lost == ["n2"] and out is named_n2  # no probe works: the runtime's report
