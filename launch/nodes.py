@@ -7,9 +7,10 @@ goes (``FTMPI_SPARE_NODES``, ``ftmpi.placement``) and where a relaunch puts the 
 node. Open MPI 5 ends the whole job when it loses a node's daemon (``launch.outcome``:
 ``NODE_LOST``); the launcher then marks lost the nodes that no longer answer when reached
 the way ``mpirun`` reaches them (``PRTE_MCA_plm_ssh_agent``; in a Slurm allocation, a job step;
-else ssh), and relaunches on the others: each attempt gets a hostfile of its own in the run
-directory (``hostfile.<attempt>``) that names only usable nodes, a spare taking a lost node's
-place. A lost node is never used again in this run.
+else ssh), and relaunches on the others, from a hostfile in the run directory that names only
+usable nodes (``hostfile.<k>`` once ``k`` nodes are lost; with spares held back, a
+``rankfile.<k>`` keeps them free of initial ranks), a spare taking a lost node's place. A lost
+node is never used again in this run.
 
 A chain's servers keep their shard in node-local memory (``FTMPI_NODE_COPY_DIR``, under
 ``/dev/shm``); before a relaunch the launcher gathers what the surviving nodes hold into the run
