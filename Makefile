@@ -34,8 +34,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 bench: setup
-	$(PY) benchmarks/bench_sync_overhead.py
-	$(PY) benchmarks/bench_horovod.py
+	$(VENV)/bin/ftmpi-run bench
 
 clean-venv:
 	rm -rf $(VENV)
