@@ -58,6 +58,18 @@ REGISTRY = Path("/run/ftmpi-multinode")
 AGENT = Path(__file__).with_name("nsrsh")
 SSH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NODE_LOCAL = ("/tmp", "/dev/shm")
+KEPT = sorted(
+    {
+        str(path)
+        for path in (Path(__file__).resolve().parents[2], Path(sys.prefix).resolve())
+        if any(path.is_relative_to(local) for local in NODE_LOCAL)
+    }
+)
+"""This checkout and its venv where they lie under a node-local path: kept visible on nodes."""
+
+
+def q(path: object) -> str:
+    return shlex.quote(str(path))
 
 
 class ClusterError(RuntimeError):
@@ -196,9 +208,14 @@ class Cluster:
             )
 
     def _holder_script(self, node: str) -> str:
-        """The holder: hostname, hosts file, node-local tmpfs, cgroups; then it sleeps."""
+        """The holder: hostname, hosts file, node-local tmpfs, cgroups; then it sleeps. A
+        checkout (or its venv) that lies under ``/tmp`` (a CI clone, say) stays visible on the
+        node at its path: bound aside before the tmpfs hides it, moved back on top after."""
         lines = [f"hostname {node}", f"mount --bind {shlex.quote(str(self.hosts_file))} /etc/hosts"]
+        kept = [(q(path), q(self.root / "kept" / node / str(i))) for i, path in enumerate(KEPT)]
+        lines += [f"mkdir -p {aside} && mount --bind {path} {aside}" for path, aside in kept]
         lines += [f"mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs {p}" for p in NODE_LOCAL]
+        lines += [f"mkdir -p {path} && mount --move {aside} {path}" for path, aside in kept]
         lines += _cgroup_mounts()
         return "\n".join([*lines, "exec sleep infinity"])
 
