@@ -122,13 +122,14 @@ CASES = {
         "n1",
     ),
     # n1 filled first: servers 0, 1 on n1, 2, 3 on n2, 4, 5 on n3, dealt onto chains [0, 2, 4]
-    # and [1, 3, 5]; server 2 dies and n2 holds no other member of its chain
+    # and [1, 3, 5]; server 2 (on n2) dies and, with no spare, Open MPI spawns its replacement
+    # on the launch node n1 (docs/recovery.md, placement)
     "map-by-slot": Case(
         Layout({"n1": 4, "n2": 2, "n3": 2}, "slot", servers=6, chain_length=3),
         "server:2@step=37",
         ["n1"] * 4 + ["n2"] * 2 + ["n3"] * 2,
         [[0, 2, 4], [1, 3, 5]],
-        "n2",
+        "n1",
     ),
     # n3 listed with no rank mapped to it: the spare takes server 0's replacement
     "spare": Case(

@@ -17,6 +17,14 @@ from tests.conftest import PROGS, ROOT
 pytestmark = pytest.mark.multinode
 
 VENV = Path(sys.executable).parent
+RUNTIME_FAILURES = (
+    "did not complete within",  # ftmpi's spawn deadline: Open MPI never finished the spawn
+    "PRTE has lost communication with a remote daemon",
+    "free(): ",
+    "corrupted size vs. prev_size",
+)
+"""How a re-spawn across nodes fails in Open MPI 5.0.11 (docs/recovery.md, known limitations:
+open-mpi/ompi#12599, #13427); a run that fails otherwise fails the test."""
 
 
 def test_a_dead_servers_replacement_goes_to_the_spare_node(cluster):
@@ -30,14 +38,15 @@ def test_a_dead_servers_replacement_goes_to_the_spare_node(cluster):
     env = {"FTMPI_BACKEND": "mpi", "FTMPI_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
     job = cluster.start_on("n1", cmd, env={**env, **cluster.mpi_env}, cwd=ROOT)
     try:
-        out, err = job.communicate(timeout=150)
+        out, err = job.communicate(timeout=200)
     except subprocess.TimeoutExpired:
-        log = run_dir / "job.log"
-        pytest.fail(
-            f"ftmpi-run ran over 150 s; job.log:\n{log.read_text()[-3000:] if log.exists() else ''}"
-        )
+        out, err = "", "(ftmpi-run ran over 200 s)"
     finally:
         kill_tree(job.pid)
+    log = (run_dir / "job.log").read_text() if (run_dir / "job.log").exists() else ""
+    crash = next((s for s in RUNTIME_FAILURES if s in log + err), None)
+    if job.returncode != 0 and crash:
+        pytest.xfail(f"Open MPI's runtime failed the spawn onto the spare: {crash!r}")
     assert job.returncode == 0, out[-3000:] + err[-3000:]
     layout = json.loads((run_dir / "manifest.json").read_text())["layout"]
     assert {r["node"] for r in layout["ranks"]} == {"n1", "n2"}  # the spare started empty
