@@ -2,7 +2,7 @@
 
 Two stores use this: the durable snapshots of ``checkpoint`` (in ``config.snapshot_dir``, named
 by the server's slot, every ``checkpoint_every`` versions) and a chain server's **node copy**
-(:func:`node_copy_store`: the newest versions of its shard in node-local memory, written in
+(:func:`node_copy_policy`: the newest versions of its shard in node-local memory, written in
 the background and skipped while the previous write is in progress, so the server never waits
 for it; named by shard, since every replica of a chain holds the same state). A relaunch after
 a lost node restores a chain from the node copies the launcher collected from the surviving
@@ -70,6 +70,10 @@ class StorePolicy:
     read_from: tuple[str, ...] = field(default=())
     """Directories whose snapshots :meth:`SnapshotStore.restore` may load (default: the one
     written to)."""
+    fenced: bool = True
+    """Writes are refused once a newer attempt of the run has started (:mod:`ftmpi.fence`):
+    snapshots on the shared filesystem. A node copy is not fenced (node-local, and never
+    gathered from a node the launcher lost), so its per-update write reads no file."""
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -100,6 +104,7 @@ def node_copy_policy(rt: Runtime, slot: int) -> StorePolicy:
         keep=2,
         asynchronous=True,
         skip_when_busy=True,
+        fenced=False,
     )
 
 
@@ -166,7 +171,7 @@ class SnapshotStore:
         if self.writer is None:
             return
         cfg = self.rt.config
-        newer = superseded(cfg.run_dir, cfg.attempt)
+        newer = superseded(cfg.run_dir, cfg.attempt) if self.policy.fenced else None
         if newer is not None:
             raise SnapshotError(
                 fenced_message(f"a snapshot to {self.policy.directory}", cfg.attempt, newer)
