@@ -135,8 +135,17 @@ defaults nothing notices and the job hangs; docs/multinode.md)."""
 
 def process_env(job_env: Mapping[str, str], base: Mapping[str, str]) -> dict[str, str]:
     """The launcher process's environment: ``base`` with the job's variables on top (how
-    ``mpiexec`` and ``srun --export=ALL`` pass them on; harmless for ``mpirun``)."""
-    return {**base, **job_env}
+    ``mpiexec`` and ``srun --export=ALL`` pass them on; harmless for ``mpirun``).
+
+    Inside a Slurm allocation ``SLURM_OVERLAP=1`` is added unless set: the job steps that
+    ``mpirun`` starts its daemons in (and the launcher's node probes) may then share the
+    allocation's CPUs with a step that cannot end. After a lost node the previous attempt's
+    daemon step holds its CPUs until Slurm declares the node down (``SlurmdTimeout``, 300 s by
+    default), and without ``--overlap`` the relaunch's daemons wait for it."""
+    env = {**base, **job_env}
+    if env.get("SLURM_JOB_ID"):
+        env.setdefault("SLURM_OVERLAP", "1")
+    return env
 
 
 def find_launcher(launcher: str, explicit: str | None, *, required: bool = True) -> str:

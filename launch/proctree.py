@@ -31,6 +31,30 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def session_members(sid: int) -> list[int]:
+    """Every live process of session ``sid`` (``/proc``; empty elsewhere; zombies left out)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # state and session id: fields 3 and 6; the command name (field 2) may hold spaces
+            fields = stat.read_text().rpartition(")")[2].split()
+            if fields[0] != "Z" and int(fields[3]) == sid:
+                members.append(int(stat.parent.name))
+    return members
+
+
+def kill_session(sid: int, sig: int = signal.SIGKILL) -> list[int]:
+    """Send ``sig`` to every process of session ``sid`` (a launcher started with
+    ``start_new_session``): what it left behind once it exited, orphans included, such as the
+    ``srun`` that ``prterun`` started its daemons with, still waiting for a lost node. Returns
+    the pids signalled."""
+    members = session_members(sid)
+    for p in members:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, sig)
+    return members
+
+
 def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
     """Send ``sig`` to ``pid``'s process group, its descendants and itself."""
     below = descendants(pid) if Path("/proc/self/stat").exists() else []

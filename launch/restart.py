@@ -65,7 +65,7 @@ from launch.kills import log_injected, logged_kills, remaining_schedule
 from launch.nodes import NodePlan, gather_node_copies, unreachable
 from launch.noise import OutputFilter, open_log
 from launch.outcome import NODE_LOST, Outcome, exit_status, judge
-from launch.proctree import kill_tree
+from launch.proctree import kill_session, kill_tree
 from launch.rundir import LAUNCHER_RECORD, is_finished
 
 EXIT_GRACE = 30.0
@@ -331,12 +331,15 @@ def run_attempt(attempt: Attempt, env: Mapping[str, str], run_dir: str) -> list[
     ranks reported (each also logged as a ``kill`` event) and any signal that interrupted
     ``ftmpi-run``. Returns the last :data:`TAIL_LINES` lines of output. Never waits forever:
     a finished run that does not exit is stopped after :data:`EXIT_GRACE` s, a job whose rank
-    raised after :data:`FATAL_GRACE` s, an interrupted one after :data:`STOP_GRACE` s."""
+    raised after :data:`FATAL_GRACE` s, an interrupted one after :data:`STOP_GRACE` s. The
+    job runs in a session of its own; whatever of it is left on this node once it has exited
+    (an ``srun`` still waiting for a lost node's daemon) is killed."""
     proc = subprocess.Popen(
         attempt.command,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=dict(env),
+        start_new_session=True,  # what it leaves behind is found by its session (below)
         preexec_fn=_die_with_parent,  # before exec: no Python runs in the child
     )
     lock = threading.Lock()
@@ -382,6 +385,8 @@ def run_attempt(attempt: Attempt, env: Mapping[str, str], run_dir: str) -> list[
         attempt.returncode = _watch(proc, run_dir, attempt, interrupted, fatal)
     finally:
         attempt.ended = time.time()
+        if left := kill_session(proc.pid):
+            print(f"ftmpi-run: stopped {len(left)} process(es) the job left behind", flush=True)
         for t in threads:
             t.join(timeout=5)
         if log is not None:

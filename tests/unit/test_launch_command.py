@@ -111,3 +111,9 @@ def test_find_launcher(tmp_path):
 def test_a_job_that_fills_the_cores_may_oversubscribe_for_its_replacements():
     assert "--oversubscribe" in build_command(spec("mpirun", cpus=3))  # 3 ranks, 3 cores
     assert "--oversubscribe" not in build_command(spec("mpirun", cpus=4))
+
+
+def test_inside_a_slurm_allocation_job_steps_may_overlap_unless_the_user_says_otherwise():
+    assert "SLURM_OVERLAP" not in process_env(ENV, {"HOME": "/h"})
+    assert process_env(ENV, {"SLURM_JOB_ID": "7"})["SLURM_OVERLAP"] == "1"
+    assert process_env(ENV, {"SLURM_JOB_ID": "7", "SLURM_OVERLAP": "0"})["SLURM_OVERLAP"] == "0"

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from launch.proctree import descendants, kill_tree
+from launch.proctree import descendants, kill_session, kill_tree
 
 # A parent that starts a child in a new session (its own process group), which starts a
 # grandchild; the parent prints the two pids and waits.
@@ -53,3 +53,28 @@ def test_kill_tree_kills_descendants_in_other_process_groups():
     finally:
         if root.poll() is None:
             root.kill()
+
+
+def test_kill_session_kills_what_a_launcher_left_behind_after_it_exited():
+    # the launcher starts a child in a process group of its own (as prterun does) and exits:
+    # the orphan is found by the launcher's session
+    orphan_maker = (
+        "import os, subprocess, sys; "
+        f"c = subprocess.Popen([sys.executable, '-c', {GRANDCHILD!r}], process_group=0); "
+        "print(c.pid, flush=True)"
+    )
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", orphan_maker],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    orphan = int(launcher.stdout.readline())
+    launcher.wait(10)
+    assert _alive(orphan) and orphan not in descendants(launcher.pid)
+    assert kill_session(launcher.pid) == [orphan]
+    deadline = time.monotonic() + 10
+    while _alive(orphan) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(orphan)
+    assert kill_session(launcher.pid) == []
