@@ -13,7 +13,9 @@ Jobs run ``benchmarks/trainer.py`` (or ``benchmarks/limits.py``) through ``ftmpi
 - ``strategies``: every recovery strategy, one server kill each: steady-state step time (the
   median step), failover, idle time, lost updates, peak RSS per role (a stateless run with a
   long outage included);
-- ``recovery``: a chain head killed at several model sizes: failover and state-transfer rate.
+- ``recovery``: a chain head killed at several model sizes: failover and state-transfer rate;
+- ``placement``: ``server`` against ``mirror`` placement, with 1 worker against no servers and
+  with 2 workers against plain Horovod; the workers' idle time per server kill in ``mirror``.
 """
 
 from __future__ import annotations
@@ -365,12 +367,69 @@ def suite_recovery(
     return rows
 
 
+MIRROR = {"FTMPI_PLACEMENT": "mirror"}
+ONE_WORKER_JOBS = [
+    Job("1 worker, no servers", workers=1),
+    Job("1 worker + 1 server, server placement", workers=1, servers=1),
+    Job("1 worker + 1 server, mirror", workers=1, servers=1, env=MIRROR),
+]
+TWO_WORKER_JOBS = [
+    Job("plain Horovod", plain=True),
+    Job("ftmpi Horovod, 1 server, server placement", servers=1),
+    Job("ftmpi Horovod, 1 server, mirror", servers=1, env=MIRROR),
+]
+MIRROR_KILLS = ["chain tail ack", "stateless", "checkpoint (async writes)"]
+
+
+def suite_placement(
+    quick: bool, log: Callable[[str], None], repeats: int | None = None
+) -> list[dict[str, Any]]:
+    """``server`` against ``mirror`` placement (sync, SGD momentum, batch 32): (a) 1 worker +
+    1 server (each rank its own core) against 1 worker without servers at 1M, 25M and 100M
+    parameters; (b) 2 workers + 1 server against plain Horovod at 25M and 100M; (c) in mirror
+    placement, per strategy, the workers' idle time for one server kill (1M parameters)."""
+    repeats = repeats or (1 if quick else 2)
+    steps = 12 if quick else 15
+    rows = []
+    for jobs, sizes in (
+        (ONE_WORKER_JOBS, [1_000_000] if quick else [1_000_000, 25_000_000, 100_000_000]),
+        (TWO_WORKER_JOBS, [25_000_000] if quick else [25_000_000, 100_000_000]),
+    ):
+        results = interleaved(jobs, sizes, steps, repeats, log)
+        for size in sizes:
+            medians = {j.label: median_row(results[j.label], size) for j in jobs}
+            base = medians[jobs[0].label]["samples_per_s"]
+            for job in jobs:
+                rows.append(
+                    {
+                        "params": results[job.label][0].lead(size)["params"],
+                        "config": job.label,
+                        "workers": job.workers,
+                        "servers": job.servers,
+                        "oversubscribed": oversubscribed(job.ranks),
+                        **medians[job.label],
+                        "vs_baseline": round(medians[job.label]["samples_per_s"] / base, 3),
+                    }
+                )
+    for name in MIRROR_KILLS[:1] if quick else MIRROR_KILLS:
+        job = _strategy_job(f"mirror, {name}", {**STRATEGIES[name], **MIRROR}, 0.25)
+        try:
+            res = run_job(job, [1_000_000], 70, kill="server:0@step=10")
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            rows.append({"strategy": job.label, "error": str(exc)[-500:]})
+            continue
+        rows.append({"strategy": job.label, **_kill_row(job, res, 1_000_000, 70)})
+        log(f"{job.label}: {res.seconds:.0f} s")
+    return rows
+
+
 SUITES: dict[str, Callable[..., list[dict[str, Any]]]] = {  # fn(quick, log, **options)
     "limits": suite_limits,
     "throughput": suite_throughput,
     "scale": suite_scale,
     "strategies": suite_strategies,
     "recovery": suite_recovery,
+    "placement": suite_placement,
 }
 """Suite name -> ``fn(quick, log, **options) -> rows``, in the order ``ftmpi-run bench`` runs
 them (``limits``, ``throughput`` and ``recovery`` take a ``params`` option, ``throughput``

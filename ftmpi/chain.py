@@ -99,9 +99,9 @@ class ChainHost(Protocol):
         periodic snapshot)."""
         ...
 
-    def reply_weights(self, worker: int) -> None:
-        """Answer ``worker``'s push with the current weights; raises ``PeerFailure`` if it
-        died."""
+    def answer_push(self, worker: int) -> None:
+        """Answer ``worker``'s push (with the current weights, or in ``mirror`` placement the
+        version alone); raises ``PeerFailure`` if it died."""
         ...
 
     def state_nbytes(self) -> int:
@@ -286,7 +286,7 @@ class ChainLink:
         apply()
         try:
             if self.succ is None or not batch:
-                self.host.reply_weights(worker)
+                self.host.answer_push(worker)
             else:
                 early_ok = early and self.rt.config.answers_before_commit
                 self.hold(worker, update.base if early_ok else update.version)
@@ -307,7 +307,7 @@ class ChainLink:
         ready = [h for h in self.held if h[1] <= acked]
         self.held = [h for h in self.held if h[1] > acked]
         for worker, _ in ready:
-            self.host.reply_weights(worker)
+            self.host.answer_push(worker)
 
     def flush(self) -> None:
         """Head: forward a partial batch (at shutdown)."""

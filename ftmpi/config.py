@@ -29,6 +29,13 @@ class Mode(enum.StrEnum):
     ASYNC = "async"
 
 
+class Placement(enum.StrEnum):
+    """The values of ``placement``."""
+
+    SERVER = "server"
+    MIRROR = "mirror"
+
+
 class ChainAck(enum.StrEnum):
     """The values of ``chain_ack``."""
 
@@ -54,6 +61,7 @@ class BackendName(enum.StrEnum):
 
 CHOICES: dict[str, type[enum.StrEnum]] = {
     "mode": Mode,
+    "placement": Placement,
     "strategy": StrategyName,
     "chain_ack": ChainAck,
     "stale_policy": StalePolicy,
@@ -69,6 +77,7 @@ _TRUE = ("1", "true")
 _FALSE = ("0", "false")
 
 MODES = tuple(m.value for m in Mode)
+PLACEMENTS = tuple(p.value for p in Placement)
 STRATEGIES = tuple(s.value for s in StrategyName)
 CHAIN_ACKS = tuple(a.value for a in ChainAck)
 STALE_POLICIES = tuple(p.value for p in StalePolicy)
@@ -94,6 +103,16 @@ class Config:
     mode: Mode = Mode.SYNC
     """``sync``: workers average gradients, then one push per shard per step.
     ``async``: each worker pushes and pulls on its own; servers apply as gradients arrive."""
+    placement: Placement = Placement.SERVER
+    """Where the optimizer step runs in sync mode. ``server``: the servers own the weights;
+    the shard leaders push the averaged gradient and every worker takes the new weights from
+    them. ``mirror``: every worker runs its own optimizer step on the averaged gradient (as
+    plain Horovod does) and the shard leaders send that gradient to the servers without
+    waiting for an answer; the servers apply it to a mirror of the state, which the strategy
+    replicates or snapshots. Async mode needs ``server``."""
+    mirror_lag: int = 2
+    """``mirror``: updates a shard's mirror may be behind the workers; a shard leader whose
+    oldest unanswered update is this many steps old waits for it (back-pressure)."""
     strategy: StrategyName = StrategyName.NONE
     """Recovery strategy for server failures: ``none`` (a server death ends the job with a clear
     error), ``checkpoint`` (snapshots; everyone rolls back to the newest valid one), ``chain``
@@ -280,6 +299,13 @@ class Config:
                 raise ConfigError(str(exc)) from None
         if self.mode == "async" and self.servers == 0:
             raise ConfigError("mode='async' needs parameter servers; set servers >= 1")
+        if self.mirrored and self.mode == "async":
+            raise ConfigError(
+                "placement='mirror' needs mode='sync' (async workers each push their own "
+                "gradient and take the servers' weights); use placement='server' in async mode"
+            )
+        if self.mirror_lag < 1:
+            raise ConfigError(f"mirror_lag={self.mirror_lag} must be >= 1")
         return self
 
     def _check_spare_nodes(self) -> None:
@@ -312,6 +338,12 @@ class Config:
                 f"(e.g. ftmpi-run -np 1 --servers {self.servers}) or lower servers"
             )
         return workers
+
+    @property
+    def mirrored(self) -> bool:
+        """Whether workers step their own optimizer and servers keep a mirror (``mirror``
+        placement with servers)."""
+        return self.placement == "mirror" and self.servers > 0
 
     @property
     def chained(self) -> bool:

@@ -9,6 +9,10 @@ unchanged. Its ``step()``:
   optimizer and replies with the new weights, which the leader broadcasts to the other workers.
   Server traffic per step is one model's worth of gradients in and weights out, whatever the
   number of workers.
+- sync mode, ``mirror`` placement: averages gradients among workers and steps this worker's
+  own optimizer on them, exactly as plain Horovod does; then each shard's leader sends the
+  averaged gradient to the shard's servers without waiting for the answer (unless the mirror
+  falls ``mirror_lag`` updates behind), and the servers apply it to a mirror of the state.
 - async mode: no collective. The worker pushes its own gradient to every server and continues
   with the weights each server returns; staleness is recorded by the servers.
 - no servers (``servers=0``): plain data parallelism; averaged gradients, local optimizer step.
@@ -34,6 +38,7 @@ from ftmpi.client import ServerClient
 from ftmpi.compression import Compression, Compressor, changes_dtype
 from ftmpi.fatal import UserError
 from ftmpi.faults import Injector, parse_schedule
+from ftmpi.mirror import Mirror
 from ftmpi.optim_state import (
     class_path,
     group_hparams,
@@ -140,8 +145,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._ftmpi_should_sync = True
         self._ftmpi_local_grads: torch.Tensor | None = None
         """This worker's own gradient as :meth:`synchronize` found it, before reducing it."""
+        self._ftmpi_mirror = Mirror(rt, self._ftmpi_client) if rt.config.mirrored else None
         self._ftmpi_recovery = WorkerRecovery(
-            rt, self._ftmpi_client, self, base_class, self._ftmpi_times
+            rt, self._ftmpi_client, self, base_class, self._ftmpi_times, self._ftmpi_mirror
         )
         self._ftmpi_recovery.start()  # a replacement joins; a resumed run loads its snapshot
         record.track(self)  # its steps and weights go into the run's summary.json
@@ -222,6 +228,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._ftmpi_synchronized = False
         self._ftmpi_position += 1
         self._ftmpi_client.position = self._ftmpi_position
+        if self._ftmpi_mirror is not None:
+            self._ftmpi_mirror.after_step(self, self._ftmpi_recovery.recover)
         return loss
 
     def _data_path(self, *, allreduce: bool, local: torch.Tensor | None = None) -> None:
@@ -247,7 +255,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if allreduce:
             with t.phase("allreduce"):
                 self._allreduce()
-        if rt.num_servers == 0:
+        if rt.num_servers == 0 or rt.config.mirrored:
             with t.phase("local_step"):
                 for p, g, _ in self._ftmpi_slots:
                     if p.grad is not None:
@@ -285,6 +293,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if not self._ftmpi_started:
             return []
         surviving = self._ftmpi_recovery.surviving
+        if self._ftmpi_mirror is not None:
+            surviving(self._ftmpi_mirror.drain)
         if wait:
             return surviving(self._ftmpi_client.stats)
         rt = self._ftmpi_rt
@@ -298,8 +308,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def pull(self) -> None:
         """Load the servers' current weights into the model (e.g. before evaluating in async
-        mode, where this worker's copy may lag)."""
-        if self._ftmpi_started:
+        mode, where this worker's copy may lag). In ``mirror`` placement the workers hold the
+        newest weights: nothing to do."""
+        if self._ftmpi_started and not self._ftmpi_rt.config.mirrored:
             self._ftmpi_recovery.surviving(lambda: self._ftmpi_client.pull(self._ftmpi_shards))
             self._scatter_weights()
 
@@ -308,14 +319,22 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
         Once training has started the servers own the state, so this fetches it from them
         (collective-free: any worker may call it) and returns it in the usual layout, ready
-        for ``torch.save`` and a later ``load_state_dict``.
+        for ``torch.save`` and a later ``load_state_dict``. In ``mirror`` placement the worker's
+        own state is returned.
         """
-        if self._ftmpi_started and self._ftmpi_rt.num_servers:
-            by_name = {self._ftmpi_names[p]: p for p in self._ftmpi_params}
-            self.state.clear()
-            for tensors, scalars in self._ftmpi_recovery.surviving(self._ftmpi_client.fetch_state):
-                load_state_entries(self, by_name, tensors, scalars)
+        rt = self._ftmpi_rt
+        if self._ftmpi_started and rt.num_servers and not rt.config.mirrored:
+            self._ftmpi_recovery.surviving(self._load_servers_state)
         return super(self.__class__, self).state_dict()
+
+    def _load_servers_state(self) -> None:
+        """Replace this optimizer's state with the servers' (raises ``PeerFailure`` if one
+        dies meanwhile)."""
+        by_name = {self._ftmpi_names[p]: p for p in self._ftmpi_params}
+        fetched = self._ftmpi_client.fetch_state()
+        self.state.clear()
+        for tensors, scalars in fetched:
+            load_state_entries(self, by_name, tensors, scalars)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load optimizer state; the servers receive it (with the model's current weights from

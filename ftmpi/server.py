@@ -37,6 +37,7 @@ import torch
 from ftmpi import events, failpoints, wire
 from ftmpi.chain import ChainLink
 from ftmpi.faults import Injector, parse_schedule
+from ftmpi.mirror import gap
 from ftmpi.replica import ShardReplica, Update
 from ftmpi.resources import peak_rss_bytes
 from ftmpi.runtime import Runtime
@@ -145,6 +146,11 @@ class ParameterServer:
 
     def reply_weights(self, worker: int) -> None:
         self.wire.reply(worker, Kind.WEIGHTS, self.replica.weights_bytes())
+
+    def answer_push(self, worker: int) -> None:
+        if self.rt.config.mirrored:  # the worker holds the weights: the version says it all
+            return self.wire.reply(worker, Kind.OK, None)
+        self.reply_weights(worker)
 
     def state_nbytes(self) -> int:
         return self.replica.state_nbytes()
@@ -292,6 +298,8 @@ class ParameterServer:
             )
             return
         self.wire.recv(src, grad_bytes, "a gradient")
+        if self.rt.config.mirrored and (why := gap(self.version, header.version)):
+            return self.wire.reply_error(src, f"server {self.index}: {why}")
         if self._already_applied(header, src):
             self._answer(src)
             return
@@ -355,7 +363,7 @@ class ParameterServer:
         """Reply to a push with the current weights: now, or (on a chain) once the ack mode
         covers this server's version."""
         if self.link is None:
-            self.reply_weights(src)
+            self.answer_push(src)
         else:
             self.link.hold(src, self.version)
 

@@ -27,6 +27,7 @@ the mechanisms whose flags are on (``chain+stateless`` is replication and rebuil
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -43,6 +44,7 @@ from ftmpi.broadcast import broadcast_bytes
 from ftmpi.client import ServerClient
 from ftmpi.loop import Rollback
 from ftmpi.membership import is_coordinator, recover, request_due_replacements
+from ftmpi.mirror import Mirror
 from ftmpi.optim_state import class_path
 from ftmpi.runtime import Runtime
 from ftmpi.sharding import Shard
@@ -77,6 +79,13 @@ class Trainee(Protocol):
     def _hparams(self) -> list[dict[str, Any]]:
         """The hyper-parameters of every param group."""
         ...
+
+    def _load_servers_state(self) -> None:
+        """``mirror``: load the servers' optimizer state into this worker's optimizer."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -172,6 +181,26 @@ class _Rebuild(_Mechanism):
         spawns the replacement starts, ``TimeoutError`` past ``timeout + down_for``."""
         while down := self.stale.down(self.client.shards):
             self.stale.wait_for_replacement(down[0])
+
+
+class _Mirror(_Mechanism):
+    """``mirror`` placement: the workers hold the whole state and step their own optimizer, so
+    a failure costs them no rollback and no rebuild. After any change of view (a server or a
+    worker lost or replaced) the updates still unanswered are dropped and the next step gives
+    every server its shard's whole state from worker 0 (``_start_servers``), at the step's
+    version: a replacement, a chain that lost members and a shard whose leader changed all
+    mirror the workers again, whatever the strategy."""
+
+    def __init__(self, mirror: Mirror, trainee: Trainee) -> None:
+        self.mirror = mirror
+        self.trainee = trainee
+
+    def after_view_change(
+        self, failed_servers: Sequence[int], respawned: Sequence[int], unserved: Sequence[int]
+    ) -> bool:
+        self.mirror.forget()
+        self.trainee._ftmpi_started = False
+        return True
 
 
 class _Snapshots(_Mechanism):
@@ -305,6 +334,7 @@ class WorkerRecovery:
         trainee: Trainee,
         base_class: type[torch.optim.Optimizer],
         times: PhaseTimes,
+        mirror: Mirror | None = None,
     ) -> None:
         self.rt = rt
         self.client = client
@@ -323,7 +353,10 @@ class WorkerRecovery:
         if self.rebuild is not None:
             self.rebuild.times = times
         parts: list[_Mechanism] = []
-        if self.strategy.replicates:
+        if mirror is not None:  # the workers hold the state: no strategy acts on their side
+            self.snapshots = self.rebuild = None
+            parts.append(_Mirror(mirror, trainee))
+        elif self.strategy.replicates:
             parts.append(_Replication())
         if self.rebuild is not None:
             parts.append(self.rebuild)
@@ -345,13 +378,15 @@ class WorkerRecovery:
         same error on every worker, see ``_Snapshots.rollback``)."""
         if self.rt.late_joiner:
             self.join()
-        elif self.rt.config.resume and (self.snapshots or self.strategy.replicates):
+        elif self.rt.config.resume and (self.strategy.snapshots or self.strategy.replicates):
             # a chain resumes from the node copies gathered after a lost node, if any
             restorer = self.snapshots or _Snapshots(self.rt, self.client, self.trainee)
             position = restorer.rollback(resume=True)
             if position is None:
                 return
             self.trainee._ftmpi_started = True
+            if self.rt.config.mirrored:  # the workers step their own optimizer: its state too
+                self.surviving(self.trainee._load_servers_state)
             if self.rt.role_rank == 0:
                 print(f"ftmpi: resumed from the snapshot at step {position}", file=sys.stderr)
 
@@ -371,6 +406,9 @@ class WorkerRecovery:
         else:
             self._broadcast_params()
             t._params_to_buffer()
+        if rt.config.mirrored:  # the optimizer state lives on the workers too
+            t.load_state_dict(torch.load(io.BytesIO(broadcast_bytes(None, 0)), weights_only=True))
+            started = False  # the survivors give the servers the whole state at the next step
         t._ftmpi_started = started  # if not, the first step initialises the servers
         events.emit(
             rt.config.run_dir,
@@ -392,6 +430,11 @@ class WorkerRecovery:
         broadcast_bytes(json.dumps(doc).encode(), 0)
         if self.joiner_takes_params(t._ftmpi_started):
             self._broadcast_params()
+        if self.rt.config.mirrored:
+            state = io.BytesIO()
+            if self.rt.role_rank == 0:
+                torch.save(t.state_dict(), state)
+            broadcast_bytes(state.getvalue(), 0)
 
     def joiner_takes_params(self, started: bool) -> bool:
         """Whether a joining worker takes the weights from worker 0 rather than the servers.

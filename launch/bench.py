@@ -2,8 +2,8 @@
 baselines and this machine's limits in one run; print Markdown tables and write JSON.
 
 Suites (default: all, in this order): ``limits``, ``throughput``, ``scale``, ``strategies``,
-``recovery`` (see ``benchmarks/suites.py``). ``--quick`` runs a small subset of each (a few
-minutes). The JSON holds the machine (cores, load), every suite's rows and the targets:
+``recovery``, ``placement`` (see ``benchmarks/suites.py``). ``--quick`` runs a small subset of
+each (a few minutes). The JSON holds the machine (cores, load), every suite's rows and the targets:
 
 - ``sync_vs_horovod``: ftmpi (Horovod backend, 2 servers) samples/s over plain Horovod's at
   ~25M parameters (target >= 0.90);
@@ -132,7 +132,10 @@ def main(argv: Sequence[str]) -> int:
         "--only", nargs="+", default=None, help="throughput: configurations containing these"
     )
     p.add_argument(
-        "--repeats", type=int, default=None, help="throughput: interleaved repeats (default 2)"
+        "--repeats",
+        type=int,
+        default=None,
+        help="throughput, placement: interleaved repeats (default 2)",
     )
     args = p.parse_args(list(argv))
     unknown = [s for s in args.suites if s not in suites]
@@ -154,6 +157,8 @@ def main(argv: Sequence[str]) -> int:
                 options["params"] = args.params
             if name == "throughput":
                 options.update(only=args.only, repeats=args.repeats)
+            if name == "placement":
+                options["repeats"] = args.repeats
             results[name] = suites[name](args.quick, log, **options)
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             results[name] = [{"error": str(exc)[-2000:]}]  # the other suites still run

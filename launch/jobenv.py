@@ -18,6 +18,7 @@ from ftmpi.config import (
     CHAIN_ACKS,
     ENV_PREFIX,
     MODES,
+    PLACEMENTS,
     STALE_POLICIES,
     STRATEGIES,
     Config,
@@ -45,6 +46,10 @@ class ConfigFlag:
 CONFIG_FLAGS = (
     ConfigFlag("servers", int, "server ranks, placed after the workers (default 1)"),
     ConfigFlag("mode", str, "sync (default) or async", MODES),
+    ConfigFlag(
+        "placement", str, "sync: optimizer on the servers (default) or a mirror", PLACEMENTS
+    ),
+    ConfigFlag("mirror_lag", int, "mirror: steps a mirror may lag the workers (default 2)"),
     ConfigFlag("strategy", str, "recovery strategy for server deaths (default none)", STRATEGIES),
     ConfigFlag("checkpoint_every", int, "checkpoint: snapshot every N updates (default 100)"),
     ConfigFlag("checkpoint_dir", str, "checkpoint: snapshots go here (RUN_DIR/checkpoints)"),

@@ -26,6 +26,7 @@ MODULES = [
     ("chain", "chain replication"),
     ("client", "a worker's requests to the servers"),
     ("wire", "messages, deadlines, failures"),
+    ("mirror", "mirror placement: the workers' state mirrored on the servers"),
     ("stateless", "training on while a server is down"),
     ("gradlog", "the gradients logged meanwhile"),
     ("snapshot", "crash-safe snapshots"),

@@ -186,3 +186,15 @@ def test_world_check():
         Config.from_env({}, servers=4).check_world(4)
     with pytest.raises(ConfigError, match="launch at least 6 ranks"):
         Config.from_env({}, servers=5).check_world(3)
+
+
+def test_mirror_placement_is_sync_only_and_its_lag_at_least_one():
+    c = Config.from_env({"FTMPI_PLACEMENT": "mirror", "FTMPI_MIRROR_LAG": "3"})
+    assert (c.placement, c.mirror_lag, c.mirrored) == ("mirror", 3, True)
+    assert not Config.from_env({"FTMPI_PLACEMENT": "mirror"}, servers=0).mirrored
+    with pytest.raises(ConfigError, match="placement='mirror' needs mode='sync'"):
+        Config.from_env({"FTMPI_PLACEMENT": "mirror", "FTMPI_MODE": "async"})
+    with pytest.raises(ConfigError, match="mirror_lag=0 must be >= 1"):
+        Config.from_env({}, placement="mirror", mirror_lag=0)
+    with pytest.raises(ConfigError, match="placement"):
+        Config.from_env({"FTMPI_PLACEMENT": "gpu"})
