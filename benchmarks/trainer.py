@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     p.add_argument("--step-sleep", type=float, default=0.0, help="extra seconds per step")
     p.add_argument("--plain-horovod", action="store_true", help="horovod.torch, no ftmpi")
+    p.add_argument("--device", default="cpu", help="where the model trains (e.g. cuda)")
     return p.parse_args(argv)
 
 
@@ -83,6 +84,8 @@ class StepClock:
             time.sleep(sleep)
         t3 = time.perf_counter()
         opt.step()
+        if x.is_cuda:
+            torch.cuda.synchronize()  # the step's kernels are done before the clock stops
         t4 = time.perf_counter()
         if step >= self.warmup:
             self.seconds["forward"] += t1 - t0
@@ -171,12 +174,12 @@ def ftmpi_model(
     rt = ftmpi.runtime()
     me, workers = ftmpi.rank(), ftmpi.size()
     torch.manual_seed(0)
-    model = SyntheticMLP(params, IN_FEATURES, CLASSES)
+    model = SyntheticMLP(params, IN_FEATURES, CLASSES).to(args.device)
     opt = ftmpi.DistributedOptimizer(
         build_optimizer(args.optimizer, model.parameters()),
         named_parameters=model.named_parameters(),
     )
-    x, y = synthetic_data(args.batch_size * workers)
+    x, y = (t.to(args.device) for t in synthetic_data(args.batch_size * workers))
     batches = ShardedBatches(x, y, args.batch_size, worker=me, workers=workers, seed=0)
     clock = StepClock(args.warmup)
     warm: dict[str, float] = {}

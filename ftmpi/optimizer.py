@@ -108,7 +108,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             for p in g["params"]
         ]
         self._ftmpi_shards: list[Shard] = plan_shards(infos, max(rt.num_shards, 1))
-        self._ftmpi_client = ServerClient(rt, self._ftmpi_shards, dtypes.pop())
+        self._ftmpi_cuda = any(p.is_cuda for p in self._ftmpi_params)
+        self._ftmpi_client = client = ServerClient(rt, self._ftmpi_shards, dtypes.pop())
+        if self._ftmpi_cuda:  # page-locked: a model on a GPU copies in and out asynchronously
+            client.grads, client.weights = client.grads.pin_memory(), client.weights.pin_memory()
         by_name = {self._ftmpi_names[p]: p for p in self._ftmpi_params}
         # (param, its slice of the flat gradient buffer, its slice of the flat weight buffer)
         self._ftmpi_slots = [
@@ -376,7 +379,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                     )
                 g.copy_(p.grad.to_dense())
             else:
-                g.copy_(p.grad)
+                g.copy_(p.grad, non_blocking=self._ftmpi_cuda)  # into page-locked memory
+        if self._ftmpi_cuda:
+            torch.cuda.current_stream().synchronize()  # every copy is in before MPI reads it
 
     def _allreduce(self) -> None:
         backend = self._ftmpi_rt.backend
