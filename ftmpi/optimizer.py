@@ -232,7 +232,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._ftmpi_position += 1
         self._ftmpi_client.position = self._ftmpi_position
         if self._ftmpi_mirror is not None:
-            self._ftmpi_mirror.after_step(self, self._ftmpi_recovery.recover)
+            self._ftmpi_mirror.after_step(self, self._ftmpi_recovery.recover_after_step)
         return loss
 
     def _data_path(self, *, allreduce: bool, local: torch.Tensor | None = None) -> None:

@@ -507,6 +507,21 @@ class WorkerRecovery:
 
     # --------------------------------------------------------------------- the recovery
 
+    def recover_after_step(self, reason: str) -> None:
+        """A death seen once this worker's step had completed (``mirror``: while sending to
+        the servers): recover, and record ``step_resumed`` with the time it took (the worker's
+        idle time; nothing of the step is retried). Raises what :meth:`recover` raises."""
+        seen = time.time()
+        self.recover(reason)
+        rt = self.rt
+        events.emit(
+            rt.config.run_dir,
+            "step_resumed",
+            role=f"worker {rt.role_rank}",
+            position=self.trainee.position,
+            idle_s=round(time.time() - seen, 6),
+        )
+
     def recover(self, reason: str) -> bool:
         """Join the survivors' recovery (the sequence of the module docstring). Returns True
         to retry what failed, False after a rollback outside :func:`ftmpi.run`.

@@ -23,15 +23,19 @@ def test_horovod_is_installed_with_mpi():
 
 
 def test_example_with_ftmpi_trains_to_the_same_weights_as_plain_horovod(mpi):
+    """In both placements: the servers' optimizer step, and the workers' own with a mirror."""
     plain = mpi(2, [PLAIN, "--steps", "40"], timeout=180)
     assert plain.returncode == 0, plain.stderr
-    ours = mpi(3, [WITH_FTMPI, "--steps", "40"], env={"FTMPI_SERVERS": "1"}, timeout=180)
-    assert ours.returncode == 0, ours.stderr
-    (a,), (b,) = plain.json_lines(), ours.json_lines()
-    assert a["workers"] == b["workers"] == 2
-    # Horovod's allreduce of two ranks is a single addition: deterministic, so bit-for-bit.
-    assert a["weights_sha256"] == b["weights_sha256"]
-    assert a["loss"] == b["loss"]
+    (a,) = plain.json_lines()
+    for placement in ("server", "mirror"):
+        env = {"FTMPI_SERVERS": "1", "FTMPI_PLACEMENT": placement}
+        ours = mpi(3, [WITH_FTMPI, "--steps", "40"], env=env, timeout=180)
+        assert ours.returncode == 0, ours.stderr
+        (b,) = ours.json_lines()
+        assert a["workers"] == b["workers"] == 2
+        # Horovod's allreduce of two ranks is a single addition: deterministic, so bit-for-bit.
+        assert a["weights_sha256"] == b["weights_sha256"], placement
+        assert a["loss"] == b["loss"], placement
 
 
 @pytest.mark.parametrize("compression", ["none", "fp16"])
