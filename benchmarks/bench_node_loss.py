@@ -61,7 +61,9 @@ def run(
         *("--hostfile", str(hostfile), "--max-restarts", "2", "--run-dir", str(run_dir)),
         *("--", str(VENV / "python"), PROG, str(steps), "--step-sleep", "0.05"),
     ]
-    proc = cluster.start_on("n5", cmd, env={**ENV, **cluster.mpi_env}, cwd=ROOT)
+    run_id = f"bench-{name.replace(' ', '-')}-{int(time.time())}"
+    env = {**ENV, **cluster.mpi_env, "FTMPI_RUN_ID": run_id}
+    proc = cluster.start_on("n5", cmd, env=env, cwd=ROOT)
     out: dict = {"case": name, "victim": victim}
     try:
         deadline = time.monotonic() + 120
@@ -74,7 +76,7 @@ def run(
             layout = manifest.get("layout", {}).get("ranks", [])
             out["held"] = [r.get("role") for r in layout if r.get("node") == victim]
             time.sleep(after)
-            out["newest_copy"] = newest_node_copy(cluster, COMPUTE)
+            out["newest_copy"] = newest_node_copy(cluster, COMPUTE, run_id)
             cluster.kill_node(victim)
             died = time.time()
         proc.communicate(timeout=400)

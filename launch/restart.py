@@ -62,7 +62,7 @@ from ftmpi.fence import start_attempt
 from ftmpi.lifecycle import die_with_parent
 from ftmpi.manifest import write_json_atomic
 from launch.kills import log_injected, logged_kills, remaining_schedule
-from launch.nodes import NodePlan, gather_node_copies, unreachable
+from launch.nodes import PROBE_TIMEOUT, NodePlan, gather_node_copies, on_nodes, unreachable
 from launch.noise import OutputFilter, open_log
 from launch.outcome import NODE_LOST, Outcome, exit_status, judge
 from launch.proctree import kill_session, kill_tree
@@ -249,7 +249,11 @@ def run_with_restarts(
                 flush=True,
             )
             break
-        if outcome.finished or not outcome.retryable:
+        if outcome.finished:
+            if nodes is not None and env.get("FTMPI_NODE_COPY_DIR"):
+                discard_node_copies(nodes, env["FTMPI_NODE_COPY_DIR"], process_env(env))
+            break
+        if not outcome.retryable:
             break
         if report.restarts >= report.max_restarts:
             break
@@ -293,6 +297,13 @@ def _relaunch_elsewhere(
         flush=True,
     )
     return True
+
+
+def discard_node_copies(nodes: NodePlan, node_copies: str, environ: Mapping[str, str]) -> None:
+    """Training finished: remove the node copies (``node_copies``) from every usable node,
+    earlier attempts' included, so no node keeps a finished run's state in its memory."""
+    names = [n.name for n in nodes.usable]
+    on_nodes(names, f"rm -rf {shlex.quote(node_copies)}", environ, 2 * PROBE_TIMEOUT)
 
 
 def _find_lost_nodes(nodes: NodePlan, outcome: Outcome, environ: Mapping[str, str]) -> Outcome:

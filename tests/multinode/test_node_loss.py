@@ -38,23 +38,25 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(json.loads((run_dir / "summary.json").read_text())["weights_sha256"])
 
 
-def newest_node_copy(cluster: Cluster, nodes: list[str]) -> int:
-    """The newest shard version in the node copies (``/dev/shm/ftmpi-*``) of ``nodes``."""
+def newest_node_copy(cluster: Cluster, nodes: list[str], run_id: str) -> int:
+    """The newest shard version in run ``run_id``'s node copies on ``nodes`` (another run's
+    copies never count)."""
     newest = 0
     for node in nodes:
-        listing = cluster.run_on(node, ["sh", "-c", "ls /dev/shm/ftmpi-*/slot*/"], check=False)
+        where = f"/dev/shm/ftmpi-{run_id}/slot*/"
+        listing = cluster.run_on(node, ["sh", "-c", f"ls {where}"], check=False)
         for word in listing.stdout.split():
             if word.endswith(".ftck"):
                 newest = max(newest, int(word.split("-v")[1].split(".")[0]))
     return newest
 
 
-def kill_mid_run(cluster: Cluster, victim: str, running) -> float:
+def kill_mid_run(cluster: Cluster, victim: str, running, run_id: str) -> float:
     """Kill ``victim`` once a surviving node holds a node copy of :data:`KILLED_AT` (within
     180 s, while ``running()``); returns the wall time of the death."""
     survivors = [n for n in cluster.nodes if n != victim]
     deadline = time.monotonic() + 180
-    while newest_node_copy(cluster, survivors) < KILLED_AT:
+    while newest_node_copy(cluster, survivors, run_id) < KILLED_AT:
         assert running(), "the job ended before the node was killed"
         assert time.monotonic() < deadline, f"no node copy of version {KILLED_AT} in 180 s"
         time.sleep(0.2)
@@ -62,8 +64,9 @@ def kill_mid_run(cluster: Cluster, victim: str, running) -> float:
     return time.time()
 
 
-def check_resumed(run_dir: Path, want: str) -> dict:
-    """The run finished with ``want``'s weights after resuming from a gathered node copy."""
+def check_resumed(cluster: Cluster, run_dir: Path, want: str) -> dict:
+    """The run finished with ``want``'s weights after resuming from a gathered node copy, and
+    no surviving node keeps its node copies."""
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     restored = [e for e in events if e["event"] == "restored"]
     assert restored and "/node-copies/" in restored[0]["path"], restored
@@ -71,6 +74,9 @@ def check_resumed(run_dir: Path, want: str) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["finished"] and summary["steps"] == STEPS
     assert summary["weights_sha256"] == want
+    for node in ("n1", "n2"):
+        left = cluster.run_on(node, ["sh", "-c", "ls -d /dev/shm/ftmpi-* || true"])
+        assert summary["run_id"] not in left.stdout, f"{node} keeps {left.stdout}"
     return {"version": restored[0]["version"], "events": events}
 
 
@@ -82,9 +88,10 @@ def test_ftmpi_run_survives_a_lost_node_from_the_chains_node_copies(cluster, ref
         *("--max-restarts", "2", "--run-dir", str(run_dir), "--", str(VENV / "python"), PROG),
         *ARGS,
     ]
-    job = cluster.start_on("n1", cmd, env={**ENV, **cluster.mpi_env}, cwd=ROOT)
+    env = {**ENV, **cluster.mpi_env, "FTMPI_RUN_ID": "lossy"}
+    job = cluster.start_on("n1", cmd, env=env, cwd=ROOT)
     try:
-        died = kill_mid_run(cluster, "n3", lambda: job.poll() is None)
+        died = kill_mid_run(cluster, "n3", lambda: job.poll() is None, "lossy")
         out, err = job.communicate(timeout=300)
     finally:
         kill_tree(job.pid)
@@ -94,7 +101,7 @@ def test_ftmpi_run_survives_a_lost_node_from_the_chains_node_copies(cluster, ref
     first, second = launcher["attempts"]
     assert first["status"] == 4 and first["lost_nodes"] == ["n3"]
     assert second["status"] == 0 and "n3" not in (run_dir / "hostfile.1").read_text()
-    got = check_resumed(run_dir, reference)
+    got = check_resumed(cluster, run_dir, reference)
     resumed = min(e["time"] for e in got["events"] if e["event"] == "resumed")
     print(f"node death -> training resumed {resumed - died:.1f} s, from version {got['version']}")
 
@@ -107,11 +114,12 @@ def test_a_cut_link_is_noticed_in_seconds_and_survived_like_a_lost_node(cluster,
         *("--max-restarts", "2", "--run-dir", str(run_dir), "--", str(VENV / "python"), PROG),
         *ARGS,
     ]
-    job = cluster.start_on("n1", cmd, env={**ENV, **cluster.mpi_env}, cwd=ROOT)
+    env = {**ENV, **cluster.mpi_env, "FTMPI_RUN_ID": "partition"}
+    job = cluster.start_on("n1", cmd, env=env, cwd=ROOT)
     try:
         survivors = ["n1", "n2"]
         deadline = time.monotonic() + 180
-        while newest_node_copy(cluster, survivors) < KILLED_AT:
+        while newest_node_copy(cluster, survivors, "partition") < KILLED_AT:
             assert job.poll() is None and time.monotonic() < deadline, "no progress"
             time.sleep(0.2)
         cluster.cut_link("n3")  # its processes live on, unreachable
@@ -125,5 +133,5 @@ def test_a_cut_link_is_noticed_in_seconds_and_survived_like_a_lost_node(cluster,
     assert first["status"] == 4 and first["lost_nodes"] == ["n3"], first
     noticed = first["ended"] - cut
     assert noticed < 10, f"the cut was noticed after {noticed:.1f} s"
-    check_resumed(run_dir, reference)
+    check_resumed(cluster, run_dir, reference)
     print(f"cut link noticed and the job ended {noticed:.1f} s after the cut")
