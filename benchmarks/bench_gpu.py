@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.suites import Job, interleaved, median_row
+from benchmarks.suites import Job, interleaved, vs_first
+from launch.bench import markdown
 
 SIZES = [25_000_000, 100_000_000]
 CUDA = ("--device", "cuda")
@@ -34,25 +35,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
     results = interleaved(JOBS, SIZES, args.steps, args.repeats, lambda m: print(m, flush=True))
-    rows = []
-    for size in SIZES:
-        medians = {j.label: median_row(results[j.label], size) for j in JOBS}
-        base = medians[JOBS[0].label]["samples_per_s"]
-        for job in JOBS:
-            m = medians[job.label]
-            rows.append(
-                {
-                    "params": results[job.label][0].lead(size)["params"],
-                    "config": job.label,
-                    "samples_per_s": m["samples_per_s"],
-                    "step_ms": m.get("step_ms"),
-                    "vs_no_servers": round(m["samples_per_s"] / base, 3),
-                }
-            )
-    keys = list(rows[0])
-    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-    for r in rows:
-        print("| " + " | ".join(str(r[k]) for k in keys) + " |")
+    rows = vs_first(JOBS, results, SIZES)
+    print(markdown(rows))
     print("GPU-BENCH " + json.dumps(rows), flush=True)
 
 

@@ -368,6 +368,30 @@ def suite_recovery(
     return rows
 
 
+def vs_first(
+    jobs: list[Job], results: dict[str, list[Result]], sizes: list[int]
+) -> list[dict[str, Any]]:
+    """Per model size and job: the medians of :func:`median_row` and ``vs_baseline``, the
+    samples/s over the first job's (the baseline)."""
+    rows = []
+    for size in sizes:
+        medians = {j.label: median_row(results[j.label], size) for j in jobs}
+        base = medians[jobs[0].label]["samples_per_s"]
+        for job in jobs:
+            rows.append(
+                {
+                    "params": results[job.label][0].lead(size)["params"],
+                    "config": job.label,
+                    "workers": job.workers,
+                    "servers": job.servers,
+                    "oversubscribed": oversubscribed(job.ranks),
+                    **medians[job.label],
+                    "vs_baseline": round(medians[job.label]["samples_per_s"] / base, 3),
+                }
+            )
+    return rows
+
+
 MIRROR = {"FTMPI_PLACEMENT": "mirror"}
 ONE_WORKER_JOBS = [
     Job("1 worker, no servers", workers=1),
@@ -396,22 +420,7 @@ def suite_placement(
         (ONE_WORKER_JOBS, [1_000_000] if quick else [1_000_000, 25_000_000, 100_000_000]),
         (TWO_WORKER_JOBS, [25_000_000] if quick else [25_000_000, 100_000_000]),
     ):
-        results = interleaved(jobs, sizes, steps, repeats, log)
-        for size in sizes:
-            medians = {j.label: median_row(results[j.label], size) for j in jobs}
-            base = medians[jobs[0].label]["samples_per_s"]
-            for job in jobs:
-                rows.append(
-                    {
-                        "params": results[job.label][0].lead(size)["params"],
-                        "config": job.label,
-                        "workers": job.workers,
-                        "servers": job.servers,
-                        "oversubscribed": oversubscribed(job.ranks),
-                        **medians[job.label],
-                        "vs_baseline": round(medians[job.label]["samples_per_s"] / base, 3),
-                    }
-                )
+        rows += vs_first(jobs, interleaved(jobs, sizes, steps, repeats, log), sizes)
     for name in MIRROR_KILLS[:1] if quick else MIRROR_KILLS:
         job = _strategy_job(f"mirror, {name}", {**STRATEGIES[name], **MIRROR}, 0.25)
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import pickle
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -68,7 +68,15 @@ def broadcast_parameters(
         _broadcast_tensor_(t.data if isinstance(t, torch.nn.Parameter) else t, root_rank)
 
 
-def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int = 0) -> None:
+class StateDictOwner(Protocol):
+    """What :func:`broadcast_optimizer_state` uses of an optimizer."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+def broadcast_optimizer_state(optimizer: StateDictOwner, root_rank: int = 0) -> None:
     """Give every worker's ``optimizer`` worker ``root_rank``'s state and hyper-parameters.
 
     With servers, the servers receive worker 0's state at the first ``step()`` (or the next one

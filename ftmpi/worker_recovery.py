@@ -27,7 +27,6 @@ the mechanisms whose flags are on (``chain+stateless`` is replication and rebuil
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 import time
@@ -40,7 +39,7 @@ import torch
 
 from ftmpi import events
 from ftmpi.backends import rebuild_backend
-from ftmpi.broadcast import broadcast_bytes
+from ftmpi.broadcast import broadcast_bytes, broadcast_optimizer_state
 from ftmpi.client import ServerClient
 from ftmpi.loop import Rollback
 from ftmpi.membership import is_coordinator, recover, request_due_replacements
@@ -83,9 +82,12 @@ class Trainee(Protocol):
     def _load_servers_state(self) -> None:
         """``mirror``: load the servers' optimizer state into this worker's optimizer."""
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state (``mirror``: this worker's own)."""
+        ...
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Install optimizer state (``mirror``: a joining worker takes worker 0's)."""
 
 
 @dataclass(frozen=True)
@@ -344,17 +346,20 @@ class WorkerRecovery:
         """Wall time of the first failure seen since the last completed step."""
         self._workers_changed = False
         """Whether the latest recovery (with its restarts) changed the set of workers."""
-        self.snapshots = _Snapshots(rt, client, trainee) if self.strategy.snapshots else None
+        # with a mirror the workers hold the state: no strategy acts on their side
+        acts = mirror is None
+        self.snapshots = (
+            _Snapshots(rt, client, trainee) if acts and self.strategy.snapshots else None
+        )
         self.rebuild = (
             _Rebuild(rt, client, trainee, class_path(base_class))
-            if self.strategy.rebuilds
+            if acts and self.strategy.rebuilds
             else None
         )
         if self.rebuild is not None:
             self.rebuild.times = times
         parts: list[_Mechanism] = []
-        if mirror is not None:  # the workers hold the state: no strategy acts on their side
-            self.snapshots = self.rebuild = None
+        if mirror is not None:
             parts.append(_Mirror(mirror, trainee))
         elif self.strategy.replicates:
             parts.append(_Replication())
@@ -407,7 +412,7 @@ class WorkerRecovery:
             self._broadcast_params()
             t._params_to_buffer()
         if rt.config.mirrored:  # the optimizer state lives on the workers too
-            t.load_state_dict(torch.load(io.BytesIO(broadcast_bytes(None, 0)), weights_only=True))
+            broadcast_optimizer_state(t, 0)
             started = False  # the survivors give the servers the whole state at the next step
         t._ftmpi_started = started  # if not, the first step initialises the servers
         events.emit(
@@ -431,10 +436,7 @@ class WorkerRecovery:
         if self.joiner_takes_params(t._ftmpi_started):
             self._broadcast_params()
         if self.rt.config.mirrored:
-            state = io.BytesIO()
-            if self.rt.role_rank == 0:
-                torch.save(t.state_dict(), state)
-            broadcast_bytes(state.getvalue(), 0)
+            broadcast_optimizer_state(t, 0)
 
     def joiner_takes_params(self, started: bool) -> bool:
         """Whether a joining worker takes the weights from worker 0 rather than the servers.

@@ -11,17 +11,25 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
+
+
+def _processes() -> Iterator[tuple[int, list[str]]]:
+    """(pid, fields of ``/proc/<pid>/stat`` after the command name) of every process: state,
+    parent pid, process group, session, ... (the command name may hold spaces, so the fields
+    are those after its ``)``)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError):
+            yield int(stat.parent.name), stat.read_text().rpartition(")")[2].split()
 
 
 def descendants(pid: int) -> list[int]:
     """Every live process below ``pid``, parents before children."""
     children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            # the command name (field 2) may hold spaces: the parent pid follows its ")"
-            ppid = int(stat.read_text().rpartition(")")[2].split()[1])
-            children.setdefault(ppid, []).append(int(stat.parent.name))
+    for child, fields in _processes():
+        with contextlib.suppress(ValueError, IndexError):
+            children.setdefault(int(fields[1]), []).append(child)
     out: list[int] = []
     todo = [pid]
     while todo:
@@ -34,12 +42,10 @@ def descendants(pid: int) -> list[int]:
 def session_members(sid: int) -> list[int]:
     """Every live process of session ``sid`` (``/proc``; empty elsewhere; zombies left out)."""
     members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            # state and session id: fields 3 and 6; the command name (field 2) may hold spaces
-            fields = stat.read_text().rpartition(")")[2].split()
+    for pid, fields in _processes():
+        with contextlib.suppress(ValueError, IndexError):
             if fields[0] != "Z" and int(fields[3]) == sid:
-                members.append(int(stat.parent.name))
+                members.append(pid)
     return members
 
 
