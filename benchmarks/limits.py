@@ -66,6 +66,37 @@ def apply_rate(numel: int, optimizer: str = "sgd", repeats: int = 5) -> float:
         torch.set_num_threads(threads)
 
 
+def cnn_step_rate(batch: int = 32, steps: int = 40) -> float:
+    """Steps/s of the paper's CNN (``ftmpi.models.PaperCNN``, 10 classes) on one thread: one
+    batch's forward, backward and SGD-with-momentum step, the median of ``steps`` after a warm-up.
+    Times the cores, it is the most gradients/s a job of one-thread workers can compute."""
+    from ftmpi.models import PaperCNN
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = PaperCNN(num_classes=10)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+
+        def one() -> None:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        for _ in range(5):
+            one()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            one()
+            times.append(time.perf_counter() - t0)
+        return 1.0 / statistics.median(times)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def p2p_rates(
     comm: Any, nbytes: int, chunk_sizes: list[int], repeats: int
 ) -> dict[str, float] | None:

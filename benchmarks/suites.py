@@ -15,7 +15,10 @@ Jobs run ``benchmarks/trainer.py`` (or ``benchmarks/limits.py``) through ``ftmpi
   long outage included);
 - ``recovery``: a chain head killed at several model sizes: failover and state-transfer rate;
 - ``placement``: ``server`` against ``mirror`` placement, with 1 worker against no servers and
-  with 2 workers against plain Horovod; the workers' idle time per server kill in ``mirror``.
+  with 2 workers against plain Horovod; the workers' idle time per server kill in ``mirror``;
+- ``cnn``: the paper's CNN with 2 workers (no servers, and one server in each placement):
+  gradients/s against the compute limit measured in the same invocation (one batch's forward,
+  backward and step on one core, times the cores).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import limits
-from benchmarks.bench_strategies import STRATEGIES, kill_costs, oversubscribed
+from benchmarks.bench_strategies import CORES, STRATEGIES, kill_costs, oversubscribed
+from benchmarks.bench_strategies import run as run_strategy
 from ftmpi.events import read_events
 from launch.command import JobSpec, build_command, find_launcher
 
@@ -433,6 +437,47 @@ def suite_placement(
     return rows
 
 
+CNN_JOBS = {
+    "2 workers, no servers": {"FTMPI_SERVERS": "0"},
+    "2 workers + 1 server, server placement": {},
+    "2 workers + 1 server, mirror": {"FTMPI_PLACEMENT": "mirror"},
+}
+
+
+def suite_cnn(
+    quick: bool, log: Callable[[str], None], repeats: int | None = None
+) -> list[dict[str, Any]]:
+    """The paper's CNN (813,258 parameters, batch 32, strategy ``none``) with 2 workers:
+    gradients/s (steps/s times workers, medians of interleaved repeats) against the compute
+    limit (:func:`benchmarks.limits.cnn_step_rate` times the cores), measured before and after
+    the jobs."""
+    repeats = repeats or (1 if quick else 3)
+    steps = 150 if quick else 400
+    limit = [limits.cnn_step_rate() * CORES]
+    sps: dict[str, list[float]] = {name: [] for name in CNN_JOBS}
+    for _ in range(repeats):
+        for name, env in CNN_JOBS.items():
+            summary, _events = run_strategy({"FTMPI_STRATEGY": "none", **env}, steps)
+            sps[name].append(summary["steps_per_second"])
+            log(f"cnn {name}: {sps[name][-1]:.1f} steps/s")
+    limit.append(limits.cnn_step_rate() * CORES)
+    bound = statistics.mean(limit)
+    label = "compute limit (one core's forward + backward + step, times the cores)"
+    rows: list[dict[str, Any]] = [{"config": label, "gradients_per_s": round(bound, 1)}]
+    for name, env in CNN_JOBS.items():
+        servers = int(env.get("FTMPI_SERVERS", "1"))
+        grads = 2 * statistics.median(sps[name])
+        rows.append(
+            {
+                "config": name,
+                "oversubscribed": oversubscribed(2 + servers),
+                "gradients_per_s": round(grads, 1),
+                "vs_compute_limit": round(grads / bound, 3),
+            }
+        )
+    return rows
+
+
 SUITES: dict[str, Callable[..., list[dict[str, Any]]]] = {  # fn(quick, log, **options)
     "limits": suite_limits,
     "throughput": suite_throughput,
@@ -440,6 +485,7 @@ SUITES: dict[str, Callable[..., list[dict[str, Any]]]] = {  # fn(quick, log, **o
     "strategies": suite_strategies,
     "recovery": suite_recovery,
     "placement": suite_placement,
+    "cnn": suite_cnn,
 }
 """Suite name -> ``fn(quick, log, **options) -> rows``, in the order ``ftmpi-run bench`` runs
 them (``limits``, ``throughput`` and ``recovery`` take a ``params`` option, ``throughput``

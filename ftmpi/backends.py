@@ -21,7 +21,7 @@ from mpi4py import MPI
 
 from ftmpi import events
 from ftmpi.collective import CollectiveBackend
-from ftmpi.membership import deadline, failures
+from ftmpi.guards import deadline, failures
 from ftmpi.wire import CommTimeout, PeerFailure, mpi_errors, wait_all
 
 if TYPE_CHECKING:
@@ -286,7 +286,7 @@ def rebuild_backend(rt: Runtime, *, workers_changed: bool) -> None:
     Every worker takes the same decision. Raises ``PeerFailure`` (the recovery starts over)
     or ``CommTimeout`` when a worker dies or stops answering meanwhile; a Horovod
     initialisation that does not return within the timeout ends the process
-    (:func:`~ftmpi.membership.deadline`).
+    (:func:`~ftmpi.guards.deadline`).
     """
     global _horovod_stuck
     # the node-local worker communicator changes with the workers (a joining worker's

@@ -77,7 +77,7 @@ def init(servers: int | None = None, mode: str | None = None, **options: Any) ->
     group = world.Split(color=int(is_server), key=world.Get_rank())
     group.Set_errhandler(MPI.ERRORS_RETURN)
     run_id, job_start = _agree_run_id(world, config)
-    from ftmpi.membership import gather_nodes
+    from ftmpi.spawning import gather_nodes
     from ftmpi.wire import run_hash
 
     nodes = gather_nodes(world, config.timeout)
@@ -271,6 +271,9 @@ def release(rt: Runtime) -> None:
     from ftmpi.wire import CommTimeout, PeerFailure, ServerDown, wait_all
 
     role = rt.role  # asks the role communicator, which is freed below
+    if rt.spawning is not None:  # replacements spawned in the background, never admitted
+        rt.spawning.dismiss()
+        rt.spawning = None
     for _attempt in range(_EXIT_RECOVERIES + 1):
         try:
             wait_all([rt.world.Ibarrier()], rt.config.timeout, "the exit barrier")

@@ -34,24 +34,33 @@ survivor starts over together and the views still agree).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import numpy as np
 from mpi4py import MPI
 
-from ftmpi import events
+from ftmpi import events, spawning
 from ftmpi.config import Config
 from ftmpi.failpoints import failpoint
-from ftmpi.fatal import UserError
+from ftmpi.guards import deadline, failures
 from ftmpi.placement import replacement_nodes
 from ftmpi.runtime import Runtime, durable_state
+from ftmpi.spawning import (
+    BackgroundSpawn,
+    announce_ready,
+    await_ready,
+    bcast_json,
+    gather_nodes,
+    how_to_join,
+    replacement_command,
+    tell_replacements,
+    warm_up,
+)
 from ftmpi.wire import PeerFailure, run_hash, wait_all
 
 
@@ -74,52 +83,6 @@ class Recovery:
 def _quiet(fn: Callable[..., object], *args: object) -> None:
     with contextlib.suppress(MPI.Exception):
         fn(*args)
-
-
-FAILURE_CLASSES = frozenset({MPI.ERR_PROC_FAILED, MPI.ERR_PROC_FAILED_PENDING, MPI.ERR_REVOKED})
-"""MPI error classes that mean a peer died or a communicator was revoked (ULFM)."""
-
-
-@contextlib.contextmanager
-def failures(what: str) -> Iterator[None]:
-    """Turn an MPI error of the process-failure or revoked class raised inside the block into
-    :class:`~ftmpi.wire.PeerFailure` (``what`` names the call), so a death during a recovery's
-    own MPI calls (Shrink, Split, Split_type, Spawn, Merge, Agree) makes the caller start the
-    recovery over instead of ending the rank. Any other MPI error propagates unchanged."""
-    try:
-        yield
-    except MPI.Exception as exc:
-        if exc.Get_error_class() in FAILURE_CLASSES:
-            raise PeerFailure(what, exc.Get_error_class()) from exc
-        raise
-
-
-@contextlib.contextmanager
-def deadline(config: Config, role: str, what: str) -> Iterator[None]:
-    """Run an uncancellable MPI call; if it has not returned within ``config.timeout`` seconds,
-    record a ``recovery_stuck`` event, say so on stderr and end this process (exit status 75)."""
-
-    def expire() -> None:
-        message = (
-            f"ftmpi: {role}: {what} did not complete within {config.timeout:g} s (a rank "
-            "probably died during it, which Open MPI cannot interrupt); ending this process so "
-            "the job stops instead of hanging. " + durable_state(config)
-        )
-        events.emit(config.run_dir, "recovery_stuck", role=role, what=what)
-        print(message, file=sys.stderr, flush=True)
-        os._exit(STUCK_EXIT)
-
-    timer = threading.Timer(config.timeout, expire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-
-
-STUCK_EXIT = 75
-"""Exit status of a process whose recovery could not complete (:func:`deadline`)."""
 
 
 def role_of(rt: Runtime) -> str:
@@ -203,21 +166,32 @@ def recover(
             f"{_names(result.failed_servers, result.failed_workers)} died; "
             f"recovering with strategy {rt.config.strategy}, {rt.num_workers} worker(s) left",
         )
-    # Replace down servers now if workers would wait for them anyway, or if the coordinator says
-    # their down time has passed (the coordinator revoked the world to get everyone here).
+    # Replace down servers now if workers would wait for them anyway (a collective spawn, after
+    # their down time), or admit the replacements the coordinator spawned in the background.
     if (rt.down_since or rt.workers_down) and blocking_strategy and spawn and is_coordinator(rt):
         since = min([*rt.down_since.values(), *rt.workers_down])
         wait = max(0.0, since + rt.config.down_for - time.monotonic())
         time.sleep(wait)
-    want = np.array([1 if spawn and is_coordinator(rt) and spawn_due(rt) else 0], dtype=np.int64)
+    coordinating = spawn and is_coordinator(rt)
+    bg = _pending(rt) if coordinating else None
+    collective = _workers_due(rt) or (blocking_strategy and spawn_due(rt))
+    want = np.array(
+        [
+            1 if coordinating and collective else 0,
+            1 if bg is not None and bg.ready and bg.error is None else 0,
+        ],
+        dtype=np.int64,
+    )
     limit = rt.config.timeout + (rt.config.down_for if blocking_strategy else 0)
     wait_all(
         [rt.world.Iallreduce(MPI.IN_PLACE, want, op=MPI.MAX)], limit, "agreeing on replacements"
     )
-    if want[0]:
-        workers_before = rt.num_workers
+    workers_before = rt.num_workers
+    if want[1]:
+        result.respawned = admit_background(rt)
+    elif want[0]:
         result.respawned = spawn_replacements(rt)
-        result.new_workers = rt.num_workers - workers_before
+    result.new_workers = rt.num_workers - workers_before
     return result
 
 
@@ -227,18 +201,53 @@ def is_coordinator(rt: Runtime) -> bool:
 
 
 def request_due_replacements(rt: Runtime) -> None:
-    """Coordinator: once a dead rank's down time has passed, revoke the world so that every
-    rank joins a recovery that spawns its replacement; raises ``PeerFailure`` so the caller
-    joins it too. A no-op elsewhere, and while nothing is due."""
-    if (rt.down_since or rt.workers_down) and is_coordinator(rt) and spawn_due(rt):
+    """Coordinator, at a step boundary, for strategies that go on while a rank is down.
+
+    A dead worker whose down time has passed (``respawn_workers``): revoke the world so that
+    every rank joins a recovery that spawns its replacement collectively (the survivors wait
+    for it: the replacement takes the dead worker's place and data position, so the run
+    stays the one without the failure). A down server slot whose down time has passed: start
+    spawning its replacement in the background (:class:`~ftmpi.spawning.BackgroundSpawn`)
+    while training goes on; once that spawn has returned, revoke the world so that every rank
+    joins a recovery that admits it. Either way raises ``PeerFailure`` so the caller joins the
+    recovery too. A no-op elsewhere, and while nothing is due or the spawn is under way.
+    Raises the spawn's own error (e.g. :class:`~ftmpi.fatal.UserError` for a spare node Open
+    MPI does not know) once it failed."""
+    if not is_coordinator(rt) or not (rt.down_since or rt.workers_down):
+        return
+    if _workers_due(rt):
         _quiet(rt.world.Revoke)
         raise PeerFailure("replacement due", MPI.ERR_REVOKED)
+    bg = _pending(rt)
+    if bg is None:
+        if spawn_due(rt):
+            rt.spawning = _spawn_in_background(rt)
+        return
+    if not bg.ready:
+        return
+    if bg.error is not None:
+        rt.spawning = None
+        raise bg.error
+    _quiet(rt.world.Revoke)
+    raise PeerFailure("replacement ready", MPI.ERR_REVOKED)
+
+
+def _pending(rt: Runtime) -> BackgroundSpawn | None:
+    """The coordinator's spawn under way or not yet admitted (``Runtime.spawning``)."""
+    bg: BackgroundSpawn | None = rt.spawning
+    return bg
 
 
 def spawn_due(rt: Runtime) -> bool:
     """Whether some down server's (or dead worker's) down time has passed."""
     now = time.monotonic()
     return any(now - t >= rt.config.down_for for t in [*rt.down_since.values(), *rt.workers_down])
+
+
+def _workers_due(rt: Runtime) -> bool:
+    """Whether some dead worker's down time has passed (``respawn_workers``)."""
+    now = time.monotonic()
+    return any(now - t >= rt.config.down_for for t in rt.workers_down)
 
 
 def _install(rt: Runtime, world: MPI.Comm) -> None:
@@ -295,55 +304,24 @@ def _assignment(rt: Runtime) -> Assignment:
     }
 
 
-def _bcast_json(comm: MPI.Comm, doc: Assignment | None, timeout: float) -> Assignment:
-    """Root's ``doc`` on every rank of ``comm`` (root passes it, the others ``None``)."""
-    n = np.zeros(1, dtype=np.int64)
-    data = json.dumps(doc).encode() if doc is not None else b""
-    n[0] = len(data)
-    wait_all([comm.Ibcast(n, root=0)], timeout, "sending the role table")
-    buf = (
-        np.frombuffer(bytearray(data), dtype=np.uint8)
-        if doc is not None
-        else np.empty(int(n[0]), dtype=np.uint8)
-    )
-    wait_all([comm.Ibcast(buf, root=0)], timeout, "sending the role table")
-    received: Assignment = json.loads(buf.tobytes())
-    return received
-
-
-def spawn_replacements(rt: Runtime) -> list[int]:
-    """Spawn one process per down server slot (and per dead worker awaiting a replacement) and
-    merge them into the world (all survivors).
-
-    Returns the refilled server slots. The replacements run ``sys.argv`` with this Python; new
-    workers are appended to the worker list. With spare nodes listed, each is placed on the
-    node :func:`ftmpi.placement.replacement_nodes` picks (``MPI_Comm_spawn_multiple``, one
-    command per replacement with the Info key ``host``); otherwise one ``MPI_Comm_spawn`` lets
-    Open MPI place them (measured: on the launch node). Every rank then learns every rank's
-    node (:func:`gather_nodes`).
-    """
-    slots = sorted(rt.down_since)
-    new_workers = len(rt.workers_down)
-    if not slots and not new_workers:
-        return []
-    detected = min([rt.down_since[j] for j in slots] or [time.monotonic()])
-    script = sys.argv[0] if sys.argv else ""
-    if not script or script == "-c" or not os.path.exists(script):
-        raise RuntimeError(
-            f"cannot re-spawn a server: the job was not started from a script file ({script!r}); "
-            "run `python train.py ...` so replacements can run the same script"
-        )
+def _placement(rt: Runtime, slots: list[int], new_workers: int) -> tuple[list[str], bool]:
+    """Where replacements for ``slots`` and ``new_workers`` go, and whether they are pinned
+    there by name (only onto spare nodes the user listed: placing with the Info key ``host``
+    crashed Open MPI 5.0's runtime in 8 of 21 re-spawns across nodes, docs/recovery.md, known
+    limitations; without it Open MPI puts them on the launch node, which is live though it may
+    hold another replica of the chain)."""
     hosts = replacement_nodes(
         rt.nodes,
         rt.config.spares,
         [rt.shard_of(j) for j in slots] + [None] * new_workers,
         [rt.chain_nodes(k) for k in range(rt.num_shards)],
     )
-    # Placing with the Info key ``host`` crashed Open MPI 5.0's runtime in 8 of 21 re-spawns
-    # across nodes (docs/recovery.md, known limitations); without it, Open MPI puts the
-    # replacement on the launch node (live, though it may hold another replica of the chain).
-    # So ftmpi places by name only onto the spare nodes the user listed for it.
-    pinned = bool(rt.config.spares)
+    return hosts, bool(rt.config.spares)
+
+
+def _spawn_started(
+    rt: Runtime, slots: list[int], new_workers: int, hosts: list[str] | None
+) -> None:
     events.emit(
         rt.config.run_dir,
         "spawn_started",
@@ -351,16 +329,108 @@ def spawn_replacements(rt: Runtime) -> list[int]:
         role=role_of(rt),
         slots=slots,
         workers=new_workers,
-        nodes=hosts if pinned else None,
+        nodes=hosts,
         view=rt.view,
     )
-    command = [os.path.abspath(script), *sys.argv[1:]]
+
+
+def spawn_replacements(rt: Runtime) -> list[int]:
+    """Spawn one process per down server slot (and per dead worker awaiting a replacement) and
+    merge them into the world: a collective of all survivors, who all wait for the new
+    processes to start (strategies whose workers wait anyway; see :func:`admit_background`
+    for the others).
+
+    The coordinator says which (a down slot its background spawn covers is left to it).
+    Returns the refilled server slots. The replacements run ``sys.argv`` with this Python; new
+    workers are appended to the worker list. With spare nodes listed, each is placed on the
+    node :func:`ftmpi.placement.replacement_nodes` picks (``MPI_Comm_spawn_multiple``, one
+    command per replacement with the Info key ``host``); otherwise one ``MPI_Comm_spawn`` lets
+    Open MPI place them (measured: on the launch node). Every rank then learns every rank's
+    node (:func:`~ftmpi.spawning.gather_nodes`).
+    """
+    bg = _pending(rt) if is_coordinator(rt) else None
+    busy = set(bg.slots) if bg is not None else set()  # being spawned in the background
+    plan: dict[str, Any] = {"slots": [j for j in sorted(rt.down_since) if j not in busy]}
+    plan["workers"] = len(rt.workers_down)
+    plan = bcast_json(rt.world, plan, rt.config.timeout, root=rt.workers[0])
+    slots, new_workers = [int(j) for j in plan["slots"]], int(plan["workers"])
+    if not slots and not new_workers:
+        return []
+    command = replacement_command()
+    hosts, pinned = _placement(rt, slots, new_workers)
+    _spawn_started(rt, slots, new_workers, hosts if pinned else None)
+    world = rt.world
+    assert isinstance(world, MPI.Intracomm)  # Dup, Shrink and Merge make intracommunicators
     with deadline(rt.config, role_of(rt), "spawning replacements (MPI_Comm_spawn + merge)"):
-        inter = _spawn(rt, command, len(hosts), hosts if pinned else None)
+        inter = spawning.spawn(world, command, len(hosts), hosts if pinned else None)
+        if world.Get_rank() == 0:
+            await_ready(inter, rt.config.timeout)
+            tell_replacements(inter, {"join": "merge"}, rt.config.timeout)
+        with failures("merging the replacements into the world"):
+            merged = inter.Merge(high=False)
+    return _admit(rt, slots, new_workers, inter, merged, pinned)
+
+
+def _spawn_in_background(rt: Runtime) -> BackgroundSpawn:
+    """Coordinator: start spawning replacements for every down server slot on a thread (over
+    ``MPI_COMM_SELF``); :func:`admit_background` admits them."""
+    slots = sorted(rt.down_since)
+    command = replacement_command()
+    hosts, pinned = _placement(rt, slots, 0)
+    _spawn_started(rt, slots, 0, hosts if pinned else None)
+    return BackgroundSpawn(
+        rt.config,
+        role_of(rt),
+        slots,
+        0,
+        lambda: spawning.spawn(MPI.COMM_SELF, command, len(hosts), hosts if pinned else None),
+    )
+
+
+def admit_background(rt: Runtime) -> list[int]:
+    """Admit the replacements the coordinator spawned in the background (all survivors, in a
+    recovery): the coordinator says which slots they fill, opens a port and sends it to them;
+    the world accepts their connection (root: the coordinator) and merges with them. Returns
+    the refilled server slots. Raises ``PeerFailure`` when a rank dies meanwhile (the spawn
+    is kept for the next recovery unless the coordinator died)."""
+    root = rt.workers[0]
+    bg = _pending(rt) if is_coordinator(rt) else None
+    doc = bcast_json(
+        rt.world,
+        {"slots": bg.slots, "workers": bg.new_workers} if bg is not None else None,
+        rt.config.timeout,
+        root=root,
+    )
+    world = rt.world
+    assert isinstance(world, MPI.Intracomm)
+    with deadline(rt.config, role_of(rt), "admitting replacements (MPI_Comm_accept + merge)"):
+        port = bg.port() if bg is not None else ""
+        with failures("admitting replacements (MPI_Comm_accept)"):
+            inter = world.Accept(port, root=root)
         inter.Set_errhandler(MPI.ERRORS_RETURN)
         with failures("merging the replacements into the world"):
             merged = inter.Merge(high=False)
+    if bg is not None:
+        bg.close()
+        assert bg.inter is not None
+        rt.intercomms.append(bg.inter)
+        rt.spawning = None
+    slots = [int(j) for j in doc["slots"]]
+    return _admit(rt, slots, int(doc["workers"]), inter, merged, bool(rt.config.spares))
+
+
+def _admit(
+    rt: Runtime,
+    slots: list[int],
+    new_workers: int,
+    inter: MPI.Intercomm,
+    merged: MPI.Intracomm,
+    pinned: bool,
+) -> list[int]:
+    """The new processes are merged in (after the survivors, in ``merged``): give them their
+    slots, send them the role table, learn every rank's node and install the new view."""
     merged.Set_errhandler(MPI.ERRORS_RETURN)
+    detected = min([rt.down_since[j] for j in slots] or [time.monotonic()])
     base = rt.world.Get_size()
     for k, j in enumerate(slots):
         rt.servers[j] = base + k
@@ -370,10 +440,10 @@ def spawn_replacements(rt: Runtime) -> list[int]:
         chain.remove(j)
         chain.append(j)  # a replacement joins its chain at the tail
     rt.workers += [base + len(slots) + k for k in range(new_workers)]
-    waited = time.monotonic() - min([detected, *rt.workers_down])
-    rt.workers_down = []
+    waited = time.monotonic() - min([detected, *rt.workers_down[:new_workers]])
+    rt.workers_down = rt.workers_down[new_workers:]
     rt.intercomms.append(inter)
-    _bcast_json(merged, _assignment(rt) if merged.Get_rank() == 0 else None, rt.config.timeout)
+    bcast_json(merged, _assignment(rt), rt.config.timeout)
     nodes = gather_nodes(merged, rt.config.timeout)
     rt.nodes = nodes
     _install(rt, merged)
@@ -398,66 +468,6 @@ def spawn_replacements(rt: Runtime) -> list[int]:
     return slots
 
 
-def _spawn(rt: Runtime, command: list[str], count: int, hosts: list[str] | None) -> MPI.Intercomm:
-    """Start ``count`` processes of this Python running ``command`` (collective over the
-    world): one ``MPI_Comm_spawn``, placed by Open MPI, when ``hosts`` is None; else
-    ``MPI_Comm_spawn_multiple`` of one command per entry of ``hosts``, each with the Info key
-    ``host``. A process-failure or revoked error becomes ``PeerFailure``; any other MPI error
-    with ``hosts`` given becomes a :class:`~ftmpi.fatal.UserError` that names the nodes and
-    what Open MPI needs to know of them."""
-    world = rt.world
-    assert isinstance(world, MPI.Intracomm)  # Dup, Shrink and Merge make intracommunicators
-    infos = [_spawn_info(None)] if hosts is None else [_spawn_info(host) for host in hosts]
-    try:
-        with failures("spawning replacements (MPI_Comm_spawn)"):
-            if hosts is None:
-                return world.Spawn(
-                    sys.executable, args=command, maxprocs=count, root=0, info=infos[0]
-                )
-            return world.Spawn_multiple(
-                [sys.executable] * count,
-                args=[command] * count,
-                maxprocs=[1] * count,
-                info=infos,
-                root=0,
-            )
-    except MPI.Exception as exc:
-        if hosts is None:
-            raise
-        raise UserError(
-            f"spawning replacements on node(s) {hosts} failed ({exc.Get_error_string()}): Open "
-            "MPI must know each node by that name (MPI_Get_processor_name's): list it in the "
-            "hostfile or the allocation, a spare node too (FTMPI_SPARE_NODES, with no rank "
-            "mapped to it)"
-        ) from exc
-    finally:
-        for info in infos:
-            info.Free()
-
-
-def _spawn_info(host: str | None) -> MPI.Info:
-    """A spawned process's Info: this working directory, and its node when ``host`` is given."""
-    info = MPI.Info.Create()
-    info.Set("wdir", os.getcwd())
-    if host is not None:
-        info.Set("host", host)
-    return info
-
-
-def gather_nodes(comm: MPI.Comm, timeout: float) -> list[str]:
-    """Every rank's node (``MPI_Get_processor_name``), by rank of ``comm``; collective over
-    ``comm``. Raises ``PeerFailure`` if a rank died, ``CommTimeout`` after ``timeout`` s."""
-    width = MPI.MAX_PROCESSOR_NAME
-    mine = np.zeros(width, dtype=np.uint8)
-    name = MPI.Get_processor_name().encode()[:width]
-    mine[: len(name)] = np.frombuffer(name, dtype=np.uint8)
-    every = np.empty(comm.Get_size() * width, dtype=np.uint8)
-    wait_all([comm.Iallgather(mine, every)], timeout, "gathering every rank's node name")
-    return [
-        row.tobytes().rstrip(b"\0").decode(errors="replace") for row in every.reshape(-1, width)
-    ]
-
-
 def _names(servers: list[int], workers: list[int], *, replaced: int = 0) -> str:
     parts = [f"server {j}" for j in servers] + [f"worker {i}" for i in workers]
     if replaced:
@@ -471,16 +481,30 @@ def _say(rt: Runtime, text: str) -> None:
 
 
 def join_as_replacement(parent: MPI.Intercomm) -> Runtime:
-    """The replacement side of :func:`spawn_replacements`: merge, learn the role, join."""
+    """The replacement side of :func:`spawn_replacements` and :func:`admit_background`: learn
+    how to join (:func:`~ftmpi.spawning.how_to_join`), merge, learn the role, join. Exits with
+    status 0 when told to quit (the job finished before this process was admitted)."""
     parent.Set_errhandler(MPI.ERRORS_RETURN)
     launch_config = Config.from_env(os.environ)  # the job's settings, until the parents' arrive
     with (
         deadline(launch_config, "a replacement", "joining the job (merge)"),
         failures("joining the job (merge)"),
     ):
-        merged = parent.Merge(high=True)
+        warm_up()
+        announce_ready(parent, launch_config.timeout)
+        how = how_to_join(parent, launch_config.timeout)
+        if how["join"] == "quit":
+            parent.Disconnect()
+            sys.exit(0)
+        if how["join"] == "connect":
+            inter = MPI.COMM_WORLD.Connect(how["port"], root=0)
+            inter.Set_errhandler(MPI.ERRORS_RETURN)
+            merged = inter.Merge(high=True)
+        else:
+            inter = parent
+            merged = parent.Merge(high=True)
     merged.Set_errhandler(MPI.ERRORS_RETURN)
-    doc = _bcast_json(merged, None, launch_config.timeout)
+    doc: Assignment = bcast_json(merged, None, launch_config.timeout)
     nodes = gather_nodes(merged, launch_config.timeout)
     config_env = dict(doc["config"])
     os.environ.update(config_env)
@@ -504,7 +528,7 @@ def join_as_replacement(parent: MPI.Intercomm) -> Runtime:
         nodes=nodes,
         view=int(doc["view"]),
         ulfm=True,
-        intercomms=[parent],
+        intercomms=[parent, inter] if inter is not parent else [parent],
         late_joiner=not is_server,
     )
     _install(rt, merged)

@@ -79,26 +79,39 @@ class Mirror:
         """Per shard index: the updates sent and not yet answered, oldest first."""
         self._spare: dict[int, np.ndarray] = {}
         self._abandoned: list[Sent] = []
+        self.failure: str | None = None
+        """A rank death seen while sending, not yet recovered from (:meth:`raise_failure`)."""
 
     def after_step(self, opt: MirroredOptimizer, recover: Callable[[str], object]) -> None:
         """After this worker's own optimizer step (its position already advanced): send the
         step's averaged gradient (in ``client.grads``) to the live shards this worker leads, or,
         on the first step after the start or a recovery, give every live server its shard's
-        whole state (collective over the workers). A rank death is recovered from here
-        (``recover``: the worker's recovery)."""
+        whole state (collective over the workers; a rank death there is recovered from at
+        once, ``recover``: the worker's recovery). A death seen while sending is kept
+        (:attr:`failure`) and raised at the next step's start (:meth:`raise_failure`): the other
+        workers are computing that step, and a recovery now would wait for them."""
         rt, client = self.rt, self.client
-        try:
-            with opt._ftmpi_times.phase("mirror"):
-                if not opt._ftmpi_started:
-                    client.versions[:] = [opt.position] * len(opt._ftmpi_shards)
+        with opt._ftmpi_times.phase("mirror"):
+            if not opt._ftmpi_started:
+                client.versions[:] = [opt.position] * len(opt._ftmpi_shards)
+                try:
                     opt._start_servers()
-                    return
-                live = [s for s in opt._ftmpi_shards if rt.live_chain(s.index)]
-                mine = [s for s in live if s.index % rt.num_workers == rt.role_rank]
+                except PeerFailure as exc:
+                    recover(str(exc))
+                return
+            live = [s for s in opt._ftmpi_shards if rt.live_chain(s.index)]
+            mine = [s for s in live if s.index % rt.num_workers == rt.role_rank]
+            try:
                 client.send_hparams(mine, opt._hparams())
                 self.send(mine, rt.config.mirror_lag)
-        except PeerFailure as exc:
-            recover(str(exc))
+            except PeerFailure as exc:
+                self.failure = str(exc)
+
+    def raise_failure(self) -> None:
+        """Raise ``PeerFailure`` for a death seen while sending (:meth:`after_step`), once."""
+        if self.failure is not None:
+            reason, self.failure = self.failure, None
+            raise PeerFailure(reason, MPI.ERR_PROC_FAILED)
 
     def send(self, shards: list[Shard], lag: int) -> None:
         """Send a copy of each of ``shards``' gradient with the shard's version as base; wait
@@ -131,7 +144,9 @@ class Mirror:
 
     def forget(self) -> None:
         """After a recovery: drop the unanswered updates (the servers get the workers' whole
-        state instead). Their buffers stay alive while an unfinished send may read them."""
+        state instead), and a death seen while sending (the recovery covered it). Their buffers
+        stay alive while an unfinished send may read them."""
+        self.failure = None
         for queue in self.unanswered.values():
             self._abandoned.extend(queue)
             queue.clear()

@@ -47,6 +47,9 @@ class Runtime:
     """Server slots that are down, and since when (``time.monotonic()`` on this rank)."""
     workers_down: list[float] = field(default_factory=list)
     """With ``respawn_workers``: when each dead worker that awaits a replacement died."""
+    spawning: Any = field(default=None, repr=False)
+    """The coordinator's replacements being spawned in the background, not yet admitted (an
+    :class:`ftmpi.spawning.BackgroundSpawn`, or None)."""
     checkpoint_requested: bool = False
     """SIGUSR1 arrived (a batch system's warning before preemption or the time limit)."""
     late_joiner: bool = False

@@ -344,6 +344,7 @@ class WorkerRecovery:
         self.strategy = Strategy.named(rt.config.strategy)
         self.failed_at: float | None = None
         """Wall time of the first failure seen since the last completed step."""
+        self.mirror = mirror
         self._workers_changed = False
         """Whether the latest recovery (with its restarts) changed the set of workers."""
         # with a mirror the workers hold the state: no strategy acts on their side
@@ -464,7 +465,10 @@ class WorkerRecovery:
     def before_attempt(self) -> None:
         """Before each attempt at a step's communication: the coordinator revokes the world
         once a dead rank's down time has passed (strategies that go on while a server is
-        down), raising ``PeerFailure`` so the step joins the recovery that replaces it."""
+        down), raising ``PeerFailure`` so the step joins the recovery that replaces it; with a
+        mirror, a death seen while sending the previous step's update is raised here."""
+        if self.mirror is not None:
+            self.mirror.raise_failure()
         request_due_replacements(self.rt)
 
     def live_shards(self, shards: list[Shard]) -> list[Shard]:

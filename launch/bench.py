@@ -2,7 +2,7 @@
 baselines and this machine's limits in one run; print Markdown tables and write JSON.
 
 Suites (default: all, in this order): ``limits``, ``throughput``, ``scale``, ``strategies``,
-``recovery``, ``placement`` (see ``benchmarks/suites.py``). ``--quick`` runs a small subset of
+``recovery``, ``placement``, ``cnn`` (see ``benchmarks/suites.py``). ``--quick`` runs a small subset of
 each (a few minutes). The JSON holds the machine (cores, load), every suite's rows and the targets:
 
 - ``sync_vs_horovod``: ftmpi (Horovod backend, 2 servers) samples/s over plain Horovod's at
@@ -135,7 +135,7 @@ def main(argv: Sequence[str]) -> int:
         "--repeats",
         type=int,
         default=None,
-        help="throughput, placement: interleaved repeats (default 2)",
+        help="throughput, placement, cnn: interleaved repeats (default 2; cnn 3)",
     )
     args = p.parse_args(list(argv))
     unknown = [s for s in args.suites if s not in suites]
@@ -157,7 +157,7 @@ def main(argv: Sequence[str]) -> int:
                 options["params"] = args.params
             if name == "throughput":
                 options.update(only=args.only, repeats=args.repeats)
-            if name == "placement":
+            if name in ("placement", "cnn"):
                 options["repeats"] = args.repeats
             results[name] = suites[name](args.quick, log, **options)
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:

@@ -334,7 +334,7 @@ def run_job(
         "FTMPI_BACKEND": "mpi",
         **env,
     }
-    args = [PROG, str(steps), *strategy.extra, *extra]
+    args = [PROG, str(steps), "--await-replacements", *strategy.extra, *extra]
     res = run(2 + strategy.servers, args, env=full_env, timeout=timeout)
     return res, sorted(res.json_lines(), key=lambda r: r["worker"])
 

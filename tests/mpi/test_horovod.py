@@ -61,7 +61,7 @@ def test_a_chain_head_killed_under_the_horovod_backend_is_survived_bit_exact(tmp
             [
                 *(sys.executable, "-m", "launch.cli", "-np", "2", "--servers", "3"),
                 *("--strategy", "chain", *kill, "--run-dir", str(run_dir), "--"),
-                *(sys.executable, str(PROGS / "ft_train.py"), "40"),
+                *(sys.executable, str(PROGS / "ft_train.py"), "40", "--await-replacements"),
             ],
             env={"FTMPI_BACKEND": "horovod"},
             timeout=150,

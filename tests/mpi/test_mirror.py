@@ -28,6 +28,7 @@ def _ftmpi_run(run_dir: Path, *options: str, steps: int = STEPS, env=None) -> di
         [
             *(sys.executable, "-m", "launch.cli", "-np", "2", *options),
             *("--run-dir", str(run_dir), "--", sys.executable, PROG, str(steps)),
+            "--await-replacements",
         ],
         env={**ENV, **(env or {})},
         timeout=150,

@@ -27,9 +27,21 @@ KILLED_REPLACEMENT = 137
 
 
 def train(
-    mpi, tmp_path, name, *, workers=2, servers=3, env=None, extra=(), reports=None, codes=(0,)
+    mpi,
+    tmp_path,
+    name,
+    *,
+    workers=2,
+    servers=3,
+    env=None,
+    extra=(),
+    reports=None,
+    codes=(0,),
+    admit=True,
 ):
-    """Run ft_train.py; return the workers' reports (sorted by worker) and the run directory."""
+    """Run ft_train.py; return the workers' reports (sorted by worker) and the run directory.
+    ``admit``: the run holds its last step until a replacement has started, so it is admitted
+    (``--await-replacements``)."""
     run_dir = tmp_path / name
     full_env = {
         "FTMPI_SERVERS": str(servers),
@@ -40,7 +52,7 @@ def train(
     expect = workers if reports is None else reports
     res = mpi(
         workers + servers,
-        [PROG, str(STEPS), *extra],
+        [PROG, str(STEPS), *(["--await-replacements"] if admit else []), *extra],
         env=full_env,
         timeout=240,
         exit_hang_after=expect if "FTMPI_KILL" in full_env else 0,
@@ -81,12 +93,38 @@ def test_chain_tail_ack_loses_nothing(mpi, tmp_path, chain_reference, victim):
     assert got[0]["versions"] == [STEPS] and got[0]["computed"] == STEPS
     order(run_dir, "failure_detected", "view_change", "replacement_ready", "state_transfer")
     events = read_events(str(run_dir))
+    trained_while_spawning(events, killed_at=37)
     transfers = [e for e in events if e["event"] == "state_transfer"]
     assert transfers[-1]["to"] == f"server {victim}" and transfers[-1]["version"] >= 37
     # the replacement was told the state's size and received into a buffer mapped beforehand
     received = [e for e in events if e["event"] == "state_received"]
     assert received[-1]["role"] == f"server {victim}" and received[-1]["mapped_first"]
     assert received[-1]["nbytes"] == transfers[-1]["nbytes"]
+
+
+def trained_while_spawning(events, killed_at):
+    """The replacement was spawned in the background: by worker 0 alone, admitted in a
+    recovery of its own ("replacement ready"), after the workers had trained on."""
+    started = [e for e in events if e["event"] == "spawn_started"]
+    assert [e["role"] for e in started] == ["worker 0"], started
+    admitted = [e for e in events if e["event"] == "failure_detected" and e["role"] == "worker 0"]
+    assert admitted[-1]["reason"].startswith("replacement ready"), admitted
+    resumed = [e["position"] for e in events if e["event"] == "step_resumed"]
+    assert max(resumed) > killed_at + 2, resumed  # steps went on while it was spawned
+
+
+def test_a_run_that_ends_before_its_replacement_is_admitted_exits_0(mpi, tmp_path, chain_reference):
+    """Training does not wait for a replacement: server 0 dies two steps before the end, the run
+    finishes while its replacement is still starting, the new process is told to quit, and
+    the job exits 0 with the weights of the run without failure."""
+    run_dir = tmp_path / "kill"
+    env = {**CHAIN, "FTMPI_SERVERS": "3", "FTMPI_RUN_DIR": str(run_dir), "FTMPI_BACKEND": "mpi"}
+    res = mpi(5, [PROG, str(STEPS)], env={**env, "FTMPI_KILL": f"server:0@step={STEPS - 2}"})
+    assert res.returncode == 0, res.stderr[-3000:]  # on its own: no exit hang accepted here
+    got = sorted(res.json_lines(), key=lambda r: r["worker"])
+    assert got[0]["weights"] == got[1]["weights"] == chain_reference[0]["weights"]
+    seen = [e["event"] for e in read_events(str(run_dir))]
+    assert "spawn_started" in seen and "replacement_ready" not in seen, seen
 
 
 def test_chain_placement_is_recorded_and_a_replacement_placed_by_name_is_bit_exact(

@@ -27,7 +27,7 @@ def _run(mpi, run_dir, env, *, workers=2, servers=3, steps=STEPS, extra=()):
     }
     return mpi(
         workers + servers,
-        [PROG, str(steps), *extra],
+        [PROG, str(steps), "--await-replacements", *extra],
         env=full_env,
         timeout=240,
         exit_hang_after=workers if "FTMPI_KILL" in full_env else 0,

@@ -165,11 +165,12 @@ Spawn = tuple[list[str] | None, list[str], list[str]]
 
 
 def placements(run_dir: Path) -> list[Spawn]:
-    """Per re-spawn, in order: the nodes the survivors chose (``spawn_started``, view V; None
-    where they left the placement to Open MPI), the nodes the new ranks reported once merged
-    (``replacement_ready``, view V + 1) and the nodes the new ranks found themselves on
-    (``replacement_joined``, view V + 1: each new rank's own ``MPI_Get_processor_name``).
-    Every survivor records the first two, and all of them must agree."""
+    """Per re-spawn, in order: the nodes chosen for it (``spawn_started``: every survivor for a
+    collective spawn, the coordinator for one in the background; None where the placement was
+    left to Open MPI), the nodes the new ranks reported once admitted (``replacement_ready``,
+    every survivor) and the nodes the new ranks found themselves on (``replacement_joined``:
+    each new rank's own ``MPI_Get_processor_name``, in the view of its admission). The k-th
+    spawn is admitted k-th; every rank that records one of them must agree."""
     chosen: dict[int, set[tuple[str, ...] | None]] = {}
     ready: dict[int, set[tuple[str, ...]]] = {}
     joined: dict[int, list[str]] = {}
@@ -178,15 +179,16 @@ def placements(run_dir: Path) -> list[Spawn]:
             nodes = None if e["nodes"] is None else tuple(e["nodes"])
             chosen.setdefault(e["view"], set()).add(nodes)
         elif e["event"] == "replacement_ready":
-            ready.setdefault(e["view"] - 1, set()).add(tuple(e["nodes"]))
+            ready.setdefault(e["view"], set()).add(tuple(e["nodes"]))
         elif e["event"] == "replacement_joined":
-            joined.setdefault(e["view"] - 1, []).append(e["node"])
-    assert sorted(chosen) == sorted(ready) == sorted(joined), (chosen, ready, joined)
+            joined.setdefault(e["view"], []).append(e["node"])
+    assert len(chosen) == len(ready) and sorted(ready) == sorted(joined), (chosen, ready, joined)
     out: list[Spawn] = []
-    for view in sorted(chosen):
-        assert len(chosen[view]) == len(ready[view]) == 1, (view, chosen, ready)  # all agree
-        (picked,), (landed,) = chosen[view], ready[view]
-        out.append((None if picked is None else list(picked), list(landed), joined[view]))
+    for start, admitted in zip(sorted(chosen), sorted(ready), strict=True):
+        assert start < admitted, (start, admitted)
+        assert len(chosen[start]) == len(ready[admitted]) == 1, (chosen, ready)  # all agree
+        (picked,), (landed,) = chosen[start], ready[admitted]
+        out.append((None if picked is None else list(picked), list(landed), joined[admitted]))
     return out
 
 

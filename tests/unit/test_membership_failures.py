@@ -1,4 +1,4 @@
-"""ftmpi.membership.failures: the one place a recovery's own MPI calls (Shrink, Split,
+"""ftmpi.guards.failures: the one place a recovery's own MPI calls (Shrink, Split,
 Split_type, Spawn, Merge, Agree) turn a peer's death into PeerFailure, which restarts the
 recovery; other MPI errors are not disguised as deaths."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from mpi4py import MPI
 
-from ftmpi.membership import FAILURE_CLASSES, failures
+from ftmpi.guards import FAILURE_CLASSES, failures
 from ftmpi.wire import PeerFailure
 
 

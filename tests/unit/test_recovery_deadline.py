@@ -1,4 +1,4 @@
-"""ftmpi.membership.deadline: an uncancellable MPI call that does not return in time ends the
+"""ftmpi.guards.deadline: an uncancellable MPI call that does not return in time ends the
 process with a clear message instead of hanging it."""
 
 from __future__ import annotations
@@ -7,12 +7,12 @@ import json
 import subprocess
 import sys
 
-from ftmpi.membership import STUCK_EXIT
+from ftmpi.guards import STUCK_EXIT
 
 PROG = """
 import time
 from ftmpi.config import Config
-from ftmpi.membership import deadline
+from ftmpi.guards import deadline
 cfg = Config.from_env({{}}, timeout={timeout}, run_dir={run_dir!r})
 with deadline(cfg, "worker 0", "spawning replacements (MPI_Comm_spawn + merge)"):
     time.sleep({sleep})

@@ -3,6 +3,7 @@ ftmpi.run so rollbacks replay the same batches. Worker 0 prints one JSON line at
 
     ft_train.py STEPS [--corrupt-at STEP] [--usr1-at STEP] [--step-sleep S] [--hidden N]
                       [--raise-at STEP [--raise-worker W]] [--op sum] [--synchronize]
+                      [--await-replacements]
 
 --corrupt-at: worker 0 truncates the newest snapshot; --usr1-at: worker 0 sends itself SIGUSR1
 (a checkpoint request); --step-sleep: extra seconds per step (to span a server's down time);
@@ -10,6 +11,10 @@ ftmpi.run so rollbacks replay the same batches. Worker 0 prints one JSON line at
 --raise-at: worker --raise-worker (default 1) raises ValueError at that step (a bug on one rank).
 --op sum: reduce gradients with Sum instead of Average; --synchronize: every step calls
 optimizer.synchronize() and then step() inside skip_synchronize(), as a loop that clips does.
+--await-replacements: while a rank is down every step sleeps 0.2 s more, and worker 0 holds
+the last step until the replacement has started, so the run admits it before it ends (ftmpi
+spawns replacements in the background and admits them at a step boundary; training does not
+wait for them, so a short run could otherwise end first).
 """
 
 import argparse
@@ -36,6 +41,9 @@ p.add_argument("--raise-at", type=int, default=-1, help="a worker raises ValueEr
 p.add_argument("--raise-worker", type=int, default=1, help="the worker that raises")
 p.add_argument("--op", choices=("average", "sum"), default="average")
 p.add_argument("--synchronize", action="store_true", help="synchronize, then skip_synchronize")
+p.add_argument(
+    "--await-replacements", action="store_true", help="admit replacements before the end"
+)
 args = p.parse_args()
 
 rt = ftmpi.init()
@@ -59,12 +67,28 @@ batches = ShardedBatches(x, y, 16, worker=me, workers=workers, seed=0)
 computed = 0
 
 
+def await_replacements(step):
+    """--await-replacements (see the module docstring)."""
+    if not (rt.down_since or rt.workers_down):
+        return
+    time.sleep(0.2)
+    if step != args.steps - 1 or me != 0:
+        return
+    deadline = time.monotonic() + 120
+    while (rt.down_since or rt.workers_down) and time.monotonic() < deadline:
+        if rt.spawning is not None and rt.spawning.ready:
+            return
+        time.sleep(0.05)
+
+
 @ftmpi.run
 def train(state):
     global computed
     for step, xb, yb in state.batches:
         if step >= args.steps:
             return
+        if args.await_replacements:
+            await_replacements(step)
         if args.corrupt_at and step == args.corrupt_at and me == 0:
             d = rt.config.snapshot_dir
             newest = snapshot_path(d, 0, list_versions(d, 0)[-1])
