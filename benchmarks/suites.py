@@ -410,23 +410,43 @@ TWO_WORKER_JOBS = [
 MIRROR_KILLS = ["chain tail ack", "stateless", "checkpoint (async writes)"]
 
 
+PLACEMENT_PARTS = ("1 worker", "2 workers", "kills")
+
+
 def suite_placement(
-    quick: bool, log: Callable[[str], None], repeats: int | None = None
+    quick: bool,
+    log: Callable[[str], None],
+    repeats: int | None = None,
+    only: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """``server`` against ``mirror`` placement (sync, SGD momentum, batch 32): (a) 1 worker +
     1 server (each rank its own core) against 1 worker without servers at 1M, 25M and 100M
-    parameters; (b) 2 workers + 1 server against plain Horovod at 25M and 100M; (c) in mirror
-    placement, per strategy, the workers' idle time for one server kill (1M parameters)."""
+    parameters; (b) 2 workers + 1 server against plain Horovod at 25M and 100M; (c) per
+    strategy, the workers' idle time for one server kill (1M parameters), in mirror and in
+    server placement. ``only``: the parts of :data:`PLACEMENT_PARTS` to run (default all)."""
     repeats = repeats or (1 if quick else 2)
     steps = 12 if quick else 15
+    parts = only or list(PLACEMENT_PARTS)
     rows = []
-    for jobs, sizes in (
-        (ONE_WORKER_JOBS, [1_000_000] if quick else [1_000_000, 25_000_000, 100_000_000]),
-        (TWO_WORKER_JOBS, [25_000_000] if quick else [25_000_000, 100_000_000]),
+    for part, jobs, sizes in (
+        (
+            "1 worker",
+            ONE_WORKER_JOBS,
+            [1_000_000] if quick else [1_000_000, 25_000_000, 100_000_000],
+        ),
+        ("2 workers", TWO_WORKER_JOBS, [25_000_000] if quick else [25_000_000, 100_000_000]),
     ):
-        rows += vs_first(jobs, interleaved(jobs, sizes, steps, repeats, log), sizes)
-    for name in MIRROR_KILLS[:1] if quick else MIRROR_KILLS:
-        job = _strategy_job(f"mirror, {name}", {**STRATEGIES[name], **MIRROR}, 0.25)
+        if part in parts:
+            rows += vs_first(jobs, interleaved(jobs, sizes, steps, repeats, log), sizes)
+    if "kills" not in parts:
+        return rows
+    kills = [
+        (f"{place}, {name}", {**STRATEGIES[name], **env})
+        for name in MIRROR_KILLS
+        for place, env in (("mirror", MIRROR), ("server placement", {}))
+    ]
+    for label, env in kills[:2] if quick else kills:
+        job = _strategy_job(label, env, 0.25)
         try:
             res = run_job(job, [1_000_000], 70, kill="server:0@step=10")
         except (RuntimeError, subprocess.TimeoutExpired) as exc:

@@ -349,8 +349,8 @@ class ServerClient:
     def replay(self, shard: Shard, combined: Combined) -> int:
         """Send a folded gradient log for ``shard`` (``stateless``); the server applies it once
         (a log resent to the same server is not applied again). Returns the server's version
-        after it; :attr:`weights` and :attr:`versions` are left as they are (the rebuild ends
-        with a pull)."""
+        after it (the answer is ``OK`` with the version only); :attr:`weights` and
+        :attr:`versions` are left as they are (the rebuild ends with a pull)."""
         doc = wire.encode_json(
             {
                 "count": combined.count,
@@ -362,8 +362,7 @@ class ServerClient:
         )
         grad = combined.grad.numpy()
         reqs = self._isend_request(shard, self._header(Kind.REPLAY, shard, doc.nbytes), doc, grad)
-        scratch = np.empty_like(self.view(self.weights, shard).numpy())
-        header, _ = self._recv_reply(shard, Kind.WEIGHTS, scratch)
+        header, _ = self._recv_reply(shard, Kind.OK, None)
         self._wait(reqs, "replaying a gradient log")
         return int(header.version)
 

@@ -130,17 +130,11 @@ class Config:
     stale_policy: StalePolicy = StalePolicy.SUM_SCALED
     """``stateless``: how a replacement applies the gradients logged while its server was down:
     ``sum-scaled`` (the paper's: their sum, at a tenth of the LR if more than 50), ``mean``, or
-    ``staleness-weighted`` (weights 1/(1+age))."""
+    ``staleness-weighted`` (weights 1/(1+age), age: steps since the outage's first logged
+    gradient)."""
     max_staleness: int = 0
     """``stateless``: a worker with this many logged gradients for a down shard waits for its
     replacement (0: never wait)."""
-    stale_log_bytes: int = 1 << 30
-    """``stateless``: memory a worker's gradient log may hold before it spills to
-    ``stale_log_dir`` (or, without one, stops with an error)."""
-    stale_log_dir: str = ""
-    """``stateless``: directory for the on-disk part of the gradient log (empty: memory only)."""
-    stale_log_disk_bytes: int = 16 << 30
-    """``stateless``: size cap of the on-disk gradient log."""
     respawn_workers: bool = False
     """Replace a dead worker with a newly spawned rank (after ``down_for``); otherwise continue
     with the survivors."""
@@ -244,9 +238,8 @@ class Config:
         for name in ("chain_length", "replicate_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("max_staleness", "stale_log_bytes", "stale_log_disk_bytes"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.max_staleness < 0:
+            raise ConfigError(f"max_staleness={self.max_staleness} must be >= 0")
         if self.chain_ack == "tail" and self.replicate_every != 1:
             raise ConfigError(
                 f"replicate_every={self.replicate_every} needs chain_ack='next': with 'tail' a "

@@ -61,11 +61,15 @@ class ParameterServer:
         self.shard_index = rt.shard_of(self.index)
         """The shard this server holds (its chain's shard)."""
         self.replica = ShardReplica()
-        self.store, self.node_copy = server_stores(rt, self.index, self.replica, self._warn)
+        self.store, self.node_copy = server_stores(
+            rt, self.index, self.replica, lambda message: _warn(rt, self.index, message)
+        )
         """Snapshots to restore from (``checkpoint``'s, or a chain's gathered node copies), and
         this server's node copy (a chain's, with ``node_copy_dir``; else it writes nothing)."""
         self.wire = ServerWire(rt, self.index, self.shard_index, self.replica)
         self.stopped: set[int] = set()
+        self.answer_ok: set[int] = set()
+        """Workers whose pending answer is to a gradient log: they keep their weights."""
         self.staleness_sum = 0
         self.staleness_max = 0
         self.link = (
@@ -148,7 +152,8 @@ class ParameterServer:
         self.wire.reply(worker, Kind.WEIGHTS, self.replica.weights_bytes())
 
     def answer_push(self, worker: int) -> None:
-        if self.rt.config.mirrored:  # the worker holds the weights: the version says it all
+        if self.rt.config.mirrored or worker in self.answer_ok:  # the version says it all
+            self.answer_ok.discard(worker)
             return self.wire.reply(worker, Kind.OK, None)
         self.reply_weights(worker)
 
@@ -186,7 +191,7 @@ class ParameterServer:
                         polling=self._idle_polling(),
                     )
                 except wire.UnknownKind as exc:
-                    self._warn(f"dropping a message: {exc}")
+                    _warn(self.rt, self.index, f"dropping a message: {exc}")
                     assert exc.source is not None
                     self.wire.drain(exc.nbytes, exc.source)
                     continue
@@ -201,7 +206,8 @@ class ParameterServer:
                 if set(self.rt.workers) <= self.stopped:
                     # training is over and the workers are leaving: they will not join a
                     # recovery, so waiting for one would hang the job at exit
-                    self._warn(f"a peer died after every worker stopped; not recovering: {exc}")
+                    reason = f"a peer died after every worker stopped; not recovering: {exc}"
+                    _warn(self.rt, self.index, reason)
                     break
                 self.recovery.recover(str(exc))
         self.store.flush()
@@ -232,13 +238,10 @@ class ParameterServer:
     def _renumber(self, remap: dict[int, int]) -> None:
         """Keep per-worker bookkeeping under the ranks of the shrunk world."""
         self.stopped = {remap[r] for r in self.stopped if r in remap}
+        self.answer_ok = {remap[r] for r in self.answer_ok if r in remap}
         self.replica.renumber(remap)
         if self.link is not None:
             self.link.renumber(remap)
-
-    def _warn(self, message: str) -> None:
-        print(f"ftmpi server {self.index}: warning: {message}", file=sys.stderr, flush=True)
-        events.emit(self.rt.config.run_dir, "warning", role=f"server {self.index}", message=message)
 
     # --------------------------------------------------------- shard state
 
@@ -319,6 +322,7 @@ class ParameterServer:
             raise RuntimeError(f"server {self.index} got a gradient log before its shard state")
         grad_bytes = self.replica.grad_bytes()
         self.wire.recv(src, grad_bytes, "a folded gradient log")
+        self.answer_ok.add(src)
         if doc["last_seq"] <= self.replica.last_seq.get(src, -1):
             self._answer(src)
             return
@@ -397,7 +401,7 @@ class ParameterServer:
             self.new_hparams = groups
 
     def _on_stats(self, header: Header, src: int) -> None:
-        self.wire.reply_json(src, self.stats())
+        self.wire.reply_json(src, server_stats(self))
 
     def _on_state(self, header: Header, src: int) -> None:
         if self.replica.optimizer is None:
@@ -433,23 +437,29 @@ class ParameterServer:
         self.node_copy.after_state_installed()
         self.wire.reply_json(src, doc)
 
-    def stats(self) -> dict[str, Any]:
-        """Counters since start: updates applied, staleness, dropped messages, apply time,
-        peak resident memory (bytes)."""
-        r = self.replica
-        return {
-            "server": self.index,
-            "version": r.version,
-            "applied": r.applied,
-            "replayed": r.replayed,
-            "staleness_mean": self.staleness_sum / r.applied if r.applied else 0.0,
-            "staleness_max": self.staleness_max,
-            "dropped": self.wire.dropped,
-            "apply_seconds": r.apply_seconds,
-            "numel": 0 if r.shard is None else r.shard.numel,
-            "in_horovod": _in_horovod(),
-            "peak_rss": peak_rss_bytes(),
-        }
+
+def server_stats(server: ParameterServer) -> dict[str, Any]:
+    """A server's counters since start: updates applied, staleness, dropped messages, apply
+    time, peak resident memory (bytes)."""
+    r = server.replica
+    return {
+        "server": server.index,
+        "version": r.version,
+        "applied": r.applied,
+        "replayed": r.replayed,
+        "staleness_mean": server.staleness_sum / r.applied if r.applied else 0.0,
+        "staleness_max": server.staleness_max,
+        "dropped": server.wire.dropped,
+        "apply_seconds": r.apply_seconds,
+        "numel": 0 if r.shard is None else r.shard.numel,
+        "in_horovod": _in_horovod(),
+        "peak_rss": peak_rss_bytes(),
+    }
+
+
+def _warn(rt: Runtime, index: int, message: str) -> None:
+    print(f"ftmpi server {index}: warning: {message}", file=sys.stderr, flush=True)
+    events.emit(rt.config.run_dir, "warning", role=f"server {index}", message=message)
 
 
 def _in_horovod() -> bool:

@@ -55,7 +55,7 @@ class ServerRecovery(ServerSide):
             try:
                 result = recover(
                     self.rt,
-                    blocking_strategy=self.strategy.waits_for_replacements,
+                    blocking_strategy=self.strategy.waits_for_replacements(self.rt.config.mirrored),
                     reason=reason,
                     on_shrink=self.renumber,
                 )

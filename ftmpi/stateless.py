@@ -1,16 +1,17 @@
 """Worker side of ``stateless`` (and ``chain+stateless``): training on while a shard has no server.
 
 While every server of a shard is down, workers keep computing: the shard's gradient of each step
-goes into a :class:`~ftmpi.gradlog.GradientLog` instead of to a server, and the shard's weights
-stay as they were (the other shards keep training). In sync mode the shard's leader (worker
-``shard % W``) logs the averaged gradient; in async mode every worker logs its own.
+is added to a running sum (:class:`~ftmpi.gradlog.GradientLog`) instead of going to a server,
+and the shard's weights stay as they were (the other shards keep training). In sync mode the
+shard's leader (worker ``shard % W``) logs the averaged gradient; in async mode every worker
+logs its own.
 
 When the coordinator has had the replacement spawned (``down_for`` after the failure), every
 worker runs :meth:`StaleTraining.rebuild`:
 
 1. the worker holding the freshest copy of the shard (highest version; lowest rank on ties) sends
    it to the new server with a fresh optimizer state (nothing of the old server survives);
-2. every worker with a non-empty log sends it, folded under ``stale_policy``, as one update that
+2. every worker with a non-empty log sends it, its sum under ``stale_policy``, as one update that
    advances the shard's version by the number of gradients in it; a server never applies the same
    log twice (its last sequence number is remembered);
 3. every worker pulls the rebuilt shard, so all hold the same weights again; only then is its
@@ -50,14 +51,7 @@ class StaleTraining:
         self.client = client
         cfg = rt.config
         self.logs = {
-            s.index: GradientLog(
-                s.index,
-                s.numel,
-                client.dtype,
-                memory_cap=cfg.stale_log_bytes,
-                spill_dir=cfg.stale_log_dir,
-                disk_cap=cfg.stale_log_disk_bytes,
-            )
+            s.index: GradientLog(s.index, s.numel, client.dtype, str(cfg.stale_policy))
             for s in client.shards
         }
         self.down_at: dict[int, int] = {}
@@ -90,14 +84,9 @@ class StaleTraining:
             if sync and shard.index % rt.num_workers != rt.role_rank:
                 continue
             log = self.logs[shard.index]
-            if log.entries and log.entries[-1].seq == position:
+            if log.count and log.last_seq == position:
                 continue
-            log.append(
-                self.client.view(self.client.grads, shard),
-                seq=position,
-                base_version=self.client.versions[shard.index],
-                step=position,
-            )
+            log.append(self.client.view(self.client.grads, shard), seq=position, step=position)
             self.logged += 1
 
     def wait_for_replacement(self, shard: Shard) -> None:
@@ -148,9 +137,9 @@ class StaleTraining:
             rt.backend.barrier()
             self.unfinished.add(shard.index)  # past the barrier: the new server has the shard
             log = self.logs[shard.index]
-            last = np.array([log.entries[-1].seq if log.entries else -1], dtype=np.int64)
+            last = np.array([log.last_seq], dtype=np.int64)
             into = self.replayed_into.get(shard.index)
-            if log.entries and (into is None or int(versions[source]) < into):
+            if log.count and (into is None or int(versions[source]) < into):
                 self._replay(shard, log)
             self.replayed_through[shard.index] = int(last[0])  # known here even if the next fails
             wait_all(
@@ -171,13 +160,13 @@ class StaleTraining:
             if shard.index not in self.unfinished:
                 continue
             log = self.logs[shard.index]
-            if log.entries and shard.index not in self.replayed_into:
+            if log.count and shard.index not in self.replayed_into:
                 self._replay(shard, log)
             self.client.pull([shard])
             self._finished(shard)
 
     def _replay(self, shard: Shard, log: GradientLog) -> None:
-        combined = log.combine(self.rt.config.stale_policy, self.client.position)
+        combined = log.combine()
         self.replayed_into[shard.index] = self.client.replay(shard, combined)
         events.emit(
             self.rt.config.run_dir,
@@ -192,7 +181,7 @@ class StaleTraining:
     def _finished(self, shard: Shard) -> None:
         """The rebuilt ``shard`` is pulled: its log (if any) is in the weights this worker holds."""
         log = self.logs[shard.index]
-        self.replayed += len(log.entries)
+        self.replayed += log.count
         log.clear()
         self.replayed_into.pop(shard.index, None)
         self.unfinished.discard(shard.index)

@@ -70,13 +70,13 @@ class Strategy:
         """Whether a server's death can be survived at all."""
         return self.snapshots or self.replicates or self.rebuilds
 
-    @property
-    def waits_for_replacements(self) -> bool:
+    def waits_for_replacements(self, mirrored: bool) -> bool:
         """Whether a recovery replaces down servers before anyone goes on (after their
-        ``down_for``): a rollback needs every shard served. Otherwise the workers go on at
-        once (a chain has failed over, or stateless workers log) and the coordinator replaces
-        down servers later (``membership.request_due_replacements``)."""
-        return self.snapshots
+        ``down_for``): a rollback needs every shard served (``snapshots`` in server
+        placement). Otherwise the workers go on at once (a chain has failed over, stateless
+        workers log, or the workers hold the state: ``mirrored``) and the coordinator has
+        down servers replaced in the background (``membership.request_due_replacements``)."""
+        return self.snapshots and not mirrored
 
     @property
     def trains_while_server_down(self) -> bool:

@@ -77,7 +77,7 @@ class Kind(IntEnum):
     FORWARD = 14  # server -> its chain successor: JSON update list, then the gradients
     COMMITTED = 15  # server -> its chain predecessor: the tail has every update to header.version
     CHAIN_STOP = 16  # server -> its chain successor: every update has been forwarded; exit
-    REPLAY = 17  # worker -> server: JSON gradient log summary, then the gradients; reply WEIGHTS
+    REPLAY = 17  # worker -> server: JSON gradient log summary, then their sum; reply OK
     SNAPSHOT = 18  # worker -> server: write a snapshot now; reply JSON {"version"} once durable
     STATE_SIZE = 19  # server -> its successor that asked for the state: header.state_nbytes
     RECEIVED = 20  # server -> its chain predecessor: received every update to header.version

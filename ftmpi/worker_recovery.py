@@ -551,7 +551,8 @@ class WorkerRecovery:
 
     def _recover_once(self, reason: str) -> bool:
         rt = self.rt
-        result = recover(rt, blocking_strategy=self.strategy.waits_for_replacements, reason=reason)
+        waits = self.strategy.waits_for_replacements(rt.config.mirrored)
+        result = recover(rt, blocking_strategy=waits, reason=reason)
         if result.failed_workers or result.new_workers:
             self._workers_changed = True
         rebuild_backend(rt, workers_changed=self._workers_changed)

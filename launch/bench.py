@@ -2,8 +2,9 @@
 baselines and this machine's limits in one run; print Markdown tables and write JSON.
 
 Suites (default: all, in this order): ``limits``, ``throughput``, ``scale``, ``strategies``,
-``recovery``, ``placement``, ``cnn`` (see ``benchmarks/suites.py``). ``--quick`` runs a small subset of
-each (a few minutes). The JSON holds the machine (cores, load), every suite's rows and the targets:
+``recovery``, ``placement``, ``cnn`` (see ``benchmarks/suites.py``). ``--quick`` runs a small
+subset of each (a few minutes). The JSON holds the machine (cores, load), every suite's rows and
+the targets:
 
 - ``sync_vs_horovod``: ftmpi (Horovod backend, 2 servers) samples/s over plain Horovod's at
   ~25M parameters (target >= 0.90);
@@ -129,7 +130,11 @@ def main(argv: Sequence[str]) -> int:
         help="model sizes for limits (apply rate), throughput and recovery",
     )
     p.add_argument(
-        "--only", nargs="+", default=None, help="throughput: configurations containing these"
+        "--only",
+        nargs="+",
+        default=None,
+        help="throughput: configurations containing these; placement: parts (1 worker, "
+        "2 workers, kills)",
     )
     p.add_argument(
         "--repeats",
@@ -159,6 +164,8 @@ def main(argv: Sequence[str]) -> int:
                 options.update(only=args.only, repeats=args.repeats)
             if name in ("placement", "cnn"):
                 options["repeats"] = args.repeats
+            if name == "placement":
+                options["only"] = args.only
             results[name] = suites[name](args.quick, log, **options)
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             results[name] = [{"error": str(exc)[-2000:]}]  # the other suites still run

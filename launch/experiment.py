@@ -247,11 +247,10 @@ def cell_command(
     ]  # fmt: skip
 
 
-def cell_env(job_start: float, sample_every: float, run_dir: str = "") -> dict[str, str]:
+def cell_env(job_start: float, sample_every: float) -> dict[str, str]:
     """The cell job's environment: this process's without ``FTMPI_*`` (every cell is configured
-    by its flags only), with the launch time and resource sampling set, oversubscription
-    allowed, and a stateless gradient log that spills to ``<run_dir>/stale-log`` past its
-    memory cap (20 s of down time at this trainer's speed is about 3 GB of gradients)."""
+    by its flags only), with the launch time and resource sampling set and oversubscription
+    allowed."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FTMPI_")}
     env.setdefault("OMP_NUM_THREADS", "1")
     # a replacement needs a free slot: with as many ranks as cores, Open MPI refuses the spawn
@@ -260,8 +259,6 @@ def cell_env(job_start: float, sample_every: float, run_dir: str = "") -> dict[s
     env["PYTHONUNBUFFERED"] = "1"
     env["FTMPI_JOB_START"] = repr(job_start)
     env["FTMPI_SAMPLE_RESOURCES"] = f"{sample_every:g}"
-    if run_dir:
-        env["FTMPI_STALE_LOG_DIR"] = os.path.join(run_dir, "stale-log")
     return env
 
 
@@ -286,7 +283,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, schedule: Schedule, run_dir: 
             command,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=cell_env(job_start, args.sample_every, run_dir),
+            env=cell_env(job_start, args.sample_every),
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )

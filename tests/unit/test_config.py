@@ -150,7 +150,7 @@ def test_bad_values_are_named(kwargs, env, message):
             "needs a multiple of 4 servers, not servers=3",
         ),
         ({"FTMPI_REPLICATE_EVERY": "0"}, "replicate_every=0 must be >= 1"),
-        ({"FTMPI_STALE_LOG_BYTES": "-1"}, "stale_log_bytes=-1 must be >= 0"),
+        ({"FTMPI_MAX_STALENESS": "-1"}, "max_staleness=-1 must be >= 0"),
         ({"FTMPI_CHUNK_BYTES": "1e6"}, "is not a valid int for option 'chunk_bytes'"),
         ({"FTMPI_SERVERS": ""}, "is not a valid int for option 'servers'"),
         ({"FTMPI_MODE": "SYNC"}, "mode='SYNC' is not one of"),

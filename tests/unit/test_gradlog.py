@@ -1,75 +1,81 @@
-"""The stateless gradient log: policies, memory/disk caps, spill file."""
-
-import os
+"""The stateless gradient log: one running sum per shard, whatever the outage's length."""
 
 import pytest
 import torch
 
-from ftmpi.gradlog import SUM_SCALED_THRESHOLD, GradientLog, GradientLogFull
+from ftmpi.gradlog import SUM_SCALED_THRESHOLD, GradientLog
 
 
-def make(n=4, **kw):
-    kw.setdefault("memory_cap", 1 << 20)
-    return GradientLog(0, n, torch.float32, **kw)
+def make(policy, n=2):
+    return GradientLog(0, n, torch.float32, policy)
 
 
-def fill(log, grads):
+def fill(log, grads, first_step=10):
     for i, g in enumerate(grads):
-        log.append(torch.tensor(g, dtype=torch.float32), seq=10 + i, base_version=5, step=10 + i)
+        log.append(torch.tensor(g, dtype=torch.float32), seq=first_step + i, step=first_step + i)
 
 
-def test_policies_fold_exactly():
-    grads = [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
-    log = make(2)
-    fill(log, grads)
-    s = log.combine("sum-scaled", now_step=13)
-    assert s.grad.tolist() == [9.0, 12.0] and s.count == 3 and s.lr_scale == 1.0
-    assert (s.first_seq, s.last_seq, s.max_age) == (10, 12, 3)
-    assert log.combine("mean", 13).grad.tolist() == [3.0, 4.0]
-    # ages 3, 2, 1 -> weights 1/4, 1/3, 1/2
-    w = [1 / 4, 1 / 3, 1 / 2]
-    want = [sum(wi * g[j] for wi, g in zip(w, grads, strict=True)) / sum(w) for j in range(2)]
-    got = log.combine("staleness-weighted", 13).grad.tolist()
-    assert got == pytest.approx(want, rel=1e-6)
+GRADS = [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
+
+
+def stored_sum(grads, weights):
+    """What summing the stored gradients at replay gave: zeros, then each in logging order."""
+    total = torch.zeros(len(grads[0]))
+    for w, g in zip(weights, grads, strict=True):
+        total.add_(torch.tensor(g), alpha=w)
+    return total
+
+
+def test_sum_scaled_and_mean_give_the_bits_of_summing_the_stored_gradients():
+    log = make("sum-scaled")
+    fill(log, GRADS)
+    s = log.combine()
+    assert torch.equal(s.grad, stored_sum(GRADS, [1.0] * 3))
+    assert (s.count, s.first_seq, s.last_seq, s.lr_scale, s.max_age) == (3, 10, 12, 1.0, 2)
+    log = make("mean")
+    fill(log, GRADS)
+    assert torch.equal(log.combine().grad, stored_sum(GRADS, [1.0] * 3) / 3)
+
+
+def test_staleness_weighted_weights_each_gradient_by_its_age_in_the_outage():
+    log = make("staleness-weighted")
+    fill(log, GRADS)
+    # ages 0, 1, 2 (steps since the first logged gradient) -> weights 1, 1/2, 1/3
+    w = [1.0, 1 / 2, 1 / 3]
+    want = [sum(wi * g[j] for wi, g in zip(w, GRADS, strict=True)) / sum(w) for j in range(2)]
+    assert log.combine().grad.tolist() == pytest.approx(want, rel=1e-6)
+
+
+def test_memory_is_one_buffer_however_many_gradients():
+    log = make("sum-scaled", n=1000)
+    assert log.memory_bytes == 0
+    for step in range(500):
+        log.append(torch.ones(1000), seq=step, step=step)
+    assert log.memory_bytes == 1000 * 4 and len(log) == 500
+    assert log.combine().grad.tolist() == [500.0] * 1000
 
 
 def test_sum_scaled_lowers_the_lr_past_the_papers_threshold():
-    log = make(1)
+    log = make("sum-scaled", n=1)
     fill(log, [[1.0]] * SUM_SCALED_THRESHOLD)
-    assert log.combine("sum-scaled", 100).lr_scale == 1.0
-    fill(log, [[1.0]])
-    assert log.combine("sum-scaled", 100).lr_scale == pytest.approx(0.1)
+    assert log.combine().lr_scale == 1.0
+    fill(log, [[1.0]], first_step=100)
+    assert log.combine().lr_scale == pytest.approx(0.1)
 
 
-def test_log_copies_the_gradient():
-    log = make(2)
+def test_the_log_copies_the_gradient_and_is_kept_until_cleared():
+    log = make("mean")
     g = torch.tensor([1.0, 1.0])
-    log.append(g, seq=0, base_version=0, step=0)
+    log.append(g, seq=0, step=0)
     g.fill_(7.0)
-    assert log.combine("mean", 1).grad.tolist() == [1.0, 1.0]
-
-
-def test_full_memory_without_spill_is_a_clear_error():
-    log = make(4, memory_cap=32)  # two entries of 16 bytes
-    fill(log, [[1.0] * 4] * 2)
-    with pytest.raises(GradientLogFull, match=r"FTMPI_STALE_LOG_BYTES.*FTMPI_MAX_STALENESS"):
-        fill(log, [[1.0] * 4])
-    assert len(log) == 2  # nothing half-logged
-
-
-def test_spill_to_disk_then_cap(tmp_path):
-    log = make(4, memory_cap=16, spill_dir=str(tmp_path / "spill"), disk_cap=32)
-    fill(log, [[1.0] * 4, [2.0] * 4, [3.0] * 4])  # one in memory, two on disk
-    assert log.memory_bytes == 16 and log.disk_bytes == 32
-    files = os.listdir(tmp_path / "spill")
-    assert len(files) == 1 and os.path.getsize(tmp_path / "spill" / files[0]) == 32
-    assert log.combine("sum-scaled", 3).grad.tolist() == [6.0] * 4
-    with pytest.raises(GradientLogFull, match="stale_log_disk_bytes=32"):
-        fill(log, [[4.0] * 4])
+    assert log.combine().grad.tolist() == [1.0, 1.0]
+    assert log.combine().grad.tolist() == [1.0, 1.0]  # a replay cut short is sent again
     log.clear()
-    assert len(log) == 0 and os.listdir(tmp_path / "spill") == []
+    assert len(log) == 0 and log.memory_bytes == 0 and log.last_seq == -1
 
 
-def test_empty_log_cannot_be_combined():
+def test_an_empty_log_cannot_be_combined_and_a_policy_is_checked():
     with pytest.raises(ValueError, match="empty"):
-        make().combine("mean", 0)
+        make("mean").combine()
+    with pytest.raises(ValueError, match="unknown stale_policy 'median'"):
+        make("median")

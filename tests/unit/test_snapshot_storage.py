@@ -22,10 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from ftmpi import events
-from ftmpi.gradlog import GradientLog
 from ftmpi.snapshot import (
     MAGIC,
     SnapshotError,
@@ -219,18 +217,6 @@ def test_a_pickle_payload_is_never_executed(tmp_path, where):
             read_snapshot(path)
         assert newest_valid(tmp_path, 0, warn=print) is None
     assert not _Payload.marker.exists(), "loading a snapshot executed code"
-
-
-def test_a_gradient_log_file_is_read_as_raw_numbers(tmp_path):
-    _Payload.marker = tmp_path / "pwned"
-    log = GradientLog(0, 4, torch.float32, memory_cap=0, spill_dir=str(tmp_path), disk_cap=1 << 20)
-    log.append(torch.ones(4), seq=1, base_version=0, step=1)
-    [spill] = [p for p in tmp_path.iterdir() if p.name.startswith("gradlog")]
-    assert stat.S_IMODE(spill.stat().st_mode) == 0o600
-    spill.write_bytes(pickle.dumps(_Payload())[:16].ljust(16, b"\0"))
-    got = log.combine("mean", 1).grad
-    assert got.dtype == torch.float32 and got.numel() == 4
-    assert not _Payload.marker.exists()
 
 
 def test_event_log_and_run_directory_are_not_readable_by_others(tmp_path):
