@@ -85,14 +85,9 @@ def cnn_step_rate(batch: int = 32, steps: int = 40) -> float:
             torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
 
-        for _ in range(5):
+        for _ in range(4):  # warm-up (a fifth call is _best_seconds's own)
             one()
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            one()
-            times.append(time.perf_counter() - t0)
-        return 1.0 / statistics.median(times)
+        return 1.0 / _best_seconds(one, steps)
     finally:
         torch.set_num_threads(threads)
 

@@ -7,28 +7,32 @@ workers'/servers' sub-communicator and increments the view number. Messages of a
 travel on a communicator that no longer exists after the view change, so they can never be
 matched; headers carry the view too, and a server drops and counts mismatches.
 
-A down server slot is refilled by :func:`spawn_replacements` (``MPI_Comm_spawn`` + merge), a
-collective of all survivors that the recovery runs when the slot's down time (``down_for``) has
-passed: at once for strategies whose workers wait anyway, or when the coordinator (worker 0)
-revokes the world after the down time for strategies whose workers keep computing. The new
-process runs the user's script; its ``ftmpi.init()`` sees a parent and calls
-:func:`join_as_replacement` instead of splitting COMM_WORLD. Each replacement is spawned on the
+A down server slot is refilled once its down time (``down_for``) has passed, one of two ways
+(:mod:`ftmpi.spawning`): where the workers wait for it anyway (``checkpoint`` in server
+placement) and for a dead worker's replacement, by :func:`spawn_replacements`, a collective
+``MPI_Comm_spawn`` + merge of all survivors inside the recovery; where the workers go on, the
+coordinator (worker 0) spawns it on a thread of its own (:func:`request_due_replacements`) and,
+once it has started, revokes the world so that every rank joins a recovery that admits it
+(:func:`admit_background`: ``MPI_Comm_accept`` + merge). The new process runs the user's
+script; its ``ftmpi.init()`` sees a parent and calls :func:`join_as_replacement` instead of
+splitting COMM_WORLD. Each replacement is spawned on the
 node :func:`ftmpi.placement.replacement_nodes` picks (a spare node first, then a live node
 holding no member of its chain, then the least loaded live node; Info key ``host``), and after
 the Merge every rank gathers every rank's node again (``Runtime.nodes``; a Shrink renumbers it).
 
 A rank dying during a recovery makes one of the recovery's own MPI calls (``Shrink``,
-``Split``, ``Split_type``, ``Spawn``, ``Merge``, ``Agree``) fail on the survivors; every such call
-runs under :func:`failures`, which turns the process-failure and revoked error classes into
-``PeerFailure``, so the caller's retry loop starts the recovery over (the view number is
-counted before the new role communicator is built and its outcome is agreed, so every
-survivor starts over together and the views still agree).
+``Split``, ``Split_type``, ``Spawn``, ``Merge``, ``Agree``) fail on the survivors; every such
+call runs under :func:`~ftmpi.guards.failures`, which turns the process-failure and revoked
+error classes into ``PeerFailure``, so the caller's retry loop starts the recovery over (the
+view number is counted before the new role communicator is built and its outcome is agreed,
+so every survivor starts over together and the views still agree).
 
 ``Shrink``, ``Spawn`` and ``Merge`` are blocking and cannot be cancelled. ULFM guarantees
 ``Shrink`` completes among live processes; a rank dying while the others spawn or merge can leave
-``Spawn``/``Merge`` waiting forever in Open MPI 5 (open-mpi/ompi#13325, #12585). They run under
-:func:`deadline`: past ``config.timeout`` the process reports it and exits, so the job ends (and
-``ftmpi-run --max-restarts`` or a Slurm requeue resumes it from durable state) instead of hanging.
+``Spawn``/``Merge`` waiting forever in Open MPI 5 (open-mpi/ompi#13325, #12585). They run
+under :func:`~ftmpi.guards.deadline`: past ``config.timeout`` the process reports it and exits,
+so the job ends (and ``ftmpi-run --max-restarts`` or a Slurm requeue resumes it from durable
+state) instead of hanging.
 """
 
 from __future__ import annotations
@@ -430,12 +434,13 @@ def _admit(
     """The new processes are merged in (after the survivors, in ``merged``): give them their
     slots, send them the role table, learn every rank's node and install the new view."""
     merged.Set_errhandler(MPI.ERRORS_RETURN)
-    detected = min([rt.down_since[j] for j in slots] or [time.monotonic()])
+    now = time.monotonic()
+    detected = min([rt.down_since.get(j, now) for j in slots] or [now])
     base = rt.world.Get_size()
     for k, j in enumerate(slots):
         rt.servers[j] = base + k
         rt.incarnations[j] += 1
-        del rt.down_since[j]
+        rt.down_since.pop(j, None)  # a rank that joined while j was down may not have it
         chain = rt.chains[rt.shard_of(j)]
         chain.remove(j)
         chain.append(j)  # a replacement joins its chain at the tail
@@ -523,6 +528,8 @@ def join_as_replacement(parent: MPI.Intercomm) -> Runtime:
         run=run_hash(str(doc["run_id"])),
         job_start=float(doc["job_start"]),
         server_index=servers.index(me) if is_server else -1,
+        # slots still down when this process joins: their replacements are admitted later
+        down_since={j: time.monotonic() for j, r in enumerate(servers) if r is None},
         incarnations=list(doc["incarnations"]),
         chains=[list(c) for c in doc["chains"]],
         nodes=nodes,

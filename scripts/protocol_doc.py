@@ -21,6 +21,8 @@ PAGE = ROOT / "docs" / "protocol.md"
 MODULES = [
     ("strategies", "which recovery mechanisms a strategy uses"),
     ("membership", "detecting a death, the new view, replacements"),
+    ("spawning", "starting a replacement and telling it how to join"),
+    ("guards", "MPI calls a death can break or hang"),
     ("worker_recovery", "a worker's recovery sequence"),
     ("server_recovery", "a server's recovery sequence"),
     ("chain", "chain replication"),

@@ -53,8 +53,8 @@ def test_a_job_surviving_two_kills_of_the_same_server_exits_0_quietly(tmp_path):
         [
             *FTMPI_RUN,
             *("-np", "2", "--servers", "3", "--strategy", "chain"),
-            *("--kill", "server:0@step=20", "--kill", "server:0@step=40"),
-            *("--run-dir", str(run_dir), "--", *TRAIN, "60"),
+            *("--kill", "server:0@step=20", "--kill", "server:0@step=45"),
+            *("--run-dir", str(run_dir), "--", *TRAIN, "60", "--await-replacements"),
         ],
         env={"FTMPI_BACKEND": "mpi"},
         timeout=150,

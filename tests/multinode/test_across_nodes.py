@@ -118,7 +118,7 @@ def across_nodes(
         *("--hostfile", str(cluster.hostfile(slots=2))),
         *("--map-by", "node:oversubscribe", "-np", str(ranks)),
         *(arg for k, v in full.items() for arg in ("-x", f"{k}={v}")),
-        *(sys.executable, PROG, str(STEPS), *extra),
+        *(sys.executable, PROG, str(STEPS), "--await-replacements", *extra),
     ]
     launch_env = {**cluster.mpi_env, "PYTHONUNBUFFERED": "1"}
     res = launch(cluster.command("n1", cmd, env=launch_env, cwd=ROOT), JOB_TIMEOUT)
@@ -144,7 +144,7 @@ def on_one_host(
     killed = "FTMPI_KILL" in env
     res = mpi(
         ranks,
-        [PROG, str(STEPS), *extra],
+        [PROG, str(STEPS), "--await-replacements", *extra],
         env={**BASE, **env, "FTMPI_RUN_DIR": str(run_dir)},
         timeout=JOB_TIMEOUT,
         exit_hang_after=reports if killed else 0,

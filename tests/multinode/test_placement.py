@@ -69,7 +69,7 @@ def run_on_cluster(cluster: Cluster, layout: Layout, run_dir: Path, kill: str) -
         *(str(MPIRUN), "--allow-run-as-root", "--with-ft", "ulfm", "--hostfile", str(hostfile)),
         *("--map-by", f"{layout.mapping}:oversubscribe", "-np", str(layout.ranks)),
         *(arg for k, v in {**env, "OMP_NUM_THREADS": "1"}.items() for arg in ("-x", f"{k}={v}")),
-        *(sys.executable, PROG, str(STEPS)),
+        *(sys.executable, PROG, str(STEPS), "--await-replacements"),
     ]
     launch_env = {**cluster.mpi_env, "PYTHONUNBUFFERED": "1"}
     # exit_hang_after: a job that hangs in MPI_Finalize after the re-spawn, once both workers
@@ -91,7 +91,11 @@ def run_on_cluster(cluster: Cluster, layout: Layout, run_dir: Path, kill: str) -
 
 def reference_weights(mpi, layout: Layout, run_dir: Path) -> str:
     """The weights of the same run without the kill, on this machine."""
-    res = mpi(layout.ranks, [PROG, str(STEPS)], env={**layout.env, "FTMPI_RUN_DIR": str(run_dir)})
+    res = mpi(
+        layout.ranks,
+        [PROG, str(STEPS), "--await-replacements"],
+        env={**layout.env, "FTMPI_RUN_DIR": str(run_dir)},
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return {r["weights"] for r in res.json_lines()}.pop()
 

@@ -33,7 +33,7 @@ def test_a_dead_servers_replacement_goes_to_the_spare_node(cluster):
         *(str(VENV / "ftmpi-run"), "-np", "2", "--servers", "3", "--strategy", "chain"),
         *("--hostfile", str(cluster.hostfile(slots=3)), "--spare-nodes", "n3"),
         *("--kill", "server:0@step=20", "--run-dir", str(run_dir)),
-        *("--", str(VENV / "python"), str(PROGS / "ft_train.py"), "50"),
+        *("--", str(VENV / "python"), str(PROGS / "ft_train.py"), "50", "--await-replacements"),
     ]
     env = {"FTMPI_BACKEND": "mpi", "FTMPI_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
     job = cluster.start_on("n1", cmd, env={**env, **cluster.mpi_env}, cwd=ROOT)
