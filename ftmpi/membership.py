@@ -242,16 +242,20 @@ def _pending(rt: Runtime) -> BackgroundSpawn | None:
     return bg
 
 
+def _due(rt: Runtime, since: list[float]) -> bool:
+    """Whether ``down_for`` has passed since any of the times in ``since``."""
+    now = time.monotonic()
+    return any(now - t >= rt.config.down_for for t in since)
+
+
 def spawn_due(rt: Runtime) -> bool:
     """Whether some down server's (or dead worker's) down time has passed."""
-    now = time.monotonic()
-    return any(now - t >= rt.config.down_for for t in [*rt.down_since.values(), *rt.workers_down])
+    return _due(rt, [*rt.down_since.values(), *rt.workers_down])
 
 
 def _workers_due(rt: Runtime) -> bool:
     """Whether some dead worker's down time has passed (``respawn_workers``)."""
-    now = time.monotonic()
-    return any(now - t >= rt.config.down_for for t in rt.workers_down)
+    return _due(rt, rt.workers_down)
 
 
 def _install(rt: Runtime, world: MPI.Comm) -> None:
