@@ -21,7 +21,7 @@ from mpi4py import MPI
 
 from ftmpi import events
 from ftmpi.collective import CollectiveBackend
-from ftmpi.guards import deadline, failures
+from ftmpi.guards import deadline
 from ftmpi.wire import CommTimeout, PeerFailure, mpi_errors, wait_all
 
 if TYPE_CHECKING:
@@ -271,7 +271,9 @@ def rebuild_backend(rt: Runtime, *, workers_changed: bool) -> None:
     """Give the workers the collective backend for the new view after a recovery (every
     worker of the new view calls it, replacement workers through :func:`select_backend`).
 
-    - MPI backend: the same collectives over the new workers' communicator.
+    - MPI backend: the same collectives over the new workers' communicator; nothing to agree
+      on, so a worker that has finished (it waits at the exit barrier, :func:`ftmpi.lifecycle.
+      release`, and joins the recovery there) need not take part while others still train.
     - Horovod, workers unchanged (a server died): Horovod's communicators were never touched
       (it works on duplicates of a duplicate, which the recovery's revoke does not reach), so
       Horovod stays, watching the new communicator for revokes. Unless a worker abandoned a
@@ -289,12 +291,6 @@ def rebuild_backend(rt: Runtime, *, workers_changed: bool) -> None:
     (:func:`~ftmpi.guards.deadline`).
     """
     global _horovod_stuck
-    # the node-local worker communicator changes with the workers (a joining worker's
-    # ftmpi.init() takes part in this split)
-    with failures("splitting the node-local worker communicator (Split_type)"):
-        rt.local = rt.group.Split_type(MPI.COMM_TYPE_SHARED, key=rt.group.Get_rank())
-    rt.local.Set_errhandler(MPI.ERRORS_RETURN)
-    rt.comms.append(rt.local)
     backend = rt.backend
     if not _horovod_job(rt):
         rt.backend = MPIBackend(rt.group, rt.config.timeout)

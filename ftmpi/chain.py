@@ -24,9 +24,19 @@ forwards it):
   head and middles have applied an update by the time they see its acknowledgement, and the
   tail applies it next.
 - ``chain_ack = "next"``: once the successor has received it (``RECEIVED``), the paper's relaxed
-  mode. With ``replicate_every = N`` the head forwards in batches of N and answers the updates it
-  is still holding at once: if the head dies, at most the N - 1 updates of its unsent batch are
-  lost.
+  mode.
+- ``chain_ack = "next"`` and ``replicate_every = N > 1`` (the paper's chain, which "replicates
+  weights only after a predetermined number of weight updates"): the head answers every push at
+  once and forwards no update. Every N versions it copies its whole state (weights, optimizer
+  state, the workers' sequence numbers) into one buffer and starts sending it to its successor
+  (``REPLICATE``) without waiting; each member installs the state it receives, acknowledges it
+  (``RECEIVED``) and passes it on the same way, from its own state (which changes only when the
+  next one comes). The head waits only when its next state is due and the successor has not yet
+  acknowledged the previous one, that is when the successor takes longer than N updates to take
+  a state. No member applies an optimizer step but the head, and a member holds its state plus
+  at most one copy and one incoming state, whatever N. If the head dies, its successor holds
+  one of the head's last two states: fewer than 2N updates are lost (a replayed gradient log
+  counts as the gradients in it).
 
 Reconfiguration after a membership change (:meth:`ChainLink.reconfigure`), run by every server
 of the chain in the new view; predecessors and successors are recomputed from the live slots:
@@ -72,6 +82,7 @@ from ftmpi.wire import Header, Kind
 
 if TYPE_CHECKING:
     from ftmpi.runtime import Runtime
+    from ftmpi.server_wire import StateSend
 
 __all__ = ["BufferPool", "ChainHost", "ChainLink", "Update"]
 
@@ -113,6 +124,17 @@ class ChainHost(Protocol):
         the send; raises ``PeerFailure`` if a rank dies meanwhile."""
         ...
 
+    def handle_from(self, slot: int) -> None:
+        """Receive the next message from server ``slot`` and handle it as the request loop
+        would; raises ``CommTimeout`` if none comes within ``config.timeout``."""
+        ...
+
+    def start_replicate(self, slot: int, into: np.ndarray | None) -> StateSend:
+        """Start sending the whole shard state to server ``slot`` (``REPLICATE``): first
+        copied into ``into`` (:meth:`state_nbytes` bytes), or in place when None (then the
+        state must not change until the send completes)."""
+        ...
+
 
 class BufferPool:
     """Gradient buffers of a chain member, reused once their update is committed.
@@ -120,9 +142,13 @@ class BufferPool:
     A new multi-megabyte buffer is fresh memory: its first write faults every page (2.8 ms of
     CPU for a 4 MB gradient, six times the copy itself), and a chain member would take two per
     update. Buffers come back only on the normal path (committed, applied at the tail, or a
-    duplicate), never after a failure, when MPI may still hold them."""
+    duplicate), never after a failure, when MPI may still hold them. Only chains that forward
+    every update use them (``replicate_every = 1``): a member keeps an update until the tail
+    has it, one or two per pushing worker, so a handful of free buffers cover the steady
+    state."""
 
-    def __init__(self, keep: int) -> None:
+    def __init__(self, keep: int = 4) -> None:
+        """``keep``: free buffers kept for reuse."""
         self.keep = keep
         self.free: list[np.ndarray] = []
 
@@ -152,8 +178,6 @@ class ChainLink:
         self.host = host
         self.pending: list[Update] = []
         """Forwarded to the successor, not yet committed by the tail (re-sent after a failure)."""
-        self.unsent: list[Update] = []
-        """Applied here, waiting for a full batch of ``replicate_every`` (head only)."""
         self.committed = 0
         """Highest version the tail has (and applies before anything else), as far as this
         server knows."""
@@ -166,8 +190,16 @@ class ChainLink:
         self.awaiting: int | None = None
         """A successor slot (a replacement) that has no shard state yet and will ask for it;
         nothing is forwarded to it before, since the state it gets holds every update."""
-        self.pool = BufferPool(keep=2 * self.rt.config.replicate_every + 2)
+        self.pool = BufferPool()
         """Gradient buffers for updates kept until committed (see :class:`BufferPool`)."""
+        # whole states every replicate_every updates (see the module docstring): the state on
+        # its way to the successor, the version last sent, the head's copy being sent (dropped
+        # after a failure), and the seconds waited for the successor to take a state
+        self.replicates_state = rt.config.replicates_state
+        self.replicating: StateSend | None = None
+        self.replicated = 0
+        self.copy_buffer: np.ndarray | None = None
+        self.replication_waits = 0.0
         self.awaiting_since = 0.0
         """When this server learned that ``awaiting`` needs the state (``time.perf_counter``)."""
 
@@ -193,7 +225,7 @@ class ChainLink:
 
     def acked(self) -> int:
         """Highest version the head may answer for under the configured ack mode."""
-        if self.succ is None:
+        if self.succ is None or self.replicates_state:
             return self.host.version
         if self.rt.config.chain_ack == "next":
             return max(self.received, self.committed)
@@ -274,25 +306,33 @@ class ChainLink:
     ) -> None:
         """Head: apply ``update`` (``apply()``), answer ``worker`` with the new weights, then
         forward the update down the chain. The answer goes out at once when there is no
-        successor or the update waits in a batch, else once :meth:`acked` allows (see the
+        successor or the chain replicates whole states (and then a state is sent once
+        ``replicate_every`` versions have passed), else once :meth:`acked` allows (see the
         module docstring); ``early`` (a fresh push, with ``tail`` ack): once every *earlier*
         update is committed, so the worker computes its next gradient while this one travels
         down the chain. The forward starts even if the answer fails (the worker died)."""
-        every = self.rt.config.replicate_every
-        self.unsent.append(update)
-        batch: list[Update] = []
-        if len(self.unsent) >= every:
-            batch, self.unsent = self.unsent, []
+        if self.replicates_state:
+            due = update.version - self.replicated >= self.rt.config.replicate_every
+            if due:
+                self.await_successor()
+            apply()
+            try:
+                self.host.answer_push(worker)
+            finally:
+                if due:
+                    failpoint("answered")
+                    self.replicate(copy=True)
+            return
         apply()
         try:
-            if self.succ is None or not batch:
+            if self.succ is None:
                 self.host.answer_push(worker)
             else:
                 early_ok = early and self.rt.config.answers_before_commit
                 self.hold(worker, update.base if early_ok else update.version)
                 failpoint("answered")
         finally:
-            self.finish(self.start_forward(batch))
+            self.finish(self.start_forward([update]))
 
     def hold(self, worker: int, after: int) -> None:
         """Head: answer ``worker`` once version ``after`` is acknowledged (see :meth:`acked`)."""
@@ -310,9 +350,50 @@ class ChainLink:
             self.host.answer_push(worker)
 
     def flush(self) -> None:
-        """Head: forward a partial batch (at shutdown)."""
-        batch, self.unsent = self.unsent, []
-        self.finish(self.start_forward(batch))
+        """At shutdown, whole-state replication: send the head's newest state, and wait."""
+        if self.is_head and self.host.version > self.replicated:
+            self.replicate(copy=False)  # nothing changes the state any more
+        self.wait_replicated()
+
+    # ------------------------------------------------- whole-state replication
+
+    def replicate(self, *, copy: bool) -> None:
+        """Start sending this server's whole state to its successor (``replicates_state``),
+        once the previous one is sent (:meth:`wait_replicated`). ``copy``: from a copy (the
+        head goes on applying updates); else in place (a member behind the head changes its
+        state only when the next one comes, and waits for this send first). Nothing is sent to
+        a replacement that has not taken its first state (:meth:`hand_over_state`)."""
+        succ = self.succ
+        if succ is None or succ == self.awaiting or not self.host.has_state:
+            return
+        self.wait_replicated()
+        into = None
+        if copy:
+            nbytes = self.host.state_nbytes()
+            if self.copy_buffer is None or self.copy_buffer.nbytes != nbytes:
+                self.copy_buffer = np.empty(nbytes, dtype=np.uint8)
+            into = self.copy_buffer
+        self.replicating = self.host.start_replicate(succ, into)
+        self.replicated = self.host.version
+
+    def await_successor(self) -> None:
+        """Head, before the update that makes its next state due: wait (handling the
+        successor's messages) until the successor has acknowledged the previous state."""
+        succ = self.succ
+        t0 = time.perf_counter()
+        while succ is not None and succ != self.awaiting and self.received < self.replicated:
+            self.host.handle_from(succ)
+        self.replication_waits += time.perf_counter() - t0
+
+    def wait_replicated(self) -> None:
+        """Wait until the state being sent to the successor is sent (``PeerFailure``: it died)."""
+        if self.replicating is None:
+            return
+        sending, self.replicating = self.replicating, None
+        t0 = time.perf_counter()
+        what = f"server {self.slot} sending its state down the chain"
+        wire.wait_all(sending.reqs, self.rt.config.timeout, what, wire.PATIENT)
+        self.replication_waits += time.perf_counter() - t0
 
     # ------------------------------------------------------------- replica
 
@@ -399,13 +480,16 @@ class ChainLink:
 
     def renumber(self, rank_map: dict[int, int]) -> None:
         """Keep the pushing workers of held updates under the ranks of a shrunk world."""
-        for u in self.pending + self.unsent:
+        for u in self.pending:
             u.src = rank_map.get(u.src, -1)
 
     def reconfigure(self, respawned: list[int]) -> None:
         """Re-establish the chain in a new view (see the module docstring)."""
         failpoint("reconfigure")
         self.held = []  # workers retry their pushes after a recovery
+        if self.replicates_state:  # a state on its way went with the old view's communicator
+            # (and MPI may still hold the copy it was sent from)
+            self.replicating, self.copy_buffer, self.replicated, self.received = None, None, 0, 0
         succ = self.succ
         if succ is None:
             self.pending = []
@@ -432,7 +516,10 @@ class ChainLink:
         )
 
     def keep(self, grad: np.ndarray) -> np.ndarray:
-        """Head: a copy of a pushed gradient, kept for re-sending until the tail commits it."""
+        """Head: a copy of a pushed gradient, kept for re-sending until the tail commits it
+        (``grad`` itself where no update is forwarded: ``replicates_state``)."""
+        if self.replicates_state:
+            return grad
         kept = self.pool.take(grad.nbytes)
         np.copyto(kept, grad.view(np.uint8).reshape(-1))
         return kept
@@ -448,11 +535,12 @@ class ChainLink:
     def hand_over_state(self, succ: int) -> None:
         """Send the successor the whole shard state; it then holds (and commits) everything
         this server has, so nothing is left to re-send."""
+        self.wait_replicated()
         self.pending = []
         waited = time.perf_counter() - self.awaiting_since if self.awaiting == succ else 0.0
         self.awaiting = None
         self.host.transfer_state(succ, waited=waited)
-        self.committed = self.host.version
+        self.committed = self.replicated = self.received = self.host.version
         self.ack(Kind.COMMITTED, self.committed)
         self.release()  # answers held while the successor had no state
 
@@ -473,8 +561,8 @@ class ChainLink:
     def drained(self) -> bool:
         """Nothing left to forward or to see committed, and the predecessor has stopped."""
         return (
-            not self.unsent
-            and not self.pending
+            not self.pending
+            and self.replicating is None
             and self.awaiting is None
             and (self.pred is None or self.pred_stopped)
         )

@@ -125,8 +125,9 @@ class Config:
     once the previous one has committed and the pushing worker keeps the gradient until then)
     or when the ``next`` server has received it (the paper's relaxed mode)."""
     replicate_every: int = 1
-    """``chain``: the head forwards updates down the chain in batches of N (at most N - 1 are
-    lost if the head dies)."""
+    """``chain``: with N > 1 (and ``next`` ack, the paper's chain) the head sends its whole
+    state down the chain every N updates, in the background, instead of forwarding each update;
+    a head's death loses the updates its successor has not received: fewer than 2N."""
     stale_policy: StalePolicy = StalePolicy.SUM_SCALED
     """``stateless``: how a replacement applies the gradients logged while its server was down:
     ``sum-scaled`` (the paper's: their sum, at a tenth of the LR if more than 50), ``mean``, or
@@ -342,6 +343,13 @@ class Config:
     def chained(self) -> bool:
         """Whether shards are replicated on chains of servers."""
         return self.strategy in ("chain", "chain+stateless")
+
+    @property
+    def replicates_state(self) -> bool:
+        """Whether a chain's head sends its whole state down the chain every
+        ``replicate_every`` updates, off the workers' path (``next`` ack, N > 1: the paper's
+        chain), instead of forwarding each update (``ftmpi.chain``)."""
+        return self.chained and self.chain_ack == "next" and self.replicate_every > 1
 
     @property
     def answers_before_commit(self) -> bool:

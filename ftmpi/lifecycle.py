@@ -117,16 +117,12 @@ def init(servers: int | None = None, mode: str | None = None, **options: Any) ->
 
 
 def _start_worker(rt: Runtime) -> None:
-    """Worker set-up after the roles are known: node-local communicator, backend, exit hook.
+    """Worker set-up after the roles are known: backend, exit hook.
     A late joiner takes the survivors' backend (``select_backend`` agrees on it with them)."""
-    from mpi4py import MPI
 
     from ftmpi import failpoints
     from ftmpi.backends import select_backend
 
-    rt.local = rt.group.Split_type(MPI.COMM_TYPE_SHARED, key=rt.group.Get_rank())
-    rt.local.Set_errhandler(MPI.ERRORS_RETURN)
-    rt.comms.append(rt.local)
     rt.backend = select_backend(rt)
     failpoints.arm(
         failpoints.parse_failpoints(rt.config.failpoints),
@@ -226,6 +222,13 @@ def shutdown() -> None:
     from ftmpi.record import finish
 
     finish(rt)  # summary.json and the manifest's outcome (worker 0), never raises
+    _stop_servers(rt)
+    release(rt)
+
+
+def _stop_servers(rt: Runtime) -> None:
+    """Tell every live server that this worker is done (STOP; a server ends once every worker
+    of its view has said so)."""
     from ftmpi.wire import TAG_DATA, TAG_HEADER, Header, Kind, PeerFailure, send
 
     for s in range(rt.num_servers):
@@ -244,7 +247,6 @@ def shutdown() -> None:
                 timeout=rt.config.timeout,
                 what=f"stopping server {s}",
             )
-    release(rt)
 
 
 def release(rt: Runtime) -> None:
@@ -254,7 +256,11 @@ def release(rt: Runtime) -> None:
     A rank that died near the end (after the last step, e.g. in the final pull) fails that
     barrier on every survivor; they then run the recovery together (without spawning
     replacements: training is over) and try the barrier again in the new view, since a server
-    may already be in that recovery and would otherwise wait for this process. Then every
+    may already be in that recovery and would otherwise wait for this process. A worker that
+    finished while others still train (async mode) joins their recoveries from here too (one
+    that admits a replacement included: the workers' part of a recovery is theirs alone with
+    the MPI backend) and sends its end-of-training report and its STOPs again on the new
+    view, whose messages alone count (a replacement server has not seen them). Then every
     communicator ftmpi created is freed (a local operation in Open MPI). Open MPI's
     finalize runs a disconnect handshake with every peer of every communicator that still spans
     more than one job (the original job and re-spawned servers); a communicator of an older view
@@ -268,6 +274,7 @@ def release(rt: Runtime) -> None:
     from mpi4py import MPI
 
     from ftmpi.membership import recover
+    from ftmpi.record import report_again
     from ftmpi.wire import CommTimeout, PeerFailure, ServerDown, wait_all
 
     role = rt.role  # asks the role communicator, which is freed below
@@ -281,6 +288,9 @@ def release(rt: Runtime) -> None:
         except PeerFailure as exc:
             with contextlib.suppress(PeerFailure, CommTimeout, MPI.Exception):
                 recover(rt, blocking_strategy=False, reason=f"at exit: {exc}", spawn=False)
+                if rt.stopped:  # a new view: its replacements and members take them anew
+                    report_again(rt)
+                    _stop_servers(rt)
         except (CommTimeout, MPI.Exception, ServerDown):
             break
     seen = set()

@@ -164,10 +164,12 @@ def finish(rt: Runtime) -> dict[str, Any] | None:
 def _finish(rt: Runtime) -> dict[str, Any] | None:
     from ftmpi.wire import CommTimeout, PeerFailure, wait_all
 
+    global _sent
     own = own_report()
     timeout = rt.config.timeout
     if rt.role_rank != 0:
-        req = rt.group.Isend(own.encode(), dest=0, tag=TAG_RECORD)
+        _sent = own.encode()
+        req = rt.group.Isend(_sent, dest=0, tag=TAG_RECORD)
         with contextlib.suppress(PeerFailure, CommTimeout):  # worker 0 gone: no summary
             wait_all([req], timeout, "sending the end-of-training report to worker 0")
         return None
@@ -199,6 +201,23 @@ def _finish(rt: Runtime) -> dict[str, Any] | None:
         }
         record_outcome(run_dir, {**ftmpi_outcome, **_outcome, "finished": doc["finished"]})
     return doc
+
+
+_sent: np.ndarray | None = None
+"""This worker's end-of-training report as sent to worker 0 (workers other than 0)."""
+
+
+def report_again(rt: Runtime) -> None:
+    """After a recovery at exit (this worker finished while another still trains): send the
+    end-of-training report to worker 0 again, on the new view's communicator; the one sent
+    before went with the old one. Never raises."""
+    from ftmpi.wire import wait_all
+
+    if _sent is None or rt.is_server or rt.role_rank == 0:
+        return
+    with contextlib.suppress(Exception):
+        req = rt.group.Isend(_sent, dest=0, tag=TAG_RECORD)
+        wait_all([req], rt.config.timeout, "sending the end-of-training report again")
 
 
 def summary(

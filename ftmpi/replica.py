@@ -132,6 +132,15 @@ class ShardReplica:
         self.spec = {k: spec[k] for k in ("shard", "optimizer", "groups", "dtype")}
         self.version = version
 
+    def adopt(self, spec: dict[str, Any], binary: np.ndarray, version: int) -> None:
+        """:meth:`build` from a whole state received from a worker or a peer, with the workers'
+        last sequence numbers and (a chain's ``REPLICATE``) the sender's counters."""
+        self.build(spec, binary, version=version)
+        self.last_seq = {int(r): q for r, q in spec.get("last_seq", {}).items()}
+        if "counters" in spec:
+            self.applied = int(spec["counters"]["applied"])
+            self.replayed = int(spec["counters"]["replayed"])
+
     def weights_bytes(self) -> np.ndarray:
         """The weights as an array sharing their memory (valid until the next update)."""
         assert self.weights is not None

@@ -55,8 +55,6 @@ class Runtime:
     late_joiner: bool = False
     """This worker was spawned to replace a dead one (it joins training in progress)."""
     backend: CollectiveBackend | None = None
-    local: MPI.Comm | None = None
-    """The workers on this node (workers only)."""
     view: int = 0
     """Membership view number; increases with every membership change."""
     ulfm: bool = False
@@ -186,16 +184,17 @@ def size() -> int:
 
 
 def local_rank() -> int:
-    """This worker's rank among the workers on its node."""
-    return _local_comm().Get_rank()
+    """This worker's rank among the workers on its node (``MPI_Get_processor_name``), in
+    worker order: known from the view alone, so no recovery has to agree on it."""
+    rt = runtime()
+    return _node_workers(rt).index(rt.world_rank)
 
 
 def local_size() -> int:
     """Number of workers on this node."""
-    return _local_comm().Get_size()
+    return len(_node_workers(runtime()))
 
 
-def _local_comm() -> MPI.Comm:
-    comm = runtime().local
-    assert comm is not None
-    return comm
+def _node_workers(rt: Runtime) -> list[int]:
+    node = rt.nodes[rt.world_rank]
+    return [r for r in rt.workers if rt.nodes[r] == node]

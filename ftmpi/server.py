@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -42,7 +43,7 @@ from ftmpi.replica import ShardReplica, Update
 from ftmpi.resources import peak_rss_bytes
 from ftmpi.runtime import Runtime
 from ftmpi.server_recovery import ServerRecovery
-from ftmpi.server_wire import ServerWire
+from ftmpi.server_wire import ServerWire, StateSend
 from ftmpi.snapshot_store import RestoreRefused, server_stores
 from ftmpi.strategies import Strategy
 from ftmpi.wire import Header, Kind
@@ -98,11 +99,13 @@ class ParameterServer:
                 Kind.FORWARD: self._on_forward,
                 Kind.COMMITTED: lambda h, src: link.on_committed(h.version),
                 Kind.RECEIVED: lambda h, src: link.on_received(h.version),
-                Kind.CHAIN_STOP: self._on_chain_stop,
+                Kind.CHAIN_STOP: lambda h, src: setattr(link, "pred_stopped", True),
                 **{k: lambda h, src: link.on_state_request(h.kind) for k in wire.STATE_REQUESTS},
                 Kind.STATE_SIZE: self._on_state_size,
                 Kind.STATE_TRANSFER: self._on_state_transfer,
+                Kind.REPLICATE: self._on_replicate,
             }
+        position = partial(chain_position, rt, self.index)
         self.injector = Injector(
             parse_schedule(rt.config.kill),
             "server",
@@ -110,7 +113,7 @@ class ParameterServer:
             rt.incarnations[self.index],
             rt.job_start,
             run_dir=rt.config.run_dir,
-            chain_position=self._chain_position,
+            chain_position=position,
         )
         failpoints.arm(
             failpoints.parse_failpoints(rt.config.failpoints),
@@ -118,14 +121,9 @@ class ParameterServer:
             self.index,
             rt.incarnations[self.index],
             run_dir=rt.config.run_dir,
-            chain_position=self._chain_position,
+            chain_position=position,
         )
         torch.set_num_threads(rt.config.server_threads)
-
-    def _chain_position(self) -> tuple[int, bool, bool]:
-        """(shard, is head, is tail) of this server now, for ``head``/``tail`` kill specs."""
-        live = self.rt.live_chain(self.shard_index)
-        return self.shard_index, live[:1] == [self.index], live[-1:] == [self.index]
 
     # ------------------------------------------------------ ChainHost
 
@@ -163,6 +161,9 @@ class ParameterServer:
     def transfer_state(self, slot: int, *, waited: float = 0.0) -> None:
         self.wire.send_state(slot, waited=waited)
 
+    def start_replicate(self, slot: int, into: np.ndarray | None) -> StateSend:
+        return self.wire.start_state_send(slot, Kind.REPLICATE, into=into)
+
     # ----------------------------------------------------------------- loop
 
     def serve(self) -> None:
@@ -181,27 +182,7 @@ class ParameterServer:
             self.link.ask_for_state()
         while not self._done():
             try:
-                try:
-                    header, src = wire.recv_header(
-                        self.rt.world,
-                        wire.ANY_SOURCE,
-                        tag=wire.TAG_HEADER,
-                        timeout=cfg.server_idle_timeout,
-                        what=f"server {self.index} waiting for requests",
-                        polling=self._idle_polling(),
-                    )
-                except wire.UnknownKind as exc:
-                    _warn(self.rt, self.index, f"dropping a message: {exc}")
-                    assert exc.source is not None
-                    self.wire.drain(exc.nbytes, exc.source)
-                    continue
-                handler = self.handlers.get(header.kind)
-                if header.run != self.rt.run or header.view != self.rt.view or handler is None:
-                    self.wire.drain(header.nbytes, src)
-                    continue
-                handler(header, src)
-                self.store.raise_if_failed()  # a failed background write ends the job now
-                self.node_copy.raise_if_failed()
+                self.handle_next(wire.ANY_SOURCE, cfg.server_idle_timeout)
             except wire.PeerFailure as exc:
                 if set(self.rt.workers) <= self.stopped:
                     # training is over and the workers are leaving: they will not join a
@@ -212,6 +193,31 @@ class ParameterServer:
                 self.recovery.recover(str(exc))
         self.store.flush()
         self.node_copy.discard()  # training is over: the copy is not needed any more
+
+    def handle_next(self, source: int, timeout: float) -> None:
+        """Receive the next message (from world rank ``source``, or any) and handle it."""
+        try:
+            header, src = wire.recv_header(
+                self.rt.world,
+                source,
+                tag=wire.TAG_HEADER,
+                timeout=timeout,
+                what=f"server {self.index} waiting for requests",
+                polling=self._idle_polling(),
+            )
+        except wire.UnknownKind as exc:
+            _warn(self.rt, self.index, f"dropping a message: {exc}")
+            assert exc.source is not None
+            return self.wire.drain(exc.nbytes, exc.source)
+        handler = self.handlers.get(header.kind)
+        if header.run != self.rt.run or header.view != self.rt.view or handler is None:
+            return self.wire.drain(header.nbytes, src)
+        handler(header, src)
+        self.store.raise_if_failed()  # a failed background write ends the job now
+        self.node_copy.raise_if_failed()
+
+    def handle_from(self, slot: int) -> None:
+        self.handle_next(self.rt.server_world_rank(slot), self.rt.config.timeout)
 
     def _idle_polling(self) -> wire.Polling:
         """How this server waits for its next request: a chain member behind the head hears
@@ -228,7 +234,7 @@ class ParameterServer:
             return False
         if self.link is None:
             return True
-        if self.link.is_head and self.link.unsent:
+        if self.link.replicates_state:
             self.link.flush()
         if not self.link.drained():
             return False
@@ -265,13 +271,24 @@ class ParameterServer:
                 f"server {self.index} holds shard {self.shard_index}, not {spec['shard']['index']}",
             )
             return False
-        self.replica.build(spec, binary, version=int(header.version))
-        self.replica.last_seq = {int(r): q for r, q in spec.get("last_seq", {}).items()}
+        self.replica.adopt(spec, binary, int(header.version))
         if self.link is not None:
             self.link.holds_whole_state()
         self.recovery.after_state_installed()
         self.node_copy.after_state_installed()
         return True
+
+    def _on_replicate(self, header: Header, src: int) -> None:
+        """The predecessor's whole state (every ``replicate_every`` updates, :mod:`ftmpi.chain`)
+        replaces this replica's once that is passed on, and is passed on; no reply."""
+        assert self.link is not None
+        self.link.wait_replicated()
+        spec, binary = self.wire.recv_state(header, src, "the chain's state", transfer=False)
+        self.replica.adopt(spec, binary, int(header.version))
+        self.link.ack(Kind.RECEIVED, self.version)
+        self.link.replicate(copy=False)
+        self.node_copy.after_state_installed()
+        self.injector.at_step(self.version)
 
     def _on_state_size(self, header: Header, src: int) -> None:
         """A chain predecessor will send this replacement ``header.state_nbytes`` bytes of
@@ -383,10 +400,6 @@ class ParameterServer:
         self.link.on_forward(header, src, lambda out, what: self.wire.recv(src, out, what))
         self.injector.at_step(self.version)
 
-    def _on_chain_stop(self, header: Header, src: int) -> None:
-        assert self.link is not None
-        self.link.pred_stopped = True
-
     # ----------------------------------------------------- other requests
 
     def _on_pull(self, header: Header, src: int) -> None:
@@ -440,7 +453,7 @@ class ParameterServer:
 
 def server_stats(server: ParameterServer) -> dict[str, Any]:
     """A server's counters since start: updates applied, staleness, dropped messages, apply
-    time, peak resident memory (bytes)."""
+    time, seconds waited to send a chain's next whole state, peak resident memory (bytes)."""
     r = server.replica
     return {
         "server": server.index,
@@ -451,10 +464,18 @@ def server_stats(server: ParameterServer) -> dict[str, Any]:
         "staleness_max": server.staleness_max,
         "dropped": server.wire.dropped,
         "apply_seconds": r.apply_seconds,
+        "replication_waits": 0.0 if server.link is None else server.link.replication_waits,
         "numel": 0 if r.shard is None else r.shard.numel,
         "in_horovod": _in_horovod(),
         "peak_rss": peak_rss_bytes(),
     }
+
+
+def chain_position(rt: Runtime, slot: int) -> tuple[int, bool, bool]:
+    """(shard, is head, is tail) of server ``slot`` now, for ``head``/``tail`` kill specs."""
+    shard = rt.shard_of(slot)
+    live = rt.live_chain(shard)
+    return shard, live[:1] == [slot], live[-1:] == [slot]
 
 
 def _warn(rt: Runtime, index: int, message: str) -> None:

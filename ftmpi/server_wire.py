@@ -8,15 +8,29 @@ carry the replica's current version.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from mpi4py import MPI
 
 from ftmpi import events, failpoints, wire
 from ftmpi.optim_state import Payload, payload_nbytes, table_segments
 from ftmpi.replica import ShardReplica, weights_nbytes
 from ftmpi.runtime import Runtime
 from ftmpi.wire import Header, Kind
+
+
+@dataclass
+class StateSend:
+    """A whole-state send in progress (:meth:`ServerWire.start_state_send`)."""
+
+    reqs: list[MPI.Request]
+    """Complete them with :func:`ftmpi.wire.wait_all`."""
+    payload: Any
+    """What the requests send from, kept alive until they complete."""
+    version: int
+    nbytes: int
 
 
 class ServerWire:
@@ -139,23 +153,53 @@ class ServerWire:
         )
 
     def send_state(self, slot: int, *, waited: float) -> None:
-        """Send the replica's whole state to server ``slot`` (``STATE_TRANSFER``).
+        """Send the replica's whole state to server ``slot`` (``STATE_TRANSFER``) and wait.
 
         The weights and each optimizer-state tensor are sent in place, as segments (no copy;
         nothing is applied until the send completes). The ``state_transfer`` event records the
         bytes, ``pack_seconds`` (describing the state), ``seconds`` (from the first send to the
         completion of the last) and ``waited`` (the seconds the successor took to ask for it)."""
         t0 = time.perf_counter()
+        cfg = self.rt.config
+        what = f"server {self.slot} sending its state to server {slot}"
+        sending = self.start_state_send(slot, Kind.STATE_TRANSFER)
+        t1 = time.perf_counter()
+        failpoints.failpoint("state_transfer")
+        wire.wait_all(sending.reqs, cfg.timeout, what)
+        events.emit(
+            cfg.run_dir,
+            "state_transfer",
+            role=f"server {self.slot}",
+            to=f"server {slot}",
+            version=sending.version,
+            nbytes=sending.nbytes,
+            pack_seconds=round(t1 - t0, 6),
+            seconds=round(time.perf_counter() - t1, 6),
+            waited=round(waited, 6),
+        )
+
+    def start_state_send(
+        self, slot: int, kind: Kind, *, into: np.ndarray | None = None
+    ) -> StateSend:
+        """Start sending the replica's whole state to server ``slot`` as ``kind`` (laid out as
+        a worker's INIT, with the workers' last sequence numbers): in place, so the replica
+        must not change until the send completes, or first copied into ``into`` (a buffer of
+        :meth:`ShardReplica.state_nbytes` bytes), so it may. ``REPLICATE`` carries the
+        replica's counters too (the receiver takes this replica's place)."""
         r, rt, cfg = self.replica, self.rt, self.rt.config
         spec, segments = r.state()
         nbytes = payload_nbytes(segments)
-        last_seq = {str(w): q for w, q in r.last_seq.items()}
-        doc = wire.encode_json({**spec, "binary_nbytes": nbytes, "last_seq": last_seq})
-        what = f"server {self.slot} sending its state to server {slot}"
-        header = Header(
-            Kind.STATE_TRANSFER, rt.run, r.version, self.shard_index, 0, rt.view, doc.nbytes
-        )
-        t1 = time.perf_counter()
+        if into is not None:
+            copies = table_segments(spec["state_table"], into, lead=weights_nbytes(spec))
+            for dst, src in zip(copies, segments, strict=True):
+                np.copyto(dst, src.reshape(-1).view(np.uint8))
+            segments = copies
+        doc_: dict[str, Any] = {**spec, "binary_nbytes": nbytes}
+        doc_["last_seq"] = {str(w): q for w, q in r.last_seq.items()}
+        if kind is Kind.REPLICATE:
+            doc_["counters"] = {"applied": r.applied, "replayed": r.replayed}
+        doc = wire.encode_json(doc_)
+        header = Header(kind, rt.run, r.version, self.shard_index, 0, rt.view, doc.nbytes)
         reqs = wire.isend_request(
             rt.world,
             rt.server_world_rank(slot),
@@ -164,18 +208,6 @@ class ServerWire:
             segments,
             chunk_bytes=cfg.chunk_bytes,
             data_chunk_bytes=wire.bulk_chunk_bytes(cfg.chunk_bytes),
-            what=what,
+            what=f"server {self.slot} sending its state to server {slot}",
         )
-        failpoints.failpoint("state_transfer")
-        wire.wait_all(reqs, cfg.timeout, what)
-        events.emit(
-            cfg.run_dir,
-            "state_transfer",
-            role=f"server {self.slot}",
-            to=f"server {slot}",
-            version=r.version,
-            nbytes=nbytes,
-            pack_seconds=round(t1 - t0, 6),
-            seconds=round(time.perf_counter() - t1, 6),
-            waited=round(waited, 6),
-        )
+        return StateSend(reqs, (doc, segments), r.version, nbytes)

@@ -85,6 +85,7 @@ class Kind(IntEnum):
     STATE_READY = 22  # replacement -> its predecessor: my receive buffer is mapped; send it
     STATE_MISSING = 23  # server -> its predecessor: forwarded updates, but I have no state
     STATE_TRANSFER = 24  # server -> its chain successor: the whole shard state (INIT's layout)
+    REPLICATE = 25  # server -> its chain successor: the whole state every replicate_every updates
 
 
 STATE_REQUESTS = frozenset({Kind.STATE_ASK, Kind.STATE_READY, Kind.STATE_MISSING})
