@@ -68,6 +68,7 @@ and acks are re-sent by these rules, never assumed delivered.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -487,8 +488,8 @@ class ChainLink:
         """Re-establish the chain in a new view (see the module docstring)."""
         failpoint("reconfigure")
         self.held = []  # workers retry their pushes after a recovery
-        if self.replicates_state:  # a state on its way went with the old view's communicator
-            # (and MPI may still hold the copy it was sent from)
+        if self.replicates_state:
+            _abandon(self.replicating)
             self.replicating, self.copy_buffer, self.replicated, self.received = None, None, 0, 0
         succ = self.succ
         if succ is None:
@@ -566,3 +567,11 @@ class ChainLink:
             and self.awaiting is None
             and (self.pred is None or self.pred_stopped)
         )
+
+
+def _abandon(sending: StateSend | None) -> None:
+    """A state send of an older view (its communicator is revoked): let its requests end, in
+    error, before the buffer they read from is dropped."""
+    if sending is not None:
+        with contextlib.suppress(wire.PeerFailure, wire.CommTimeout):
+            wire.wait_all(sending.reqs, 1.0, "a state sent in an older view")
