@@ -67,6 +67,14 @@ from ftmpi.spawning import (
 )
 from ftmpi.wire import PeerFailure, run_hash, wait_all
 
+NODE_LOSS_GRACE = 5.0
+"""Seconds the survivors wait before training on with fewer workers when every rank of some
+node died (the node, or its Open MPI daemon, may be lost). Open MPI 5 ends the whole job when
+it loses a node, but not at once: the launching node's ranks first, the others a few hundred
+milliseconds later. Survivors that trained on in between would apply steps of fewer workers
+than the run has and write node copies and snapshots of them, and the relaunch would resume
+from those instead of from the state the run had when the node was lost."""
+
 
 @dataclass
 class Recovery:
@@ -136,6 +144,7 @@ def recover(
     )
     rank_map = {o: n for o, n in enumerate(translated) if n != MPI.UNDEFINED}
     failpoint("shrunk")
+    emptied = _emptied_nodes(rt.nodes, rank_map)
     result = Recovery(rank_map=rank_map)
     result.failed_workers = [i for i, r in enumerate(rt.workers) if r not in rank_map]
     result.failed_servers = [
@@ -170,6 +179,8 @@ def recover(
             f"{_names(result.failed_servers, result.failed_workers)} died; "
             f"recovering with strategy {rt.config.strategy}, {rt.num_workers} worker(s) left",
         )
+    if emptied and result.failed_workers:
+        _await_job_end(rt, emptied)
     # Replace down servers now if workers would wait for them anyway (a collective spawn, after
     # their down time), or admit the replacements the coordinator spawned in the background.
     if (rt.down_since or rt.workers_down) and blocking_strategy and spawn and is_coordinator(rt):
@@ -475,6 +486,28 @@ def _admit(
             f"{waited:.1f} s after the failure (view {rt.view})",
         )
     return slots
+
+
+def _emptied_nodes(nodes: list[str], rank_map: dict[int, int]) -> list[str]:
+    """The nodes of a multi-node job none of whose ranks survived (``rank_map``: old world
+    rank -> new, survivors only); none in a single-node job."""
+    if len(set(nodes)) < 2:
+        return []
+    return sorted(set(nodes) - {nodes[r] for r in rank_map})
+
+
+def _await_job_end(rt: Runtime, emptied: list[str]) -> None:
+    """Workers died with every rank of ``emptied``: wait :data:`NODE_LOSS_GRACE` seconds before
+    training on with fewer workers, in case Open MPI is ending the job for a lost node (then
+    this process is killed meanwhile and nothing of the smaller job is written)."""
+    events.emit(rt.config.run_dir, "nodes_emptied", role=role_of(rt), nodes=emptied)
+    if is_coordinator(rt):
+        _say(
+            rt,
+            f"every rank on {', '.join(emptied)} died; training goes on with fewer workers in "
+            f"{NODE_LOSS_GRACE:g} s unless Open MPI ends the job for a lost node",
+        )
+    time.sleep(NODE_LOSS_GRACE)
 
 
 def _names(servers: list[int], workers: list[int], *, replaced: int = 0) -> str:
