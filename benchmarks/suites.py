@@ -498,6 +498,64 @@ def suite_cnn(
     return rows
 
 
+OVERLAP_PAIRS = {
+    "no servers, Horovod backend": {"FTMPI_SERVERS": "0"},
+    "no servers, MPI backend": {"FTMPI_SERVERS": "0", "FTMPI_BACKEND": "mpi"},
+    "1 server, server placement": {},
+    "1 server, mirror": {"FTMPI_PLACEMENT": "mirror"},
+}
+
+
+def suite_overlap(
+    quick: bool, log: Callable[[str], None], repeats: int | None = None
+) -> list[dict[str, Any]]:
+    """Gradient averaging during backward (``overlap``, 1 MiB buckets) against averaging after
+    backward (``FTMPI_OVERLAP=0``), 2 workers, sync, SGD momentum, batch 32, per configuration
+    of :data:`OVERLAP_PAIRS` at 1M and 25M parameters (interleaved repeats, medians), and the
+    paper's CNN without servers (``cnn_*`` rows: steps/s)."""
+    repeats = repeats or (1 if quick else 2)
+    sizes = [1_000_000] if quick else [1_000_000, 25_000_000]
+    jobs = [
+        Job(f"{name}, {when}", servers=int(env.get("FTMPI_SERVERS", "1")), env=dict(env, **flag))
+        for name, env in OVERLAP_PAIRS.items()
+        for when, flag in (("after backward", {"FTMPI_OVERLAP": "0"}), ("overlap", {}))
+    ]
+    results = interleaved(jobs, sizes, 12 if quick else 15, repeats, log)
+    rows = []
+    for size in sizes:
+        for after, during in zip(jobs[::2], jobs[1::2], strict=True):
+            base = median_row(results[after.label], size)
+            for job, row in ((after, base), (during, median_row(results[during.label], size))):
+                rows.append(
+                    {
+                        "params": results[job.label][0].lead(size)["params"],
+                        "config": job.label,
+                        "oversubscribed": oversubscribed(job.ranks),
+                        **row,
+                        "vs_after_backward": round(row["samples_per_s"] / base["samples_per_s"], 3),
+                    }
+                )
+    steps = 150 if quick else 400
+    cnn: dict[str, list[float]] = {"after backward": [], "overlap": []}
+    for _ in range(repeats + 1):
+        for when, flag in (("after backward", "0"), ("overlap", "1")):
+            env = {"FTMPI_STRATEGY": "none", "FTMPI_SERVERS": "0", "FTMPI_OVERLAP": flag}
+            summary, _events = run_strategy(env, steps)
+            cnn[when].append(summary["steps_per_second"])
+            log(f"cnn {when}: {cnn[when][-1]:.1f} steps/s")
+    base = statistics.median(cnn["after backward"])
+    for when, sps in cnn.items():
+        rows.append(
+            {
+                "config": f"paper's CNN, 2 workers, no servers, {when}",
+                "cnn_steps_per_s": round(statistics.median(sps), 2),
+                "samples": sps,
+                "vs_after_backward": round(statistics.median(sps) / base, 3),
+            }
+        )
+    return rows
+
+
 SUITES: dict[str, Callable[..., list[dict[str, Any]]]] = {  # fn(quick, log, **options)
     "limits": suite_limits,
     "throughput": suite_throughput,
@@ -506,6 +564,7 @@ SUITES: dict[str, Callable[..., list[dict[str, Any]]]] = {  # fn(quick, log, **o
     "recovery": suite_recovery,
     "placement": suite_placement,
     "cnn": suite_cnn,
+    "overlap": suite_overlap,
 }
 """Suite name -> ``fn(quick, log, **options) -> rows``, in the order ``ftmpi-run bench`` runs
 them (``limits``, ``throughput`` and ``recovery`` take a ``params`` option, ``throughput``

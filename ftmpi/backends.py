@@ -20,9 +20,9 @@ import torch
 from mpi4py import MPI
 
 from ftmpi import events
-from ftmpi.collective import CollectiveBackend
+from ftmpi.collective import CollectiveBackend, PendingReduce
 from ftmpi.guards import deadline
-from ftmpi.wire import CommTimeout, PeerFailure, mpi_errors, wait_all
+from ftmpi.wire import CommTimeout, PeerFailure, abandon_requests, mpi_errors, wait_all
 
 if TYPE_CHECKING:
     from ftmpi.runtime import Runtime
@@ -65,16 +65,12 @@ class MPIBackend:
         return [t.reshape(-1).view(torch.uint8).numpy(), MPI.BYTE]
 
     def allreduce_(self, t: torch.Tensor, *, average: bool, predivide: float = 1.0) -> None:
-        if average and predivide != 1.0:
-            t.div_(predivide)
-        if self.size() > 1:
-            with mpi_errors("worker allreduce"):
-                req = self.comm.Iallreduce(MPI.IN_PLACE, self._buf(t), op=MPI.SUM)
-            wait_all([req], self.timeout, "worker allreduce")
-        if average:
-            if predivide != 1.0:
-                t.mul_(predivide)
-            t.div_(self.size())
+        self.start_allreduce_(t, average=average, predivide=predivide, name="").wait()
+
+    def start_allreduce_(
+        self, t: torch.Tensor, *, average: bool, predivide: float = 1.0, name: str
+    ) -> PendingReduce:
+        return _MPIReduce(self, t, average, predivide)
 
     def broadcast_(self, t: torch.Tensor, root: int) -> None:
         if self.size() == 1:
@@ -87,6 +83,80 @@ class MPIBackend:
         with mpi_errors("worker barrier"):
             req = self.comm.Ibarrier()
         wait_all([req], self.timeout, "worker barrier")
+
+
+class _MPIReduce:
+    """An ``MPI_Iallreduce`` (sum) on a tensor, divided on completion for an average. A
+    failure to start it is kept and raised by :meth:`wait`, so a caller inside backward (a
+    gradient hook) never sees it."""
+
+    def __init__(self, backend: MPIBackend, t: torch.Tensor, average: bool, predivide: float):
+        self.t, self.average, self.predivide = t, average, predivide
+        self.workers = backend.size()
+        self.timeout = backend.timeout
+        self.req: MPI.Request | None = None
+        self.error: PeerFailure | None = None
+        if average and predivide != 1.0:
+            t.div_(predivide)
+        if self.workers > 1:
+            try:
+                with mpi_errors("worker allreduce"):
+                    self.req = backend.comm.Iallreduce(MPI.IN_PLACE, backend._buf(t), op=MPI.SUM)
+            except PeerFailure as exc:
+                self.error = exc
+
+    def done(self) -> bool:
+        if self.req is None:
+            return True
+        try:
+            return bool(self.req.Test())
+        except MPI.Exception:
+            return True  # completed with an error: wait() raises it
+
+    def wait(self) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.req is not None:
+            wait_all([self.req], self.timeout, "worker allreduce")
+        if self.average:
+            if self.predivide != 1.0:
+                self.t.mul_(self.predivide)
+            self.t.div_(self.workers)
+
+    def abandon(self) -> None:
+        if self.req is not None:
+            abandon_requests([self.req])
+            self.req = None
+
+
+class _HorovodReduce:
+    """A Horovod ``allreduce_async_`` handle (see :meth:`HorovodBackend._wait`)."""
+
+    def __init__(self, backend: HorovodBackend, handle: int | None, error: PeerFailure | None):
+        self.backend, self.handle, self.error = backend, handle, error
+
+    def done(self) -> bool:
+        try:
+            return self.handle is None or bool(self.backend.hvd.poll(self.handle))
+        except Exception:
+            return True  # wait() raises it
+
+    def wait(self) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.handle is not None:
+            self.backend._wait(self.handle, "Horovod allreduce")
+
+    def abandon(self) -> None:
+        if self.handle is None:
+            return
+        finished = self.done()
+        handle, self.handle = self.handle, None
+        if finished:
+            with contextlib.suppress(Exception):  # finished: release it, Horovod goes on
+                self.backend.hvd.synchronize(handle)
+                return
+        self.backend.abandoned = handle  # it may still write: Horovod restarts first
 
 
 class HorovodBackend(MPIBackend):
@@ -187,20 +257,28 @@ class HorovodBackend(MPIBackend):
             raise PeerFailure(f"Horovod: {exc}", MPI.ERR_PROC_FAILED) from exc
 
     def allreduce_(self, t: torch.Tensor, *, average: bool, predivide: float = 1.0) -> None:
+        self.start_allreduce_(t, average=average, predivide=predivide, name="").wait()
+
+    def start_allreduce_(
+        self, t: torch.Tensor, *, average: bool, predivide: float = 1.0, name: str
+    ) -> PendingReduce:
         hvd = self.hvd
         if average:
             op, pre, post = hvd.Average, 1.0 / predivide, predivide
         else:
             op, pre, post = hvd.Sum, 1.0, 1.0
-        handle = self._start(
-            hvd.allreduce_async_,
-            t,
-            name="ftmpi.gradients",
-            op=op,
-            prescale_factor=pre,
-            postscale_factor=post,
-        )
-        self._wait(handle, "Horovod allreduce")
+        try:
+            handle = self._start(
+                hvd.allreduce_async_,
+                t,
+                name=f"ftmpi.gradients{name}",
+                op=op,
+                prescale_factor=pre,
+                postscale_factor=post,
+            )
+        except PeerFailure as exc:
+            return _HorovodReduce(self, None, exc)
+        return _HorovodReduce(self, handle, None)
 
     def broadcast_(self, t: torch.Tensor, root: int) -> None:
         if t.dtype in _MPI_TYPES:

@@ -69,7 +69,7 @@ CHOICES: dict[str, type[enum.StrEnum]] = {
 }
 """The fields whose value is one of a fixed set, and the enum of that set. A member compares
 equal to its string (``Mode.SYNC == "sync"``)."""
-FLAGS = ("respawn_workers", "async_checkpoint", "resume", "deterministic")
+FLAGS = ("respawn_workers", "async_checkpoint", "resume", "deterministic", "overlap")
 """The fields that are on or off (``bool``). From the environment: 0/1/true/false."""
 _NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 """A host name as hostfiles and batch systems write it."""
@@ -113,6 +113,13 @@ class Config:
     mirror_lag: int = 2
     """``mirror``: updates a shard's mirror may be behind the workers; a shard leader whose
     oldest unanswered update is this many steps old waits for it (back-pressure)."""
+    overlap: bool = True
+    """Sync mode: average gradients during backward, a bucket at a time as backward produces
+    them (:mod:`ftmpi.buckets`), as Horovod and DDP do; as with them, a change made to
+    ``p.grad`` after backward is not averaged (use ``synchronize()`` and
+    ``skip_synchronize()``). Off: the whole gradient is averaged at ``step()``, as found."""
+    bucket_bytes: int = 1 << 20
+    """``overlap``: bytes of gradient per bucket (whole parameters; a larger one alone)."""
     strategy: StrategyName = StrategyName.NONE
     """Recovery strategy for server failures: ``none`` (a server death ends the job with a clear
     error), ``checkpoint`` (snapshots; everyone rolls back to the newest valid one), ``chain``
@@ -300,6 +307,11 @@ class Config:
             )
         if self.mirror_lag < 1:
             raise ConfigError(f"mirror_lag={self.mirror_lag} must be >= 1")
+        if self.bucket_bytes < 1:
+            raise ConfigError(
+                f"bucket_bytes={self.bucket_bytes} must be >= 1 (bytes of gradient per bucket; "
+                "the default is 1048576)"
+            )
         return self
 
     def _check_spare_nodes(self) -> None:

@@ -34,7 +34,9 @@ import numpy as np
 import torch
 
 from ftmpi import record
+from ftmpi.buckets import GradientBuckets, gather_grad
 from ftmpi.client import ServerClient
+from ftmpi.collective import PendingReduce
 from ftmpi.compression import Compression, Compressor, changes_dtype
 from ftmpi.fatal import UserError
 from ftmpi.faults import Injector, parse_schedule
@@ -113,19 +115,16 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if self._ftmpi_cuda:  # page-locked: a model on a GPU copies in and out asynchronously
             client.grads, client.weights = client.grads.pin_memory(), client.weights.pin_memory()
         by_name = {self._ftmpi_names[p]: p for p in self._ftmpi_params}
-        # (param, its slice of the flat gradient buffer, its slice of the flat weight buffer)
-        self._ftmpi_slots = [
-            (
-                by_name[slot.name],
-                self._ftmpi_client.grads[shard.start + slot.offset :][: slot.numel].view(
-                    slot.shape
-                ),
-                self._ftmpi_client.weights[shard.start + slot.offset :][: slot.numel].view(
-                    slot.shape
-                ),
-            )
+        # (param, its offset in the flat buffers, its element count), in the buffers' order
+        self._ftmpi_spans = [
+            (by_name[slot.name], shard.start + slot.offset, slot.numel)
             for shard in self._ftmpi_shards
             for slot in shard.slots
+        ]
+        # (param, its slice of the flat gradient buffer, its slice of the flat weight buffer)
+        self._ftmpi_slots = [
+            (p, client.grads[at : at + n].view(p.shape), client.weights[at : at + n].view(p.shape))
+            for p, at, n in self._ftmpi_spans
         ]
         with torch.no_grad():
             for p, _, w in self._ftmpi_slots:
@@ -149,6 +148,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._ftmpi_local_grads: torch.Tensor | None = None
         """This worker's own gradient as :meth:`synchronize` found it, before reducing it."""
         self._ftmpi_mirror = Mirror(rt, self._ftmpi_client) if rt.config.mirrored else None
+        self._ftmpi_buckets = self._overlap_buckets()
         self._ftmpi_recovery = WorkerRecovery(
             rt, self._ftmpi_client, self, base_class, self._ftmpi_times, self._ftmpi_mirror
         )
@@ -172,12 +172,11 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         """
         if self._ftmpi_rt.config.mode == "async":
             return
-        self._gather_grads()
-        grads = self._ftmpi_client.grads
         if self._ftmpi_local_grads is None:
-            self._ftmpi_local_grads = grads.clone()
-        else:
-            self._ftmpi_local_grads.copy_(grads)
+            self._ftmpi_local_grads = torch.empty_like(self._ftmpi_client.grads)
+        self._gather_grads(self._ftmpi_local_grads)  # hooks have filled the flat buffer
+        if self._ftmpi_buckets is None:
+            self._ftmpi_client.grads.copy_(self._ftmpi_local_grads)
         self._allreduce()
         for p, g, _ in self._ftmpi_slots:
             if p.grad is None:
@@ -212,6 +211,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             recovery.checkpoint_on_signal()
         synced = self._ftmpi_synchronized  # synchronize() reduced p.grad: never reduce it again
         allreduce = not synced and (self._ftmpi_should_sync or self._ftmpi_rt.num_servers == 0)
+        buckets = self._ftmpi_buckets
+        allreduce = allreduce or (buckets is not None and buckets.started)  # begun in backward
         local: torch.Tensor | None = None
         base = list(self._ftmpi_client.versions)
         while True:
@@ -219,6 +220,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 self._data_path(allreduce=allreduce, local=local)
                 break
             except PeerFailure as exc:
+                if buckets is not None:  # started in backward or in the attempt: all again
+                    buckets.abandon()
                 retry = recovery.recover_step(str(exc), base)
                 if retry is None:
                     return loss  # rolled back outside ftmpi.run: this step is dropped
@@ -244,10 +247,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         t.steps += 1
         recovery.before_attempt()
         with t.phase("gather"):
-            if local is None:
-                self._gather_grads()
-            else:
+            if local is not None:
                 self._ftmpi_client.grads.copy_(local)
+            elif not (allreduce and self._ftmpi_buckets is not None):  # else the buckets do
+                self._gather_grads()
         if rt.config.mode == "async":
             self._start_servers()
             live = recovery.live_shards(self._ftmpi_shards)
@@ -257,7 +260,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             return
         if allreduce:
             with t.phase("allreduce"):
-                self._allreduce()
+                self._allreduce(gathered=local is not None)
         if rt.num_servers == 0 or rt.config.mirrored:
             with t.phase("local_step"):
                 for p, g, _ in self._ftmpi_slots:
@@ -367,23 +370,48 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------- internals
 
-    def _gather_grads(self) -> None:
-        for p, g, _ in self._ftmpi_slots:
-            if p.grad is None:
-                g.zero_()
-            elif p.grad.is_sparse:
-                if not self._ftmpi_sparse_as_dense:
-                    raise ValueError(
-                        f"parameter {self._ftmpi_names[p]!r} has a sparse gradient; pass "
-                        "sparse_as_dense=True to DistributedOptimizer (servers hold dense weights)"
-                    )
-                g.copy_(p.grad.to_dense())
-            else:
-                g.copy_(p.grad, non_blocking=self._ftmpi_cuda)  # into page-locked memory
+    def _gather_grads(self, into: torch.Tensor | None = None) -> None:
+        """Copy every parameter's gradient into the flat gradient buffer (or ``into``)."""
+        flat = self._ftmpi_client.grads if into is None else into
+        for p, at, n in self._ftmpi_spans:
+            name, cuda = self._ftmpi_names[p], self._ftmpi_cuda  # cuda: into page-locked memory
+            g = flat[at : at + n].view(p.shape)
+            gather_grad(p, g, name, sparse_as_dense=self._ftmpi_sparse_as_dense, cuda=cuda)
         if self._ftmpi_cuda:
             torch.cuda.current_stream().synchronize()  # every copy is in before MPI reads it
 
-    def _allreduce(self) -> None:
+    def _overlap_buckets(self) -> GradientBuckets | None:
+        """The gradient buckets averaged during backward (``overlap``, sync mode)."""
+        rt = self._ftmpi_rt
+        if not rt.config.overlap or rt.config.mode != "sync" or rt.backend is None:
+            return None
+        by_param = {p: (at, n) for p, at, n in self._ftmpi_spans}
+        return GradientBuckets(
+            self._ftmpi_client.grads,
+            [(p, *by_param[p]) for p in self._ftmpi_params],  # backward's order, reversed
+            self._ftmpi_names,
+            bucket_bytes=rt.config.bucket_bytes,
+            passes=self.backward_passes_per_step,
+            start=self._start_reduce,
+            first=lambda: self._ftmpi_injector.at_step(self._ftmpi_position + 1),
+            compression=self._ftmpi_compression,
+            sparse_as_dense=self._ftmpi_sparse_as_dense,
+        )
+
+    def _start_reduce(self, t: torch.Tensor, name: str) -> PendingReduce:
+        backend = self._ftmpi_rt.backend
+        assert backend is not None
+        average = self._ftmpi_op is ReduceOp.Average
+        return backend.start_allreduce_(
+            t, average=average, predivide=self._ftmpi_predivide, name=name
+        )
+
+    def _allreduce(self, *, gathered: bool = False) -> None:
+        """Average the flat gradient buffer across workers (by buckets with ``overlap``;
+        ``gathered``: the caller filled it, no hook's copy counts)."""
+        if self._ftmpi_buckets is not None:
+            self._ftmpi_buckets.reduce(gathered=gathered)
+            return
         backend = self._ftmpi_rt.backend
         assert backend is not None
         grads = self._ftmpi_client.grads
@@ -429,7 +457,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._ftmpi_client.init_servers(
                 class_path(self._ftmpi_base_class),
                 [group_hparams(g) for g in self.param_groups],
-                self._state_by_shard(),
+                _state_by_shard(self, self._ftmpi_names, self._ftmpi_shards),
                 # a shard whose servers died before training started gets its state when a
                 # replacement is rebuilt from the workers (stateless)
                 [s for s in self._ftmpi_shards if rt.live_chain(s.index)],
@@ -438,22 +466,22 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         rt.backend.barrier()
         self._ftmpi_started = True
 
-    def _state_by_shard(
-        self,
-    ) -> dict[int, tuple[list[dict[str, Any]], list[np.ndarray], dict[str, Any]]]:
-        """Each shard's optimizer state: table, byte views of the live tensors, scalars."""
-        tensors, scalars = state_entries(self, self._ftmpi_names)
-        out = {}
-        for shard in self._ftmpi_shards:
-            names = {slot.name for slot in shard.slots}
-            mine = [(k, t) for k, t in tensors if k.rpartition("/")[0] in names]
-            table, buf = tensor_segments(mine)
-            out[shard.index] = (
-                table,
-                buf,
-                {k: v for k, v in scalars.items() if k.rpartition("/")[0] in names},
-            )
-        return out
+
+def _state_by_shard(
+    opt: torch.optim.Optimizer, names: dict[torch.Tensor, str], shards: list[Shard]
+) -> dict[int, tuple[list[dict[str, Any]], list[np.ndarray], dict[str, Any]]]:
+    """Each shard's optimizer state: table, byte views of the live tensors, scalars."""
+    tensors, scalars = state_entries(opt, names)
+    out = {}
+    for shard in shards:
+        mine = {slot.name for slot in shard.slots}
+        table, buf = tensor_segments([(k, t) for k, t in tensors if k.rpartition("/")[0] in mine])
+        out[shard.index] = (
+            table,
+            buf,
+            {k: v for k, v in scalars.items() if k.rpartition("/")[0] in mine},
+        )
+    return out
 
 
 def _parameter_names(

@@ -271,6 +271,12 @@ def _cancel(reqs: Sequence[MPI.Request]) -> None:
     _unfinished.extend(live)
 
 
+def abandon_requests(reqs: Sequence[MPI.Request]) -> None:
+    """Stop waiting for ``reqs`` after a failure, never releasing memory MPI still uses (see
+    :func:`_cancel`)."""
+    _cancel(reqs)
+
+
 def unfinished_requests() -> int:
     """How many cancelled requests MPI has still not completed (their buffers are kept);
     tests each once, releasing those that have completed since."""

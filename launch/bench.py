@@ -2,9 +2,9 @@
 baselines and this machine's limits in one run; print Markdown tables and write JSON.
 
 Suites (default: all, in this order): ``limits``, ``throughput``, ``scale``, ``strategies``,
-``recovery``, ``placement``, ``cnn`` (see ``benchmarks/suites.py``). ``--quick`` runs a small
-subset of each (a few minutes). The JSON holds the machine (cores, load), every suite's rows and
-the targets:
+``recovery``, ``placement``, ``cnn``, ``overlap`` (see ``benchmarks/suites.py``). ``--quick``
+runs a small subset of each (a few minutes). The JSON holds the machine (cores, load), every
+suite's rows and the targets:
 
 - ``sync_vs_horovod``: ftmpi (Horovod backend, 2 servers) samples/s over plain Horovod's at
   ~25M parameters (target >= 0.90);
@@ -162,7 +162,7 @@ def main(argv: Sequence[str]) -> int:
                 options["params"] = args.params
             if name == "throughput":
                 options.update(only=args.only, repeats=args.repeats)
-            if name in ("placement", "cnn"):
+            if name in ("placement", "cnn", "overlap"):
                 options["repeats"] = args.repeats
             if name == "placement":
                 options["only"] = args.only

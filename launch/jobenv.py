@@ -50,6 +50,8 @@ CONFIG_FLAGS = (
         "placement", str, "sync: optimizer on the servers (default) or a mirror", PLACEMENTS
     ),
     ConfigFlag("mirror_lag", int, "mirror: steps a mirror may lag the workers (default 2)"),
+    ConfigFlag("overlap", int, "sync: average gradients during backward (default 1; 0: at step)"),
+    ConfigFlag("bucket_bytes", int, "overlap: bytes of gradient per bucket (default 1048576)"),
     ConfigFlag("strategy", str, "recovery strategy for server deaths (default none)", STRATEGIES),
     ConfigFlag("checkpoint_every", int, "checkpoint: snapshot every N updates (default 100)"),
     ConfigFlag("checkpoint_dir", str, "checkpoint: snapshots go here (RUN_DIR/checkpoints)"),
