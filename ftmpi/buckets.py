@@ -21,9 +21,13 @@ retry of theirs.
 recovery. A failure to start or progress a collective is kept and raised by :meth:`reduce`,
 which runs inside the step's retry loop (``PeerFailure``: the step recovers and retries; a
 user error, e.g. a sparse gradient or more backward passes than ``backward_passes_per_step``,
-is raised as such). After :meth:`reduce` raised, nothing of the step's buckets is waited for
-(their requests are abandoned as every failed wait's are) and the next :meth:`reduce` starts
-from the parameters' gradients, which hooks read and never change.
+is raised as such). A step that will recover before it communicates (a death the mirror saw, a
+replacement to admit: ``WorkerRecovery.attempt_will_recover``, asked at the first gradient)
+starts nothing in backward, so no worker completes a reduction its peers then retry; what those
+checks find once buckets have started waits for the next step. After :meth:`reduce` raised,
+nothing of the step's buckets is waited for (their requests are abandoned as every failed
+wait's are) and the next :meth:`reduce` starts from the parameters' gradients, which hooks read
+and never change.
 
 **Semantics** (as Horovod's): a gradient is averaged as backward left it. A change made to
 ``p.grad`` between backward and ``step()`` is not averaged; change gradients between
@@ -117,16 +121,21 @@ class GradientBuckets:
         bucket_bytes: int,
         passes: int,
         start: StartReduce,
-        first: Callable[[], None],
+        first: Callable[[], bool],
+        progress: Callable[[], None],
         compression: Compressor,
         sparse_as_dense: bool,
     ) -> None:
         """``flat``: the flat gradient buffer; ``slots``: (parameter, offset, element count)
         in the buffer, in the optimizer's parameter order; ``names``: each parameter's;
         ``first``: called at a step's first gradient, before anything starts (the fault
-        injector's step: a worker killed "at step N" dies before its step communicates)."""
+        injector's step: a worker killed "at step N" dies before its step communicates);
+        True: the step will recover before it communicates, so nothing starts in backward;
+        ``progress``: called at every gradient, to let other transfers in flight move on
+        (the mirror's updates)."""
         self.start = start
         self.first = first
+        self.progress = progress
         self.compression = compression
         self.names = names
         self.passes = passes
@@ -183,7 +192,8 @@ class GradientBuckets:
             return
         try:
             if not self.counts:  # the step's first gradient: which parameters get one
-                self.first()
+                self.held = self.first()
+                self.checked = not self.held
                 for b in self.buckets:
                     hooked = [q.requires_grad and id(q) in self.handles for q in b.params]
                     b.missing = sum(hooked)
@@ -206,9 +216,10 @@ class GradientBuckets:
             if b.missing == 0 and self.side is not None:
                 b.staged = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 b.staged.record(self.side)
-            if self.threads_ok or threading.get_ident() == self.owner:
+            if not self.held and (self.threads_ok or threading.get_ident() == self.owner):
                 self._start_ready(wait=False)
                 self._progress()
+                self.progress()
         except Exception as exc:  # raised by reduce(), inside the step's recovery
             self.error = exc
 
@@ -300,6 +311,11 @@ class GradientBuckets:
 
     def _reset(self) -> None:
         self._hook()
+        self.held = False
+        self.checked = False
+        """This step's checks before it communicates ran at its first gradient (``first``) and
+        let buckets start: it must not recover before its reduction now (the other workers may
+        have completed theirs), so what they found waits for the next step."""
         self.counts = {}
         self.next = 0
         self.error = None

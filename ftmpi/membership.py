@@ -247,6 +247,20 @@ def request_due_replacements(rt: Runtime) -> None:
     raise PeerFailure("replacement ready", MPI.ERR_REVOKED)
 
 
+def replacements_due(rt: Runtime) -> bool:
+    """Whether :func:`request_due_replacements` would raise now (on the coordinator: a dead
+    worker's replacement is due, or a background spawn has returned); starts a background
+    spawn that is due, as that does, and never raises."""
+    if not is_coordinator(rt) or not (rt.down_since or rt.workers_down):
+        return False
+    if _workers_due(rt):
+        return True
+    bg = _pending(rt)
+    if bg is None and spawn_due(rt):
+        rt.spawning = bg = _spawn_in_background(rt)
+    return bg is not None and bg.ready
+
+
 def _pending(rt: Runtime) -> BackgroundSpawn | None:
     """The coordinator's spawn under way or not yet admitted (``Runtime.spawning``)."""
     bg: BackgroundSpawn | None = rt.spawning

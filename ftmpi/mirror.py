@@ -29,12 +29,14 @@ Guarantees:
 from __future__ import annotations
 
 import collections
+import contextlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
 from mpi4py import MPI
 
+from ftmpi import wire
 from ftmpi.client import ServerClient
 from ftmpi.failpoints import failpoint
 from ftmpi.runtime import Runtime
@@ -150,6 +152,15 @@ class Mirror:
         for queue in self.unanswered.values():
             self._abandoned.extend(queue)
             queue.clear()
+
+    def progress(self) -> None:
+        """While updates are in flight, let MPI move them along (Open MPI progresses a large
+        send only inside MPI calls): one ``MPI_Iprobe`` for a tag nothing uses, which touches
+        no request. Called from the gradient hooks during backward (:mod:`ftmpi.buckets`);
+        never raises (a failure shows where the updates are awaited)."""
+        if any(self.unanswered.values()):
+            with contextlib.suppress(MPI.Exception):
+                self.rt.world.Iprobe(MPI.ANY_SOURCE, wire.TAG_PROGRESS)
 
     def _await_oldest(self, shard: Shard, queue: collections.deque[Sent]) -> None:
         reqs, buf = queue[0]

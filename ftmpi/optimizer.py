@@ -245,7 +245,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         t = self._ftmpi_times
         recovery = self._ftmpi_recovery
         t.steps += 1
-        recovery.before_attempt()
+        if self._ftmpi_buckets is None or not self._ftmpi_buckets.checked:
+            recovery.before_attempt()  # else checked at the first gradient (ftmpi.buckets)
         with t.phase("gather"):
             if local is not None:
                 self._ftmpi_client.grads.copy_(local)
@@ -393,10 +394,17 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             bucket_bytes=rt.config.bucket_bytes,
             passes=self.backward_passes_per_step,
             start=self._start_reduce,
-            first=lambda: self._ftmpi_injector.at_step(self._ftmpi_position + 1),
+            first=self._before_communication,
+            progress=self._ftmpi_mirror.progress if self._ftmpi_mirror else lambda: None,
             compression=self._ftmpi_compression,
             sparse_as_dense=self._ftmpi_sparse_as_dense,
         )
+
+    def _before_communication(self) -> bool:
+        """A step's first gradient (``overlap``): the fault injector's step, then whether the
+        step will recover before it communicates (then no bucket starts in backward)."""
+        self._ftmpi_injector.at_step(self._ftmpi_position + 1)
+        return self._ftmpi_recovery.attempt_will_recover()
 
     def _start_reduce(self, t: torch.Tensor, name: str) -> PendingReduce:
         backend = self._ftmpi_rt.backend

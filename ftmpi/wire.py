@@ -33,6 +33,8 @@ TAG_HEADER = 7001
 TAG_DATA = 7002
 TAG_REPLY = 7003
 TAG_REPLY_DATA = 7004
+TAG_PROGRESS = 7005
+"""Never sent: probed for to let MPI progress what is in flight (``Mirror.progress``)."""
 
 HEADER_LEN = 8
 

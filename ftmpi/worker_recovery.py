@@ -42,7 +42,7 @@ from ftmpi.backends import rebuild_backend
 from ftmpi.broadcast import broadcast_bytes, broadcast_optimizer_state
 from ftmpi.client import ServerClient
 from ftmpi.loop import Rollback
-from ftmpi.membership import is_coordinator, recover, request_due_replacements
+from ftmpi.membership import is_coordinator, recover, replacements_due, request_due_replacements
 from ftmpi.mirror import Mirror
 from ftmpi.optim_state import class_path
 from ftmpi.runtime import Runtime
@@ -470,6 +470,14 @@ class WorkerRecovery:
         if self.mirror is not None:
             self.mirror.raise_failure()
         request_due_replacements(self.rt)
+
+    def attempt_will_recover(self) -> bool:
+        """Whether :meth:`before_attempt` would raise now (a death seen by the mirror, a
+        replacement to admit); never raises. A step that averages during backward asks at its
+        first gradient and, if so, starts nothing until :meth:`before_attempt` has raised."""
+        return (self.mirror is not None and self.mirror.failure is not None) or replacements_due(
+            self.rt
+        )
 
     def live_shards(self, shards: list[Shard]) -> list[Shard]:
         """Of ``shards``, those this step pushes to; ``rebuilds`` logs this step's gradient for
