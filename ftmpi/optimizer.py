@@ -148,7 +148,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._ftmpi_local_grads: torch.Tensor | None = None
         """This worker's own gradient as :meth:`synchronize` found it, before reducing it."""
         self._ftmpi_mirror = Mirror(rt, self._ftmpi_client) if rt.config.mirrored else None
-        self._ftmpi_buckets = self._overlap_buckets()
+        self._ftmpi_buckets = _overlap_buckets(self)
         self._ftmpi_recovery = WorkerRecovery(
             rt, self._ftmpi_client, self, base_class, self._ftmpi_times, self._ftmpi_mirror
         )
@@ -207,11 +207,12 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self._ftmpi_injector.at_step(self._ftmpi_position + 1)
         recovery = self._ftmpi_recovery
-        if self._ftmpi_rt.checkpoint_requested:
+        buckets = self._ftmpi_buckets
+        checked = buckets is not None and buckets.checked  # at the first gradient: see there
+        if self._ftmpi_rt.checkpoint_requested and not checked:
             recovery.checkpoint_on_signal()
         synced = self._ftmpi_synchronized  # synchronize() reduced p.grad: never reduce it again
         allreduce = not synced and (self._ftmpi_should_sync or self._ftmpi_rt.num_servers == 0)
-        buckets = self._ftmpi_buckets
         allreduce = allreduce or (buckets is not None and buckets.started)  # begun in backward
         local: torch.Tensor | None = None
         base = list(self._ftmpi_client.versions)
@@ -381,29 +382,15 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if self._ftmpi_cuda:
             torch.cuda.current_stream().synchronize()  # every copy is in before MPI reads it
 
-    def _overlap_buckets(self) -> GradientBuckets | None:
-        """The gradient buckets averaged during backward (``overlap``, sync mode)."""
-        rt = self._ftmpi_rt
-        if not rt.config.overlap or rt.config.mode != "sync" or rt.backend is None:
-            return None
-        by_param = {p: (at, n) for p, at, n in self._ftmpi_spans}
-        return GradientBuckets(
-            self._ftmpi_client.grads,
-            [(p, *by_param[p]) for p in self._ftmpi_params],  # backward's order, reversed
-            self._ftmpi_names,
-            bucket_bytes=rt.config.bucket_bytes,
-            passes=self.backward_passes_per_step,
-            start=self._start_reduce,
-            first=self._before_communication,
-            progress=self._ftmpi_mirror.progress if self._ftmpi_mirror else lambda: None,
-            compression=self._ftmpi_compression,
-            sparse_as_dense=self._ftmpi_sparse_as_dense,
-        )
-
     def _before_communication(self) -> bool:
-        """A step's first gradient (``overlap``): the fault injector's step, then whether the
-        step will recover before it communicates (then no bucket starts in backward)."""
+        """A step's first gradient (``overlap``), before anything of the step is sent: the
+        fault injector's step, a snapshot SIGUSR1 asked for (of the last completed step, so no
+        push of this one may reach a server first), then whether the step will recover before
+        it communicates (then no bucket starts in backward). What is asked after this waits
+        for the next step."""
         self._ftmpi_injector.at_step(self._ftmpi_position + 1)
+        if self._ftmpi_rt.checkpoint_requested:
+            self._ftmpi_recovery.checkpoint_on_signal()
         return self._ftmpi_recovery.attempt_will_recover()
 
     def _start_reduce(self, t: torch.Tensor, name: str) -> PendingReduce:
@@ -473,6 +460,26 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         assert rt.backend is not None
         rt.backend.barrier()
         self._ftmpi_started = True
+
+
+def _overlap_buckets(opt: _DistributedOptimizer) -> GradientBuckets | None:
+    """The gradient buckets averaged during backward (``overlap``, sync mode), or None."""
+    rt = opt._ftmpi_rt
+    if not rt.config.overlap or rt.config.mode != "sync" or rt.backend is None:
+        return None
+    by_param = {p: (at, n) for p, at, n in opt._ftmpi_spans}
+    return GradientBuckets(
+        opt._ftmpi_client.grads,
+        [(p, *by_param[p]) for p in opt._ftmpi_params],  # backward's order, reversed
+        opt._ftmpi_names,
+        bucket_bytes=rt.config.bucket_bytes,
+        passes=opt.backward_passes_per_step,
+        start=opt._start_reduce,
+        first=opt._before_communication,
+        progress=opt._ftmpi_mirror.progress if opt._ftmpi_mirror else lambda: None,
+        compression=opt._ftmpi_compression,
+        sparse_as_dense=opt._ftmpi_sparse_as_dense,
+    )
 
 
 def _state_by_shard(
