@@ -170,12 +170,6 @@ class GradientBuckets:
         """Whether a hook has delivered a gradient since the last :meth:`reduce`."""
         return bool(self.counts) or self.error is not None
 
-    def remove(self) -> None:
-        """Remove the hooks (nothing starts during backward any more)."""
-        for h in self.handles.values():
-            h.remove()
-        self.handles = {}
-
     def _hook(self) -> None:
         """A hook on every parameter that requires a gradient and has none yet (one unfrozen
         since the last step gets one now; until then it is copied in at the step)."""
@@ -299,15 +293,10 @@ class GradientBuckets:
         for b in self.buckets[self.next :]:
             for p in b.params:
                 if self.counts.get(id(p), 0) < self.passes:
-                    g = self.slot_of[id(p)]
-                    gather_grad(
-                        p, g, self.names[p], sparse_as_dense=self.sparse_as_dense, cuda=self.cuda
-                    )
+                    self._copy_in(p)
             b.missing = 0
-        if self.cuda:
-            torch.cuda.current_stream().synchronize()
-            assert self.side is not None
-            self.side.synchronize()
+        if self.side is not None:
+            self.side.synchronize()  # it waited for the compute stream before each copy
 
     def _reset(self) -> None:
         self._hook()
