@@ -26,7 +26,7 @@ demo: setup
 	$(PY) examples/demo.py
 
 test: setup
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=20
 
 lint: setup
 	$(VENV)/bin/ruff check ftmpi launch tests examples benchmarks

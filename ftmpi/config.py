@@ -180,6 +180,10 @@ class Config:
     """Seconds any single blocking wait may take before :class:`ftmpi.CommTimeout` is raised."""
     server_idle_timeout: float = 3600.0
     """Seconds a server waits for the next message before it gives up and exits non-zero."""
+    start_timeout: float = 120.0
+    """Seconds a replacement spawned in the background may take to come up (start, import,
+    ``MPI_Init``, say it is ready) before the coordinator drops it and spawns again
+    (:class:`ftmpi.spawning.StartFailed`); at most ``timeout``."""
     server_threads: int = 1
     """Intra-op threads (``torch.set_num_threads``) a server rank uses for the optimizer."""
     chunk_bytes: int = 1 << 20
@@ -260,7 +264,7 @@ class Config:
                 f"servers={max(1, self.servers // self.chain_length) * self.chain_length} or "
                 "another chain_length"
             )
-        for name in ("timeout", "server_idle_timeout"):
+        for name in ("timeout", "server_idle_timeout", "start_timeout"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ConfigError(
                     f"{name}={getattr(self, name)} must be a positive number of seconds"

@@ -20,7 +20,10 @@ The places (:data:`PLACES`):
 - ``state_transfer``: a server has sent the header of a state transfer, not its bytes;
 - ``replay``: a replacement has received a gradient log and not yet applied it;
 - ``shrunk``: a rank in a recovery has shrunk the world and not yet built the new view's
-  communicators (a second death during a recovery).
+  communicators (a second death during a recovery);
+- ``starting``: a re-spawned process has started and not yet said it is ready to join (role
+  ``replacement``, no index: the first replacement of the run to get there dies, as a
+  replacement that Open MPI started but that never comes up; :func:`at_start`).
 
 An unarmed failpoint costs one dictionary lookup.
 """
@@ -45,7 +48,10 @@ PLACES = (
     "state_transfer",
     "replay",
     "shrunk",
+    "starting",
 )
+STARTING = "starting"
+"""The one place a process passes before it has a role (:func:`at_start`)."""
 _SPEC = re.compile(r"^(?P<name>[a-z_]+)@(?P<role>[a-z]+)(?::(?P<index>\d+))?(?:#(?P<hit>\d+))?$")
 FORM = "NAME@ROLE[:INDEX][#HIT], e.g. apply@server:0#5 or snapshot_write@server:1"
 
@@ -72,7 +78,9 @@ def parse_failpoints(text: str) -> list[Failpoint]:
             raise ValueError(f"failpoint {raw!r} is not {FORM}")
         if m["name"] not in PLACES:
             raise ValueError(f"failpoint {raw!r}: unknown place {m['name']!r}; use {list(PLACES)}")
-        if m["role"] not in ROLES:
+        if (m["name"] == STARTING) != (m["role"] == "replacement"):
+            raise ValueError(f"failpoint {raw!r}: use {STARTING}@replacement, and only that")
+        if m["role"] not in (*ROLES, "replacement"):
             raise ValueError(f"failpoint {raw!r}: unknown role {m['role']!r}; use {list(ROLES)}")
         hit = int(m["hit"] or 1)
         if hit < 1:
@@ -104,6 +112,14 @@ def arm(
         slot = p.role == role and p.index == index and incarnation == 0
         if slot or (p.role in ("head", "tail") and chain_position is not None):
             _armed.setdefault(p.name, []).append([p, 0])
+
+
+def at_start(points: list[Failpoint], run_dir: str) -> None:
+    """A re-spawned process before it joins (it has no role yet): die at ``starting`` if that
+    failpoint is armed and no replacement of this run has died there before."""
+    for p in points:
+        if p.name == STARTING and not fired_before(run_dir, p):
+            die(f"failpoint {p}", spec=p, run_dir=run_dir)
 
 
 def failpoint(name: str) -> None:

@@ -50,7 +50,7 @@ from mpi4py import MPI
 
 from ftmpi import events, spawning
 from ftmpi.config import Config
-from ftmpi.failpoints import failpoint
+from ftmpi.failpoints import at_start, failpoint, parse_failpoints
 from ftmpi.guards import deadline, failures
 from ftmpi.placement import replacement_nodes
 from ftmpi.runtime import Runtime, durable_state
@@ -227,7 +227,8 @@ def request_due_replacements(rt: Runtime) -> None:
     joins a recovery that admits it. Either way raises ``PeerFailure`` so the caller joins the
     recovery too. A no-op elsewhere, and while nothing is due or the spawn is under way.
     Raises the spawn's own error (e.g. :class:`~ftmpi.fatal.UserError` for a spare node Open
-    MPI does not know) once it failed."""
+    MPI does not know) once it failed, except when its processes merely never came up
+    (:func:`_spawn_failed`: spawned again)."""
     if not is_coordinator(rt) or not (rt.down_since or rt.workers_down):
         return
     if _workers_due(rt):
@@ -235,7 +236,7 @@ def request_due_replacements(rt: Runtime) -> None:
         raise PeerFailure("replacement due", MPI.ERR_REVOKED)
     bg = _pending(rt)
     if bg is None:
-        if spawn_due(rt):
+        if _background_due(rt):
             rt.spawning = _spawn_in_background(rt)
         return
     if not bg.ready:
@@ -256,15 +257,63 @@ def replacements_due(rt: Runtime) -> bool:
     if _workers_due(rt):
         return True
     bg = _pending(rt)
-    if bg is None and spawn_due(rt):
+    if bg is None and _background_due(rt):
         rt.spawning = bg = _spawn_in_background(rt)
     return bg is not None and bg.ready
 
 
+SPAWN_ATTEMPTS = 3
+"""Background spawns whose processes never came up (:class:`~ftmpi.spawning.StartFailed`)
+after which the coordinator stops trying: the down slots stay down for the rest of the run."""
+
+
 def _pending(rt: Runtime) -> BackgroundSpawn | None:
-    """The coordinator's spawn under way or not yet admitted (``Runtime.spawning``)."""
+    """The coordinator's spawn under way or not yet admitted (``Runtime.spawning``). A spawn
+    whose processes never came up is dropped here (:func:`_spawn_failed`): None."""
     bg: BackgroundSpawn | None = rt.spawning
+    if bg is not None and bg.ready and isinstance(bg.error, spawning.StartFailed):
+        _spawn_failed(rt, bg)
+        return None
     return bg
+
+
+def _spawn_failed(rt: Runtime, bg: BackgroundSpawn) -> None:
+    """Coordinator: a background spawn's processes never came up. Training goes on without
+    them (nothing was agreed with the other ranks yet); the spawn is tried again ``down_for``
+    s later, placed as before, up to :data:`SPAWN_ATTEMPTS` spawns in all (placed elsewhere,
+    a new process failed at once: docs/recovery.md). The new processes cannot be stopped
+    through MPI; their intercommunicator is freed at exit with the others, and Open MPI ends
+    them with the job."""
+    rt.spawning = None
+    if bg.stuck is not None:
+        rt.intercomms.append(bg.stuck)
+    rt.spawn_failures += 1
+    rt.spawn_retry_at = time.monotonic() + rt.config.down_for
+    left = SPAWN_ATTEMPTS - rt.spawn_failures
+    events.emit(
+        rt.config.run_dir,
+        "spawn_failed",
+        role=role_of(rt),
+        slots=bg.slots,
+        nodes=bg.nodes,
+        reason=str(bg.error),
+        attempts_left=left,
+    )
+    where = f" on {', '.join(dict.fromkeys(bg.nodes))}" if bg.nodes else ""
+    then = "spawning again" if left else "giving up: the slot(s) stay down for the rest of the run"
+    _say(
+        rt,
+        f"the replacement for {_names(bg.slots, [])} did not come up{where} ({bg.error}); {then}",
+    )
+
+
+def _background_due(rt: Runtime) -> bool:
+    """Whether the coordinator should start a background spawn now."""
+    return (
+        spawn_due(rt)
+        and rt.spawn_failures < SPAWN_ATTEMPTS
+        and time.monotonic() >= rt.spawn_retry_at
+    )
 
 
 def _due(rt: Runtime, since: list[float]) -> bool:
@@ -417,6 +466,7 @@ def _spawn_in_background(rt: Runtime) -> BackgroundSpawn:
         slots,
         0,
         lambda: spawning.spawn(MPI.COMM_SELF, command, len(hosts), hosts if pinned else None),
+        hosts if pinned else None,
     )
 
 
@@ -547,6 +597,7 @@ def join_as_replacement(parent: MPI.Intercomm) -> Runtime:
         failures("joining the job (merge)"),
     ):
         warm_up()
+        at_start(parse_failpoints(launch_config.failpoints), launch_config.run_dir)
         announce_ready(parent, launch_config.timeout)
         how = how_to_join(parent, launch_config.timeout)
         if how["join"] == "quit":

@@ -50,6 +50,10 @@ class Runtime:
     spawning: Any = field(default=None, repr=False)
     """The coordinator's replacements being spawned in the background, not yet admitted (an
     :class:`ftmpi.spawning.BackgroundSpawn`, or None)."""
+    spawn_failures: int = 0
+    """Background spawns whose processes never came up (the coordinator tries again)."""
+    spawn_retry_at: float = 0.0
+    """``time.monotonic()`` before which the coordinator starts no background spawn."""
     checkpoint_requested: bool = False
     """SIGUSR1 arrived (a batch system's warning before preemption or the time limit)."""
     late_joiner: bool = False

@@ -34,7 +34,7 @@ from mpi4py import MPI
 from ftmpi.config import Config
 from ftmpi.fatal import UserError
 from ftmpi.guards import deadline, failures
-from ftmpi.wire import wait_all
+from ftmpi.wire import CommTimeout, PeerFailure, wait_all
 
 HOW_TAG = 7301
 """Tag of the message that tells a new process how to join (on its parent intercommunicator)."""
@@ -177,15 +177,25 @@ def gather_nodes(comm: MPI.Comm, timeout: float) -> list[str]:
     ]
 
 
+class StartFailed(Exception):
+    """Open MPI started the replacements but not every one said it was ready (one died, or
+    none answered within the timeout: measured once in about four spawns onto another node
+    here, a new process blocked in Open MPI's own start-up exchange, ``PMIx_Get``, for
+    good). They cannot join; the coordinator spawns again (:mod:`ftmpi.membership`)."""
+
+
 class BackgroundSpawn:
     """Replacements for ``slots`` (server slots) and ``new_workers`` dead workers, spawned on a
     thread of the coordinator over ``MPI_COMM_SELF`` while training goes on.
 
-    Guarantees: :attr:`ready` turns True once the spawn returned (or failed: :attr:`error`);
-    until the world admits them (:meth:`port`, then ``MPI_Comm_accept``) the new processes wait
-    in :func:`how_to_join`. The spawn runs under :func:`~ftmpi.guards.deadline` (this process
-    ends with a message if Open MPI never returns from it). :meth:`dismiss` at exit tells
-    spawned processes that were never admitted to quit."""
+    Guarantees: :attr:`ready` turns True once the spawn returned and every new process said
+    it is ready, or once it failed (:attr:`error`: :class:`StartFailed` when a new process died
+    or stayed silent for ``config.start_timeout`` s, with :attr:`stuck` the intercommunicator to
+    them; else the spawn's own error); until the world admits them (:meth:`port`, then
+    ``MPI_Comm_accept``) the new processes wait in :func:`how_to_join`. The spawn runs under
+    :func:`~ftmpi.guards.deadline` (this process ends with a message if Open MPI never returns
+    from it). :meth:`dismiss` at exit tells spawned processes that were never admitted to
+    quit."""
 
     def __init__(
         self,
@@ -194,12 +204,16 @@ class BackgroundSpawn:
         slots: list[int],
         new_workers: int,
         start: Callable[[], MPI.Intercomm],
+        nodes: list[str] | None = None,
     ) -> None:
         self.config = config
         self.role = role
         self.slots = slots
         self.new_workers = new_workers
+        self.nodes = nodes
+        """The nodes the new processes were placed on by name (None: placed by Open MPI)."""
         self.inter: MPI.Intercomm | None = None
+        self.stuck: MPI.Intercomm | None = None
         self.error: BaseException | None = None
         self._port = ""
         self._thread = threading.Thread(
@@ -211,10 +225,18 @@ class BackgroundSpawn:
         try:
             with deadline(self.config, self.role, "spawning replacements (MPI_Comm_spawn)"):
                 inter = start()
-            await_ready(inter, self.config.timeout)
-            self.inter = inter
         except BaseException as exc:  # re-raised on the main thread by the caller
             self.error = exc
+            return
+        try:
+            await_ready(inter, min(self.config.start_timeout, self.config.timeout))
+        except (PeerFailure, CommTimeout) as exc:
+            self.error, self.stuck = StartFailed(str(exc)), inter
+            return
+        except BaseException as exc:
+            self.error = exc
+            return
+        self.inter = inter
 
     @property
     def ready(self) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from ftmpi.events import read_events
+from ftmpi.membership import SPAWN_ATTEMPTS
 from tests.conftest import MPIRUN, PROGS, ROOT, run_command
 from tests.multinode.cluster import Cluster
 
@@ -56,6 +57,7 @@ class Layout:
             "FTMPI_CHAIN_LENGTH": str(self.chain_length),
             "FTMPI_BACKEND": "mpi",
             "FTMPI_TIMEOUT": "120",
+            "FTMPI_START_TIMEOUT": "30",  # a replacement that never comes up: spawned again
         }
         return {**env, "FTMPI_SPARE_NODES": self.spare} if self.spare else env
 
@@ -78,14 +80,17 @@ def run_on_cluster(cluster: Cluster, layout: Layout, run_dir: Path, kill: str) -
         cluster.command("n1", cmd, env=launch_env, cwd=ROOT), timeout=240, exit_hang_after=2
     )
     reports = sorted(res.json_lines(), key=lambda r: r["worker"])
-    if res.returncode == -9 and len(reports) == 2:
+    if res.returncode in (0, -9) and len(reports) == 2:
         return reports
-    if res.returncode != 0 or len(reports) != 2:
-        crash = next((s for s in RUNTIME_CRASHES if s in res.stderr), None)
-        if crash is not None and len(reports) != 2:
-            pytest.xfail(f"Open MPI's runtime crashed around the re-spawn: {crash!r}")
-        # a crash after training finished (the launcher's own exit) leaves the run to check
-        assert crash is not None, res.stdout[-2000:] + res.stderr[-3000:]
+    crash = next((s for s in RUNTIME_CRASHES if s in res.stderr), None)
+    if crash is not None and len(reports) != 2:
+        pytest.xfail(f"Open MPI's runtime crashed around the re-spawn: {crash!r}")
+    # plain mpirun's status after a rank's death is Open MPI's, not the run's (docs/recovery.md,
+    # Open MPI's behaviour): with every report in, the run's record says whether it finished
+    said = f"mpirun exited {res.returncode}\n" + res.stdout[-2000:] + res.stderr[-3000:]
+    assert len(reports) == 2, said
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["finished"] and not (run_dir / "fatal.json").exists(), said
     return reports
 
 
@@ -108,6 +113,18 @@ def placed(run_dir: Path) -> tuple[set, set, list]:
     ready = {tuple(e["nodes"]) for e in events if e["event"] == "replacement_ready"}
     joined = [e["node"] for e in events if e["event"] == "replacement_joined"]
     return chosen, ready, joined
+
+
+def never_came_up(run_dir: Path, spare: str) -> None:
+    """Expected failure where no replacement ever came up on the spare: Open MPI's start-up
+    exchange blocked every spawn there (docs/recovery.md, known limitations); ftmpi dropped
+    each after ``FTMPI_START_TIMEOUT`` and trained on with the slot down (already checked)."""
+    events = read_events(str(run_dir))
+    failed = [e for e in events if e["event"] == "spawn_failed"]
+    if not failed or any(e["event"] == "replacement_ready" for e in events):
+        return
+    assert spare and [e["nodes"] for e in failed] == [[spare]] * SPAWN_ATTEMPTS, failed
+    pytest.xfail(f"Open MPI never started a replacement on the spare {spare}: {failed[-1]}")
 
 
 @dataclass(frozen=True)
@@ -170,6 +187,7 @@ def test_chains_span_nodes_and_a_replacement_lands_on_a_live_node(cluster, mpi, 
     assert recorded["chain_nodes"] == [[slot_nodes[s] for s in c] for c in case.chains]
     assert all(len(set(nodes)) == layout.chain_length for nodes in recorded["chain_nodes"])
     assert recorded["spare_nodes"] == ([layout.spare] if layout.spare else [])
+    never_came_up(run_dir, layout.spare)
     target = case.target
     chosen = {(target,)} if layout.spare else {None}  # placed by name only onto spares
     assert placed(run_dir) == (chosen, {(target,)}, [target])

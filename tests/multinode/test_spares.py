@@ -13,6 +13,7 @@ import pytest
 
 from launch.proctree import kill_tree
 from tests.conftest import PROGS, ROOT
+from tests.multinode.test_placement import never_came_up
 
 pytestmark = pytest.mark.multinode
 
@@ -35,7 +36,12 @@ def test_a_dead_servers_replacement_goes_to_the_spare_node(cluster):
         *("--kill", "server:0@step=20", "--run-dir", str(run_dir)),
         *("--", str(VENV / "python"), str(PROGS / "ft_train.py"), "50", "--await-replacements"),
     ]
-    env = {"FTMPI_BACKEND": "mpi", "FTMPI_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
+    # a replacement that never comes up is dropped after 30 s and spawned again (Open MPI's
+    # start-up exchange can block it for good: docs/recovery.md, known limitations); worker 1
+    # waits for worker 0, which holds the last step until a replacement has joined or 3 never
+    # came up
+    env = {"FTMPI_BACKEND": "mpi", "FTMPI_TIMEOUT": "120", "FTMPI_START_TIMEOUT": "30"}
+    env["OMP_NUM_THREADS"] = "1"
     job = cluster.start_on("n1", cmd, env={**env, **cluster.mpi_env}, cwd=ROOT)
     try:
         out, err = job.communicate(timeout=200)
@@ -52,6 +58,8 @@ def test_a_dead_servers_replacement_goes_to_the_spare_node(cluster):
     assert {r["node"] for r in layout["ranks"]} == {"n1", "n2"}  # the spare started empty
     assert layout["spare_nodes"] == ["n3"]
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert json.loads((run_dir / "summary.json").read_text())["workers"] == 2  # none lost
+    never_came_up(run_dir, "n3")
     ready = [e for e in events if e["event"] == "replacement_ready"]
     assert ready and all(e["nodes"] == ["n3"] for e in ready), ready
     if "PRTE ERROR" not in err:  # Open MPI's output forwarding can fail after a spawn

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import ftmpi
+from ftmpi.membership import SPAWN_ATTEMPTS, replacements_due
 from ftmpi.sampler import ShardedBatches, step_seed
 from ftmpi.snapshot import list_versions, snapshot_path
 
@@ -76,8 +77,10 @@ def await_replacements(step):
         return
     deadline = time.monotonic() + 120
     while (rt.down_since or rt.workers_down) and time.monotonic() < deadline:
-        if rt.spawning is not None and rt.spawning.ready:
+        if replacements_due(rt):  # starts a due spawn, again after one that never came up
             return
+        if rt.spawning is None and rt.spawn_failures >= SPAWN_ATTEMPTS:
+            return  # none came up: the slot stays down
         time.sleep(0.05)
 
 
