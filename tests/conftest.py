@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,13 +55,15 @@ def run_mpi(
     cwd: Path | None = None,
     exit_hang_after: int = 0,
     exit_hang_ok: Callable[[], bool] | None = None,
+    exit_hang_grace: float | None = None,
 ) -> MPIResult:
     """Run ``python ARGS`` on ``np_`` ranks; kill the job and fail the test after ``timeout``.
 
     ``exit_hang_after=N``: if the job overruns *after* printing N JSON result lines, kill it and
     return ``returncode=-9`` instead of failing (the documented MPI_Finalize hang after a
     re-spawn; the caller still checks every result). ``exit_hang_ok``: the same, decided by a
-    callable (e.g. the run's summary file is complete).
+    callable (e.g. the run's summary file is complete); with ``exit_hang_grace``, asked every
+    second, and the job is killed that many seconds after it first says yes.
 
     A launch in which Open MPI's runtime itself failed to start (no rank ran, nothing on
     stdout, :data:`RUNTIME_START_FAILURES` on stderr) is launched once more: that is the
@@ -73,6 +76,7 @@ def run_mpi(
             cwd=cwd,
             exit_hang_after=exit_hang_after,
             exit_hang_ok=exit_hang_ok,
+            exit_hang_grace=exit_hang_grace,
         )
         if attempt == 1 and runtime_failed_to_start(res):
             continue
@@ -125,26 +129,36 @@ def run_command(
     cwd: Path | None = None,
     exit_hang_after: int = 0,
     exit_hang_ok: Callable[[], bool] | None = None,
+    exit_hang_grace: float | None = None,
 ) -> MPIResult:
     """Run ``cmd`` (``mpirun`` or a launcher such as ``ftmpi-run``) in its own process group,
     without the caller's ``FTMPI_*`` variables, under the wall-clock limit and exit-hang
     tolerance of :func:`run_mpi`."""
     proc = start_command(cmd, env=env, cwd=cwd)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)  # mpirun's ranks sit in process groups of their own
-        out, err = proc.communicate()
-        done = MPIResult(-9, out, err)
-        if exit_hang_after and len(done.json_lines()) >= exit_hang_after:
-            return done
-        if exit_hang_ok is not None and exit_hang_ok():
-            return done
-        pytest.fail(
-            f"{cmd[0]} exceeded {timeout} s: {cmd[1:]}\nstdout:\n{out[-3000:]}\n"
-            f"stderr:\n{err[-3000:]}"
-        )
-    return MPIResult(proc.returncode, out, err)
+    end = time.monotonic() + timeout
+    hang_ok_at = None  # when exit_hang_ok first said yes (polled with exit_hang_grace only)
+    while True:
+        poll = exit_hang_grace is not None and exit_hang_ok is not None
+        try:  # a communicate() retried after its timeout loses no output
+            out, err = proc.communicate(timeout=1.0 if poll else max(0.0, end - time.monotonic()))
+            return MPIResult(proc.returncode, out, err)
+        except subprocess.TimeoutExpired:
+            now = time.monotonic()
+            if poll and hang_ok_at is None and exit_hang_ok():
+                hang_ok_at = now
+            grace_over = hang_ok_at is not None and now - hang_ok_at >= (exit_hang_grace or 0)
+            if now >= end or grace_over:
+                break
+    kill_tree(proc.pid)  # mpirun's ranks sit in process groups of their own
+    out, err = proc.communicate()
+    done = MPIResult(-9, out, err)
+    if exit_hang_after and len(done.json_lines()) >= exit_hang_after:
+        return done
+    if exit_hang_ok is not None and exit_hang_ok():
+        return done
+    pytest.fail(
+        f"{cmd[0]} exceeded {timeout} s: {cmd[1:]}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
+    )
 
 
 @pytest.fixture
