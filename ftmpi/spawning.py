@@ -180,7 +180,7 @@ def gather_nodes(comm: MPI.Comm, timeout: float) -> list[str]:
 class StartFailed(Exception):
     """Open MPI started the replacements but not every one said it was ready: one died (Open
     MPI 5.0 does not tell the parents), or one stayed silent past ``config.start_timeout``
-    (measured in 5 of 16 spawns onto a spare node of the namespace cluster: the new process
+    (measured in 11 of 25 jobs spawning onto a spare node of the namespace cluster: the process
     blocked for good in Open MPI's own start-up exchange, ``PMIx_Get``). They cannot join; the
     coordinator spawns again (:mod:`ftmpi.membership`)."""
 
