@@ -374,12 +374,14 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def _gather_grads(self, into: torch.Tensor | None = None) -> None:
         """Copy every parameter's gradient into the flat gradient buffer (or ``into``)."""
-        if into is None:  # the step's path: the buffer's views, made once
-            views = [(p, g) for p, g, _ in self._ftmpi_slots]
-        else:
-            views = [(p, into[at : at + n].view(p.shape)) for p, at, n in self._ftmpi_spans]
+        views = (
+            ((p, g) for p, g, _ in self._ftmpi_slots)  # the step's path: views made once
+            if into is None
+            else ((p, into[at : at + n].view(p.shape)) for p, at, n in self._ftmpi_spans)
+        )
+        cuda = self._ftmpi_cuda  # into page-locked memory
         for p, g in views:
-            name, cuda = self._ftmpi_names[p], self._ftmpi_cuda  # cuda: into page-locked memory
+            name = self._ftmpi_names[p]
             gather_grad(p, g, name, sparse_as_dense=self._ftmpi_sparse_as_dense, cuda=cuda)
         if self._ftmpi_cuda:
             torch.cuda.current_stream().synchronize()  # every copy is in before MPI reads it

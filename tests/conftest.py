@@ -136,18 +136,19 @@ def run_command(
     tolerance of :func:`run_mpi`."""
     proc = start_command(cmd, env=env, cwd=cwd)
     end = time.monotonic() + timeout
-    hang_ok_at = None  # when exit_hang_ok first said yes (polled with exit_hang_grace only)
+    grace = exit_hang_grace if exit_hang_ok is not None else None  # polled every second
+    hang_ok_at = None  # when exit_hang_ok first said yes
     while True:
-        poll = exit_hang_grace is not None and exit_hang_ok is not None
         try:  # a communicate() retried after its timeout loses no output
-            out, err = proc.communicate(timeout=1.0 if poll else max(0.0, end - time.monotonic()))
+            out, err = proc.communicate(
+                timeout=max(0.0, end - time.monotonic()) if grace is None else 1.0
+            )
             return MPIResult(proc.returncode, out, err)
         except subprocess.TimeoutExpired:
             now = time.monotonic()
-            if poll and hang_ok_at is None and exit_hang_ok():
+            if grace is not None and hang_ok_at is None and exit_hang_ok():
                 hang_ok_at = now
-            grace_over = hang_ok_at is not None and now - hang_ok_at >= (exit_hang_grace or 0)
-            if now >= end or grace_over:
+            if now >= end or (hang_ok_at is not None and now - hang_ok_at >= grace):
                 break
     kill_tree(proc.pid)  # mpirun's ranks sit in process groups of their own
     out, err = proc.communicate()
